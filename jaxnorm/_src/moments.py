@@ -1,0 +1,221 @@
+"""The one place statistics are computed, and the one normalize step.
+
+Every layer is ``moments -> normalize -> affine``; this module holds the first
+two.
+
+Numerics. The textbook one-pass variance ``E[x^2] - E[x]^2`` cancels
+catastrophically when ``|mean| >> std`` (float32 inputs ``1e5 + randn`` lose
+every digit). The two-pass formula is exact but reads ``x`` twice. We use the
+*shifted-data* algorithm: pick a per-group ``shift`` from the data itself (one
+sample, ``stop_gradient``-ed), and compute the one-pass moments of
+``d = x - shift``. Because ``shift`` is within a few standard deviations of
+the mean, ``d`` is small and exact (Sterbenz), and
+``var = E[d^2] - E[d]^2`` has no cancellation. The normalize step then works in
+the same shifted coordinates, ``((x - shift) - E[d]) * rsqrt(var + eps)``, so a
+float32 mean near ``1e5`` (whose spacing is ``~8e-3``) is never subtracted
+from ``x``. The shift cancels exactly in the math, so values and gradients are
+those of the textbook formula.
+
+Statistics are accumulated in float32 for low-precision inputs (float64 under
+x64 for float64 inputs). Complex inputs get a complex mean and the real
+variance ``E|x|^2 - |E x|^2``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxnorm._src import checks
+
+
+class Moments(NamedTuple):
+  """Statistics in shifted coordinates, all with ``keepdims`` shapes.
+
+  The mean of ``x`` is ``shift + mean``; ``var`` is real.
+  For RMS statistics, ``shift`` and ``mean`` are ``None`` and ``var`` holds
+  the mean square.
+  """
+
+  shift: jax.Array | None
+  mean: jax.Array | None
+  var: jax.Array
+
+
+def stat_dtype(dtype):
+  """float32 for half/single precision, float64 for float64 (complex alike)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _abs2(z):
+  if jnp.iscomplexobj(z):
+    return lax.real(z) ** 2 + lax.imag(z) ** 2
+  return z * z
+
+
+def _first_sample(x, axes):
+  index = tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim))
+  return x[index]
+
+
+def _masked_sum_and_count(values, mask, axes):
+  total = jnp.sum(jnp.where(mask, values, jnp.zeros((), values.dtype)), axis=axes,
+                  keepdims=True)
+  count = jnp.sum(jnp.broadcast_to(mask, values.shape), axis=axes, keepdims=True,
+                  dtype=jnp.float32 if values.dtype != jnp.float64 else values.dtype)
+  return total, count
+
+
+def shifted_moments(
+    x: jax.Array,
+    axes: tuple[int, ...],
+    *,
+    mask: jax.Array | None = None,
+    axis_name=None,
+    axis_index_groups=None,
+    rms: bool = False,
+) -> Moments:
+  """Mean and variance of ``x`` over ``axes`` (non-negative ints), keepdims.
+
+  Args:
+    x: the input; statistics are taken in ``stat_dtype(x.dtype)``.
+    axes: the reduction axes.
+    mask: optional boolean array broadcastable to ``x``; entries that are
+      ``False`` do not contribute.
+    axis_name: if given, statistics are averaged over this mapped axis
+      (``shard_map``/``pmap``/``vmap``), weighted by each member's count.
+    axis_index_groups: passed to the collectives.
+    rms: compute the mean square only (RMS norm).
+  """
+  sdt = stat_dtype(x.dtype)
+  xs = x.astype(sdt)
+  collective = dict(axis_name=axis_name, axis_index_groups=axis_index_groups)
+  real_dt = jnp.finfo(sdt).dtype
+
+  def reduce_mean(*values):
+    """Means of `values` over axes (and devices), honouring the mask."""
+    if mask is None:
+      means = tuple(jnp.mean(v, axis=axes, keepdims=True) for v in values)
+      if axis_name is not None:
+        means = lax.pmean(means, **collective)
+      return means
+    sums_counts = [_masked_sum_and_count(v, mask, axes) for v in values]
+    sums = tuple(s for s, _ in sums_counts)
+    count = sums_counts[0][1]
+    if axis_name is not None:
+      sums, count = lax.psum((sums, count), **collective)
+    count = jnp.maximum(count, 1).astype(real_dt)
+    return tuple(s / count for s in sums)
+
+  if rms:
+    (ms,) = reduce_mean(_abs2(xs))
+    return Moments(None, None, ms.astype(real_dt))
+
+  if mask is None:
+    shift = _first_sample(xs, axes)
+    if axis_name is not None:
+      # Every member must normalize in the same coordinates.
+      shift = lax.pmean(shift, **collective)
+  else:
+    (shift,) = reduce_mean(xs)
+  shift = lax.stop_gradient(shift)
+  d = xs - shift
+  mean, mean_sq = reduce_mean(d, _abs2(d))
+  var = jnp.maximum(mean_sq.astype(real_dt) - _abs2(mean).astype(real_dt), 0)
+  return Moments(shift, mean, var)
+
+
+def full_mean(m: Moments) -> jax.Array:
+  """The mean of ``x`` itself (``shift + mean``)."""
+  if m.shift is None:
+    return jnp.zeros_like(m.var)
+  return m.shift + m.mean
+
+
+def normalize(
+    x: jax.Array,
+    m: Moments,
+    *,
+    eps,
+    scale: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    dtype=None,
+    r: jax.Array | None = None,
+    d: jax.Array | None = None,
+) -> jax.Array:
+  """``((x - shift) - mean) * rsqrt(var + eps) [* r + d] [* scale] [+ bias]``.
+
+  ``scale``, ``bias``, ``r`` and ``d`` must already broadcast against ``x``
+  (as must the moments). ``r``/``d`` are the batch-renorm corrections.
+  The arithmetic is in ``stat_dtype``; the result is cast to ``dtype``
+  (default ``x.dtype``).
+  """
+  sdt = stat_dtype(x.dtype)
+  y = x.astype(sdt)
+  if m.shift is not None:
+    y = y - m.shift
+  if m.mean is not None:
+    y = y - m.mean
+  mul = lax.rsqrt(m.var + eps).astype(jnp.finfo(sdt).dtype)
+  add = None
+  if r is not None:
+    mul = mul * r
+  if d is not None:
+    add = d
+  if scale is not None:
+    mul = mul * scale.astype(sdt)
+    if add is not None:
+      add = add * scale.astype(sdt)
+  if bias is not None:
+    add = bias.astype(sdt) if add is None else add + bias.astype(sdt)
+  y = y * mul
+  if add is not None:
+    y = y + add
+  return y.astype(x.dtype if dtype is None else dtype)
+
+
+def moments(
+    x: jax.Array,
+    axis,
+    *,
+    mask: jax.Array | None = None,
+    axis_name=None,
+    axis_index_groups=None,
+    keepdims: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+  """Mean and (biased) variance of ``x`` over ``axis``, exact and in float32.
+
+  This is the statistic every jaxnorm layer uses: computed on data shifted by
+  one of its own samples, so inputs with a large mean (``1e5 + randn`` in
+  float32) keep full precision, in one pass over ``x``.
+
+  Args:
+    x: floating-point or complex array.
+    axis: int or sequence of ints to reduce over.
+    mask: optional boolean array broadcastable to ``x``; ``False`` entries are
+      left out of the statistics.
+    axis_name: average the statistics over this mapped axis too.
+    axis_index_groups: groups for the cross-device average.
+    keepdims: keep the reduced axes with size 1.
+
+  Returns:
+    ``(mean, var)`` in ``float32`` (or wider); ``var`` is real.
+
+  >>> import jax.numpy as jnp, jaxnorm
+  >>> mean, var = jaxnorm.moments(jnp.array([[1.0, 2.0], [3.0, 6.0]]), 0)
+  >>> mean.tolist(), var.tolist()
+  ([2.0, 4.0], [1.0, 4.0])
+  """
+  checks.check_array("x", x)
+  axes = checks.normalize_axes("axis", axis, x.ndim)
+  checks.check_mask(mask, x)
+  m = shifted_moments(x, axes, mask=mask, axis_name=axis_name,
+                      axis_index_groups=axis_index_groups)
+  mean, var = full_mean(m), m.var
+  if not keepdims:
+    mean = jnp.squeeze(mean, axes)
+    var = jnp.squeeze(var, axes)
+  return mean, var

@@ -1,0 +1,3 @@
+"""Placeholder: being written for issue 4."""
+
+Dropout = SpectralNorm = WeightNorm = None

@@ -1,0 +1,1 @@
+"""PyTorch conventions and state-dict conversion. (Placeholder: being written for issue 5.)"""

@@ -1,0 +1,26 @@
+"""Flax ``linen`` modules: drop-in replacements for ``flax.linen``'s normalization layers.
+
+The modules are thin shells over the functional core in :mod:`jaxnorm`.
+"""
+
+from jaxnorm._src.linen_norm import BatchNorm
+from jaxnorm._src.linen_norm import BatchRenorm
+from jaxnorm._src.linen_norm import GroupNorm
+from jaxnorm._src.linen_norm import InstanceNorm
+from jaxnorm._src.linen_norm import LayerNorm
+from jaxnorm._src.linen_norm import RMSNorm
+from jaxnorm._src.linen_wrappers import Dropout
+from jaxnorm._src.linen_wrappers import SpectralNorm
+from jaxnorm._src.linen_wrappers import WeightNorm
+
+__all__ = (
+    "BatchNorm",
+    "BatchRenorm",
+    "Dropout",
+    "GroupNorm",
+    "InstanceNorm",
+    "LayerNorm",
+    "RMSNorm",
+    "SpectralNorm",
+    "WeightNorm",
+)
