@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxnorm._src import bn_vjp
 from jaxnorm._src import checks
 from jaxnorm._src import moments as moments_lib
 
@@ -233,7 +234,17 @@ def batch_norm(
     y = moments_lib.normalize(x, m, eps=eps, scale=scale, bias=bias, dtype=out_dtype)
     return y, state
 
+  if virtual_batch_size is not None:
+    checks.check_positive_int("virtual_batch_size", virtual_batch_size)
   _check_train_batch(x, reduction_axes, axis_name, mask, virtual_batch_size)
+  if virtual_batch_size is None and bn_vjp.supported(x):
+    # Same moments and normalize step, with a closed-form backward pass.
+    y, mean, var = bn_vjp.batch_norm_train(
+        x, scale, bias, axes=reduction_axes, eps=eps, mask=mask,
+        axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=out_dtype)
+    mean = jnp.squeeze(mean, reduction_axes)
+    var = jnp.squeeze(var, reduction_axes)
+    return y, _update_state(state, mean, var, momentum)
   m, xv, _, unsplit, mean, var, chunk_axis = _batch_moments(
       x, mask, feature_axes, reduction_axes, virtual_batch_size, axis_name,
       axis_index_groups)

@@ -122,10 +122,15 @@ def shifted_moments(
   else:
     (shift,) = reduce_mean(xs)
   shift = lax.stop_gradient(shift)
-  d = xs - shift
-  mean, mean_sq = reduce_mean(d, _abs2(d))
+  # Performance (XLA on CPU), values unchanged: `x + (-shift)` is bitwise
+  # `x - shift`, and the barrier is an identity on the small `shift`. They
+  # keep the two reductions and the normalize step from sharing one
+  # broadcast/subtraction, which XLA would otherwise write out as a full-size
+  # temporary; instead each fuses its own subtraction and reads `x` directly
+  # (measured: BN forward 1.5x -> 0.9x of Flax's time).
+  mean, mean_sq = reduce_mean(xs - shift, _abs2(xs + (-shift)))
   var = jnp.maximum(mean_sq.astype(real_dt) - _abs2(mean).astype(real_dt), 0)
-  return Moments(shift, mean, var)
+  return Moments(lax.optimization_barrier(shift), mean, var)
 
 
 def full_mean(m: Moments) -> jax.Array:
