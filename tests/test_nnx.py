@@ -1,0 +1,247 @@
+"""jaxnorm.nnx against flax.nnx: same attributes and state, same outputs."""
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxnorm.nnx as jn
+
+
+def _rand_init(key, shape, dtype=jnp.float32):
+  return (1.0 + 0.3 * jax.random.normal(key, shape)).astype(dtype)
+
+
+# (name, positional args, kwargs for both classes, input shape, mask shape)
+CASES = [
+    ("BatchNorm", (5,), {}, (6, 5), None),
+    ("BatchNorm", (3,), {"axis": 1}, (4, 3, 5, 5), None),
+    ("BatchNorm", (5,), {"use_scale": False, "momentum": 0.9}, (6, 5), None),
+    ("BatchNorm", (5,), {}, (8, 3, 5), (8, 3, 1)),
+    ("BatchNorm", (5,), {"param_dtype": jnp.bfloat16}, (6, 5), None),
+    ("BatchNorm", (5,), {"use_running_average": True}, (6, 5), None),
+    ("LayerNorm", (6,), {}, (4, 3, 6), None),
+    ("LayerNorm", (6,), {"reduction_axes": (1, 2), "feature_axes": -1}, (4, 3, 6), None),
+    ("LayerNorm", (6,), {"use_bias": False}, (4, 3, 6), (4, 3, 6)),
+    ("RMSNorm", (6,), {}, (4, 3, 6), None),
+    ("RMSNorm", (6,), {"use_scale": False}, (4, 6), None),
+    ("GroupNorm", (6, 2), {}, (2, 3, 3, 6), None),
+    ("GroupNorm", (6, None, 3), {}, (2, 3, 3, 6), None),
+    ("InstanceNorm", (5,), {}, (2, 3, 4, 5), None),
+    ("InstanceNorm", (6,), {"use_bias": False}, (2, 6, 6), (2, 6, 6)),
+]
+
+
+def _tol(dtype):
+  return 2e-2 if jnp.dtype(dtype).itemsize < 4 else 1e-5
+
+
+def _state_tree(module):
+  return jax.tree.map(lambda a: (type(a).__name__ if isinstance(a, nnx.Variable)
+                                 else None, a.shape, a.dtype),
+                      nnx.state(module), is_leaf=lambda a: isinstance(a, jax.Array))
+
+
+def _run(module, x, mask):
+  """Calls the module under nnx.jit (state updates propagate)."""
+  kw = {} if mask is None else {"mask": mask}
+  return nnx.jit(lambda m, x: m(x, **kw))(module, x)
+
+
+@pytest.mark.parametrize("name,args,kwargs,shape,mask_shape", CASES)
+def test_parity_with_flax(name, args, kwargs, shape, mask_shape):
+  kw = dict(kwargs, scale_init=_rand_init)
+  if "use_scale" in kwargs and not kwargs["use_scale"]:
+    kw.pop("scale_init")
+  ours = getattr(jn, name)(*args, **kw, rngs=nnx.Rngs(1))
+  theirs = getattr(nnx, name)(*args, **kw, rngs=nnx.Rngs(1))
+  assert _state_tree(ours) == _state_tree(theirs)
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(ours), nnx.state(theirs))
+  for attr in ("scale", "bias", "mean", "var", "epsilon", "num_groups",
+               "group_size", "use_running_average", "axis", "momentum"):
+    assert hasattr(ours, attr) == hasattr(theirs, attr), attr
+  kx, km = jax.random.split(jax.random.key(0))
+  x = 2.0 * jax.random.normal(kx, shape) + 0.5
+  mask = None if mask_shape is None else jax.random.bernoulli(km, 0.7, mask_shape)
+  if name == "BatchNorm":
+    for m in (ours, theirs):
+      m.mean[...] = 0.3 * jnp.ones_like(m.mean[...])
+      m.var[...] = 2.0 * jnp.ones_like(m.var[...])
+  y1, y2 = _run(ours, x, mask), _run(theirs, x, mask)
+  assert y1.dtype == y2.dtype
+  tol = _tol(y2.dtype)
+  np.testing.assert_allclose(np.asarray(y1, np.float32), np.asarray(y2, np.float32),
+                             atol=tol, rtol=tol)
+  if name == "BatchNorm":
+    assert ours.mean[...].dtype == jnp.float32
+    for k in ("mean", "var"):
+      np.testing.assert_allclose(getattr(ours, k)[...], getattr(theirs, k)[...],
+                                 atol=1e-5, rtol=1e-5)
+    # And inference with the updated statistics.
+    ours.eval()
+    theirs.eval()
+    np.testing.assert_allclose(_run(ours, x, None), _run(theirs, x, None),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_train_eval_and_view_switch_batch_norm():
+  bn = jn.BatchNorm(3, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (8, 3)) * 2 + 1
+  assert bn.use_running_average is False
+  bn.eval()
+  assert bn.use_running_average is True
+  np.testing.assert_allclose(bn(x), x / np.sqrt(1 + 1e-5), rtol=1e-6)
+  np.testing.assert_array_equal(bn.mean[...], 0.0)  # untouched in eval
+  train_view = nnx.view(bn, use_running_average=False)
+  y = train_view(x)
+  np.testing.assert_allclose(jnp.mean(y, 0), 0.0, atol=1e-5)
+  assert not np.allclose(bn.mean[...], 0.0)  # the view shares the variables
+  bn.train()
+  assert bn.use_running_average is False
+  # The call argument wins over the attribute.
+  before = bn.mean[...]
+  bn(x, use_running_average=True)
+  np.testing.assert_array_equal(bn.mean[...], before)
+
+
+def test_no_initializers_kept_graphs_equal():
+  for cls, args in ((jn.BatchNorm, (4,)), (jn.LayerNorm, (4,)), (jn.GroupNorm, (4, 2)),
+                    (jn.InstanceNorm, (4,))):
+    a = cls(*args, scale_init=_rand_init, bias_init=nnx.initializers.normal(),
+            rngs=nnx.Rngs(0))
+    b = cls(*args, rngs=nnx.Rngs(0))
+    assert nnx.graphdef(a) == nnx.graphdef(b)
+  a = jn.RMSNorm(4, scale_init=_rand_init, rngs=nnx.Rngs(0))
+  assert nnx.graphdef(a) == nnx.graphdef(jn.RMSNorm(4, rngs=nnx.Rngs(0)))
+
+
+def test_batch_renorm_nnx():
+  x = jax.random.normal(jax.random.key(0), (8, 5))
+  a = jn.BatchRenorm(5, r_max=1.0, d_max=0.0, rngs=nnx.Rngs(0))
+  b = nnx.BatchNorm(5, rngs=nnx.Rngs(0))
+  assert _state_tree(a) == _state_tree(b)
+  np.testing.assert_allclose(a(x), b(x), atol=1e-5)
+  np.testing.assert_allclose(a.var[...], b.var[...], atol=1e-6)
+
+
+class _Model(nnx.Module):
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(1, 8, kernel_size=(3, 3), rngs=rngs)
+    self.bn = jn.BatchNorm(8, rngs=rngs)
+    self.gn = jn.GroupNorm(8, 4, rngs=rngs)
+    self.out = nnx.Linear(8 * 8 * 8, 10, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.bn(self.conv(x)))
+    x = self.gn(x)
+    return self.out(x.reshape(x.shape[0], -1))
+
+
+def test_training_on_digits_with_nnx_optimizer():
+  from sklearn.datasets import load_digits
+  d = load_digits()
+  x = jnp.asarray((d.images[:256] / 16.0)[..., None], jnp.float32)
+  labels = jnp.asarray(d.target[:256])
+  model = _Model(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, xb, yb):
+    def loss_fn(model):
+      logits = model(xb)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  model.train()
+  losses = []
+  for i in range(16):
+    sl = slice((i % 4) * 64, (i % 4 + 1) * 64)
+    losses.append(float(step(model, optimizer, x[sl], labels[sl])))
+  assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4])
+  assert not np.allclose(model.bn.mean[...], 0.0)
+  model.eval()
+  evaluate = nnx.jit(lambda m, x: m(x))
+  logits = evaluate(model, x)
+  assert np.mean(np.argmax(logits, -1) == labels) > 0.7
+  # Eval uses the running statistics: resetting them changes the output.
+  model.bn.mean[...] = jnp.zeros(8)
+  model.bn.var[...] = jnp.ones(8)
+  assert not np.allclose(evaluate(model, x), logits, atol=1e-3)
+
+
+def test_axis_name_in_shard_map_equals_full_batch():
+  x = jax.random.normal(jax.random.key(0), (16, 3, 4)) + 1
+  bn = jn.BatchNorm(4, axis_name="b", rngs=nnx.Rngs(0))
+  ref = jn.BatchNorm(4, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(bn)
+  mesh = Mesh(np.array(jax.devices()[:8]), ("b",))
+
+  def f(state, xs):
+    m = nnx.merge(graphdef, state)
+    y = m(xs)
+    return y, nnx.state(m)
+
+  xs = jax.device_put(x, NamedSharding(mesh, P("b")))
+  y, new_state = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P(), P("b")),
+                                       out_specs=(P("b"), P())))(state, xs)
+  np.testing.assert_allclose(y, ref(x), atol=1e-5)
+  np.testing.assert_allclose(new_state["mean"][...], ref.mean[...], atol=1e-6)
+  np.testing.assert_allclose(new_state["var"][...], ref.var[...], atol=1e-6)
+
+
+def test_nnx_vmap_ensemble_and_scan():
+  @nnx.split_rngs(splits=3)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def make(rngs):
+    return jn.BatchNorm(4, scale_init=_rand_init, rngs=rngs)
+
+  ens = make(nnx.Rngs(0))
+  assert ens.scale[...].shape == (3, 4)
+  xs = jax.random.normal(jax.random.key(1), (3, 6, 4)) * jnp.arange(1, 4)[:, None, None]
+  y = nnx.vmap(lambda m, x: m(x), in_axes=(0, 0), out_axes=0)(ens, xs)
+  for i in range(3):
+    np.testing.assert_allclose(jnp.std(y[i] / ens.scale[...][i], 0), 1.0, rtol=1e-3)
+    np.testing.assert_allclose(ens.var[...][i], 0.99 + 0.01 * jnp.var(xs[i], 0),
+                               rtol=1e-5)
+
+  # nnx.scan over the steps of a sequence, one BatchNorm carried.
+  bn = jn.BatchNorm(4, rngs=nnx.Rngs(0))
+  seq = jax.random.normal(jax.random.key(2), (5, 6, 4)) + 2
+
+  @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+  def run(bn, x):
+    return bn, bn(x)
+
+  _, ys = run(bn, seq)
+  assert ys.shape == seq.shape
+  expected = jnp.zeros(4)
+  for t in range(5):
+    expected = 0.99 * expected + 0.01 * seq[t].mean(0)
+  np.testing.assert_allclose(bn.mean[...], expected, atol=1e-6)
+
+
+def test_errors_name_module_and_argument():
+  bn = jn.BatchNorm(3, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError) as e:
+    bn(jnp.ones((4, 5)))
+  assert str(e.value) == (
+      "BatchNorm: `x` has features of shape (5,) along axis -1 but "
+      "`params['scale']` has shape (3,); pass `axis=` to choose the feature axis.")
+  with pytest.raises(ValueError) as e:
+    jn.GroupNorm(6, 4, rngs=nnx.Rngs(0))
+  assert str(e.value) == (
+      "GroupNorm: `num_groups`=4 must divide the number of channels, but `x` has "
+      "6 channels; pass `num_groups=` a divisor of 6 or `group_size=`.")
+  with pytest.raises(ValueError) as e:
+    jn.BatchNorm(3, use_running_average=None, rngs=nnx.Rngs(0))(jnp.ones((4, 3)))
+  assert str(e.value).startswith("BatchNorm: `use_running_average` is None")
+  with pytest.raises(TypeError) as e:
+    jn.LayerNorm(3, rngs=nnx.Rngs(0))(jnp.ones((2, 3)), mask=jnp.ones((2, 3)))
+  assert str(e.value).startswith("LayerNorm: `mask` must be a boolean array, got dtype float32")
