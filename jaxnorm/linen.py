@@ -12,6 +12,7 @@ from jaxnorm._src.linen_norm import RMSNorm
 from jaxnorm._src.linen_wrappers import Dropout
 from jaxnorm._src.linen_wrappers import SpectralNorm
 from jaxnorm._src.linen_wrappers import WeightNorm
+from jaxnorm._src.linen_wrappers import weight_norm_data_init
 
 __all__ = (
     "BatchNorm",
@@ -23,4 +24,5 @@ __all__ = (
     "RMSNorm",
     "SpectralNorm",
     "WeightNorm",
+    "weight_norm_data_init",
 )

@@ -1,21 +1,262 @@
-"""Weight and spectral normalization. (Placeholder: being written for issue 4.)"""
+"""Weight normalization (with data-dependent init) and spectral normalization.
+
+Both reparametrize a layer's weight rather than its activations:
+
+* weight normalization (Salimans & Kingma 2016, arXiv:1602.07868) writes
+  ``w = g * v / ||v||``, with the norm over every axis of ``v`` but the output
+  (feature) axes, so the direction ``v`` and the length ``g`` of each output
+  unit's weight vector are learned separately;
+* spectral normalization (Miyato et al. 2018, arXiv:1802.05957) divides ``w``
+  by an estimate ``sigma`` of its largest singular value, obtained by power
+  iteration on ``w`` seen as a matrix (every axis but the last flattened into
+  rows, as Flax does) with a persistent vector ``u``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxnorm._src import checks
+from jaxnorm._src import moments as moments_lib
 
 
-def weight_norm_init(w, *, axis=-1):
-  raise NotImplementedError
+def _feature_axes(axis, ndim: int) -> tuple[int, ...]:
+  """`axis` (int, sequence or None) as sorted non-negative feature axes."""
+  if axis is None:
+    return ()
+  return checks.normalize_axes("axis", axis, ndim)
 
 
-def weight_norm(wn, *, axis=-1):
-  raise NotImplementedError
+def _check_wn(wn) -> None:
+  if not isinstance(wn, Mapping) or "v" not in wn:
+    raise TypeError(
+        "`wn` must be a dict with key 'v' (and optionally 'g'), built with "
+        f"`weight_norm_init`; got {type(wn).__name__}"
+        + (f" with keys {sorted(wn)}." if isinstance(wn, Mapping) else ".")
+    )
+  unknown = sorted(set(wn) - {"v", "g"})
+  if unknown:
+    raise ValueError(
+        f"`wn` has unexpected keys {unknown}; expected 'v' and optionally 'g'."
+    )
 
 
-def weight_norm_data_init(wn, t, *, eps=1e-6):
-  raise NotImplementedError
+def _inverse_norm(v, reduction_axes, eps):
+  """``1 / sqrt(sum(v**2) + eps)`` over `reduction_axes`, keepdims; 0 where that sum is 0."""
+  sq = jnp.sum(v * v, axis=reduction_axes, keepdims=True) + eps
+  positive = sq > 0
+  # Double `where`: the unused branch sees 1, so gradients stay finite at v = 0.
+  return jnp.where(positive, lax.rsqrt(jnp.where(positive, sq, 1)), 0)
 
 
-def spectral_norm_init(w, key):
-  raise NotImplementedError
+def weight_norm_init(w: jax.Array, *, axis=-1) -> dict:
+  """Splits a weight into direction and length: ``{"v": w, "g": ||w||}``.
+
+  Args:
+    w: a kernel, e.g. ``(in, out)`` for Dense or ``(H, W, in, out)`` for Conv.
+    axis: the output (feature) axis or axes, kept by the norm; the norm runs
+      over every other axis. ``None`` keeps no axis (one Frobenius norm).
+
+  Returns:
+    ``{"v": w, "g": g}`` with ``g`` of shape ``tuple(w.shape[a] for a in axis)``
+    (``(out,)`` for the default), so ``weight_norm(weight_norm_init(w)) == w``.
+
+  >>> import jax.numpy as jnp, jaxnorm
+  >>> wn = jaxnorm.weight_norm_init(jnp.array([[3.0, 0.0], [4.0, 2.0]]))
+  >>> wn["g"].tolist()
+  [5.0, 2.0]
+  """
+  checks.check_array("w", w)
+  feature = _feature_axes(axis, w.ndim)
+  reduction = tuple(a for a in range(w.ndim) if a not in feature)
+  g = jnp.sqrt(jnp.sum(jnp.abs(w) ** 2, axis=reduction))
+  return {"v": w, "g": g.astype(w.dtype)}
 
 
-def spectral_norm(w, state, *, n_steps=1, train=True, eps=1e-12):
-  raise NotImplementedError
+def weight_norm(wn: Mapping, *, axis=-1, eps=0.0, dtype=None) -> jax.Array:
+  """Weight normalization: ``w = g * v / ||v||``.
+
+  The norm is over every axis of ``v`` but ``axis`` (the output axes), so each
+  output unit's weight vector has length ``g`` (Salimans & Kingma 2016, eq. 2).
+
+  Args:
+    wn: ``{"v": v, "g": g}``; ``v`` is any kernel, ``g`` has the shape of
+      ``v`` along ``axis``. Without ``"g"`` the length is 1 (unit vectors).
+    axis: int, sequence of ints, or ``None`` (no feature axis: one Frobenius
+      norm, ``g`` a scalar).
+    eps: added to ``||v||**2`` under the square root. With the default 0, a
+      unit whose direction ``v`` is all zeros gets a zero weight and a zero
+      (finite) gradient instead of NaN. Flax's ``WeightNorm`` uses 1e-12.
+    dtype: the output dtype; by default the promoted dtype of ``v`` and ``g``.
+
+  Returns:
+    ``w`` with the shape of ``v``.
+  """
+  _check_wn(wn)
+  v = wn["v"]
+  checks.check_array("wn['v']", v, allow_complex=False)
+  if checks._is_concrete_number(eps) and not float(eps) >= 0.0:
+    raise ValueError(f"`eps` must be >= 0, got {eps}.")
+  feature = _feature_axes(axis, v.ndim)
+  reduction = tuple(a for a in range(v.ndim) if a not in feature)
+  feature_shape = tuple(v.shape[a] for a in feature)
+  w = v * _inverse_norm(v, reduction, eps)
+  args = [v]
+  g = wn.get("g")
+  if g is not None:
+    checks.check_array("wn['g']", g, allow_complex=False)
+    if tuple(g.shape) != feature_shape:
+      raise ValueError(
+          f"`wn['g']` must have shape {feature_shape} (the shape of `wn['v']` "
+          f"along `axis`={axis!r}), got {tuple(g.shape)}."
+      )
+    broadcast = [1] * v.ndim
+    for a in feature:
+      broadcast[a] = v.shape[a]
+    w = w * g.reshape(broadcast)
+    args.append(g)
+  out_dtype = jnp.result_type(*args) if dtype is None else dtype
+  return w.astype(out_dtype)
+
+
+def weight_norm_data_init(wn: Mapping, t: jax.Array, *, eps=1e-6):
+  """Data-dependent init of weight normalization (Salimans & Kingma 2016, §3).
+
+  Given ``t``, the layer's output on a batch computed with ``weight_norm(wn)``
+  and no bias (features on the last axis), returns a new ``g`` and a bias so
+  that each pre-activation has zero mean and unit variance on that batch:
+
+      g_new = g / sqrt(var_t + eps),    bias = -mean_t / sqrt(var_t + eps),
+
+  with the mean and (biased) variance over every axis of ``t`` but the last.
+
+  Args:
+    wn: ``{"v": v, "g": g}`` as used to compute ``t`` (``g`` may be absent: 1).
+    t: the layer's outputs, shape ``(..., out)``.
+    eps: added to the variance.
+
+  Returns:
+    ``(new_wn, bias)``: ``new_wn`` has the new ``"g"`` (shape ``(out,)``, as
+    for ``axis=-1``) and ``bias`` has shape ``(out,)``.
+  """
+  _check_wn(wn)
+  checks.check_array("t", t, allow_complex=False)
+  checks.check_min_rank("t", t, 1, "features on the last axis")
+  checks.check_eps(eps)
+  features = t.shape[-1]
+  g = wn.get("g")
+  if g is None:
+    g = jnp.ones((features,), wn["v"].dtype)
+  if tuple(g.shape) != (features,):
+    raise ValueError(
+        f"`t` has {features} features on its last axis but `wn['g']` has shape "
+        f"{tuple(g.shape)}; `t` must be the layer's output with the features "
+        "last."
+    )
+  axes = tuple(range(t.ndim - 1))
+  m = moments_lib.shifted_moments(t, axes)
+  mean = moments_lib.full_mean(m).reshape(features)
+  inv_std = lax.rsqrt(m.var.reshape(features) + eps)
+  new_wn = dict(wn)
+  new_wn["g"] = (g * inv_std).astype(g.dtype)
+  bias = (-mean * inv_std).astype(t.dtype)
+  return new_wn, bias
+
+
+def _l2_normalize(x, eps):
+  return x * lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+def spectral_norm_init(w: jax.Array, key: jax.Array) -> dict:
+  """State of spectral normalization: a random unit vector ``u``, ``sigma`` 1.
+
+  Args:
+    w: the weight, at least 2-D; its last axis is the matrix's columns.
+    key: a PRNG key.
+
+  Returns:
+    ``{"u": (w.shape[-1],), "sigma": ()}`` in float32 (float64 for float64 ``w``).
+  """
+  checks.check_array("w", w, allow_complex=False)
+  checks.check_min_rank("w", w, 2, "a matrix, or a kernel whose last axis is "
+                        "the output")
+  dtype = moments_lib.stat_dtype(w.dtype)
+  u = jax.random.normal(key, (w.shape[-1],), dtype)
+  u = u / jnp.linalg.norm(u)
+  return {"u": u, "sigma": jnp.ones((), dtype)}
+
+
+def spectral_norm(
+    w: jax.Array,
+    state: Mapping,
+    *,
+    n_steps: int = 1,
+    train: bool = True,
+    eps=1e-12,
+    dtype=None,
+):
+  """Spectral normalization: ``w / sigma(w)`` by power iteration.
+
+  ``w`` is viewed as the matrix ``W`` of shape ``(prod(w.shape[:-1]),
+  w.shape[-1])`` (Flax's reshape). Starting from ``u = state["u"]``, each of
+  the ``n_steps`` steps does ``v = l2n(W u)``, ``u = l2n(W^T v)`` with
+  ``l2n(x) = x / sqrt(||x||^2 + eps)``; then ``sigma = v^T W u`` with ``u`` and
+  ``v`` under ``stop_gradient`` (Miyato et al. 2018, Algorithm 1). The result
+  is ``w / sigma`` (``w`` itself where ``sigma == 0``).
+
+  Args:
+    w: the weight, at least 2-D.
+    state: ``{"u": (w.shape[-1],), "sigma": ()}`` from ``spectral_norm_init``.
+    n_steps: power-iteration steps per call (a positive int).
+    train: if True, ``new_state`` holds the new ``u`` and ``sigma``. If False
+      (Flax's ``update_stats=False``), the same steps start from the stored
+      ``u`` (so the result is deterministic) and ``state`` is returned as is.
+    eps: added to the squared norms in ``l2n``.
+    dtype: the output dtype; by default the promoted dtype of ``w`` and ``u``.
+
+  Returns:
+    ``(w_sn, new_state)``; ``w_sn`` has the shape of ``w``.
+  """
+  checks.check_array("w", w, allow_complex=False)
+  checks.check_min_rank("w", w, 2, "a matrix, or a kernel whose last axis is "
+                        "the output")
+  n_steps = checks.check_positive_int("n_steps", n_steps)
+  checks.check_eps(eps)
+  if not isinstance(state, Mapping) or "u" not in state:
+    raise TypeError(
+        "`state` must be a dict with keys 'u' and 'sigma' built with "
+        f"`spectral_norm_init`, got {type(state).__name__}"
+        + (f" with keys {sorted(state)}." if isinstance(state, Mapping) else ".")
+    )
+  u = state["u"]
+  if tuple(u.shape) != (w.shape[-1],):
+    raise ValueError(
+        f"`state['u']` must have shape {(w.shape[-1],)} (the last axis of `w`), "
+        f"got {tuple(u.shape)}."
+    )
+  matrix = w.reshape(-1, w.shape[-1])
+
+  def step(_, uv):
+    v = _l2_normalize(jnp.matmul(uv[0], matrix.T), eps)
+    return _l2_normalize(jnp.matmul(v, matrix), eps), v
+
+  u, v = step(0, (u[None, :], None))
+  if n_steps > 1:  # a loop, not unrolled: many steps compile in constant time
+    u, v = lax.fori_loop(1, n_steps, step, (u, v))
+  u = lax.stop_gradient(u)
+  v = lax.stop_gradient(v)
+  sigma = jnp.matmul(jnp.matmul(v, matrix), u.T)[0, 0]
+  w_sn = (matrix / jnp.where(sigma != 0, sigma, 1)).reshape(w.shape)
+  out_dtype = jnp.result_type(w, u, sigma) if dtype is None else dtype
+  w_sn = w_sn.astype(out_dtype)
+  if not train:
+    return w_sn, state
+  new_state = dict(state)
+  new_state["u"] = u[0].astype(state["u"].dtype)
+  sigma_dtype = state["sigma"].dtype if "sigma" in state else sigma.dtype
+  new_state["sigma"] = sigma.astype(sigma_dtype)
+  return w_sn, new_state
