@@ -1,1 +1,290 @@
-"""PyTorch conventions and state-dict conversion. (Placeholder: being written for issue 5.)"""
+"""PyTorch conventions and state-dict conversion.
+
+PyTorch and Flax store the same per-channel numbers under different names and
+update the running averages with different rules:
+
+=====================  ==========================  ==============================
+                       ``torch.nn.BatchNorm*d``    ``jaxnorm.batch_norm``
+=====================  ==========================  ==============================
+scale / shift          ``weight`` / ``bias``       ``params["scale"]``/``["bias"]``
+running averages       ``running_mean/var``        ``state["mean"]``/``["var"]``
+update weight          ``momentum=0.1`` (new)      ``momentum=0.99`` (old)
+running variance       unbiased, ``n/(n-1)``       biased
+cumulative average     ``momentum=None``           --
+feature axis           1 (NCHW, ``(N, C, L)``)     -1 (NHWC)
+=====================  ==========================  ==============================
+
+:func:`from_torch` and :func:`to_torch` convert state dicts (exactly, both
+ways); :func:`torch_batch_norm` runs batch norm with PyTorch's update rule on
+top of :func:`jaxnorm.batch_norm`. Because every parameter is per channel,
+nothing needs transposing to move between NCHW and NHWC: pass ``axis=1`` to
+:func:`jaxnorm.batch_norm` for NCHW inputs, or move the channels last with
+:func:`nchw_to_nhwc` (needed for :func:`jaxnorm.group_norm` and
+:func:`jaxnorm.instance_norm`, which are channels-last).
+
+PyTorch's layer norm and group norm default to ``eps=1e-5`` where jaxnorm (like
+Flax) uses ``1e-6``: pass ``eps=1e-5`` for the same outputs.
+
+This module imports ``torch`` only inside the functions that receive torch
+tensors, and never at import time; it works on NumPy arrays without torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxnorm._src import batch_norm as batch_norm_lib
+from jaxnorm._src import checks
+
+__all__ = (
+    "from_torch",
+    "nchw_to_nhwc",
+    "nhwc_to_nchw",
+    "to_torch",
+    "torch_batch_norm",
+)
+
+_PARAM_KEYS = {"weight": "scale", "bias": "bias"}
+_STATE_KEYS = {"running_mean": "mean", "running_var": "var",
+               "num_batches_tracked": "num_batches_tracked"}
+
+
+def _to_numpy(name: str, value) -> np.ndarray:
+  if isinstance(value, np.ndarray | np.generic | jax.Array):
+    return np.asarray(value)
+  module = type(value).__module__
+  if module.startswith("torch"):
+    import torch  # Lazily: only when given torch tensors.
+
+    if isinstance(value, torch.Tensor):
+      return value.detach().cpu().numpy()
+  raise TypeError(
+      f"`state_dict['{name}']` must be a torch tensor or a NumPy array, got "
+      f"{type(value).__name__}."
+  )
+
+
+def from_torch(state_dict, *, prefix: str = ""):
+  """Converts a PyTorch normalization layer's ``state_dict`` to ``(params, state)``.
+
+  Accepts the state dicts of ``BatchNorm1d/2d/3d``, ``LayerNorm`` and
+  ``GroupNorm`` (and ``InstanceNorm*d``, ``SyncBatchNorm``), with torch
+  tensors or NumPy arrays as values:
+
+  * ``weight -> params["scale"]``, ``bias -> params["bias"]`` (each present
+    only if the module has it: ``affine=False``, ``bias=False``);
+  * ``running_mean -> state["mean"]``, ``running_var -> state["var"]``,
+    ``num_batches_tracked -> state["num_batches_tracked"]``.
+
+  ``state`` is always a dict; for ``LayerNorm``, ``GroupNorm`` and batch norm
+  with ``track_running_stats=False`` it is empty (``{}``). Values become JAX
+  arrays of the same dtype (float64 ones need ``jax_enable_x64``, otherwise
+  JAX stores them as float32, and ``num_batches_tracked`` becomes int32).
+  The running variance stays PyTorch's (unbiased-updated) running variance;
+  both :func:`jaxnorm.batch_norm` and :func:`torch_batch_norm` use it as is
+  at inference.
+
+  Args:
+    state_dict: the module's ``state_dict()``, or a whole model's with
+      ``prefix``.
+    prefix: keep only the keys that start with this (e.g. ``"bn1."``) and
+      strip it.
+
+  Returns:
+    ``(params, state)``.
+
+  Raises:
+    ValueError: a key that is not one of the above.
+  """
+  if not isinstance(state_dict, Mapping):
+    raise TypeError(
+        f"`state_dict` must be a mapping of names to tensors, got "
+        f"{type(state_dict).__name__}."
+    )
+  items = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+  if not items and prefix:
+    raise ValueError(
+        f"`state_dict` has no keys starting with `prefix`={prefix!r}; its keys "
+        f"are {sorted(state_dict)}."
+    )
+  unknown = sorted(set(items) - set(_PARAM_KEYS) - set(_STATE_KEYS))
+  if unknown:
+    raise ValueError(
+        f"`state_dict` has keys {unknown} that are not those of a PyTorch "
+        f"normalization layer; expected keys among "
+        f"{sorted(set(_PARAM_KEYS) | set(_STATE_KEYS))} (pass `prefix=` to "
+        "select one layer of a model's state dict)."
+    )
+  params, state = {}, {}
+  for torch_key, value in items.items():
+    array = jnp.asarray(_to_numpy(prefix + torch_key, value))
+    if torch_key in _PARAM_KEYS:
+      params[_PARAM_KEYS[torch_key]] = array
+    else:
+      state[_STATE_KEYS[torch_key]] = array
+  return params, state
+
+
+def to_torch(params, state=None) -> dict[str, np.ndarray]:
+  """Converts ``(params, state)`` to a PyTorch state dict of NumPy arrays.
+
+  The inverse of :func:`from_torch`: ``scale -> weight``, ``bias -> bias``,
+  ``mean -> running_mean``, ``var -> running_var``,
+  ``num_batches_tracked -> num_batches_tracked`` (int64, 0-d). A state with
+  running averages but no ``num_batches_tracked`` (e.g. one made by
+  :func:`jaxnorm.batch_norm_init`) gets ``num_batches_tracked = 0``, so the
+  dict loads into a batch norm module with ``load_state_dict(strict=True)``.
+  Load it with ``module.load_state_dict({k: torch.from_numpy(v) for k, v in
+  sd.items()})``.
+
+  ``to_torch(*from_torch(sd))`` equals ``sd`` exactly (same keys, dtypes and
+  values; float64 needs ``jax_enable_x64``).
+  """
+  params = {} if params is None else params
+  state = {} if state is None else state
+  for name, tree, known in (("params", params, ("scale", "bias")),
+                            ("state", state, ("mean", "var", "num_batches_tracked"))):
+    if not isinstance(tree, Mapping):
+      raise TypeError(f"`{name}` must be a dict, got {type(tree).__name__}.")
+    unknown = sorted(set(tree) - set(known))
+    if unknown:
+      raise ValueError(
+          f"`{name}` has unexpected keys {unknown}; expected keys among "
+          f"{sorted(known)}."
+      )
+  out = {}
+  for ours, theirs in (("scale", "weight"), ("bias", "bias")):
+    if params.get(ours) is not None:
+      out[theirs] = np.asarray(params[ours])
+  for ours, theirs in (("mean", "running_mean"), ("var", "running_var")):
+    if state.get(ours) is not None:
+      out[theirs] = np.asarray(state[ours])
+  if "num_batches_tracked" in state:
+    out["num_batches_tracked"] = np.asarray(state["num_batches_tracked"], np.int64)
+  elif "running_mean" in out:
+    out["num_batches_tracked"] = np.asarray(0, np.int64)
+  return out
+
+
+def nchw_to_nhwc(x):
+  """Moves the channel axis from 1 to last: ``(N, C, ...) -> (N, ..., C)``."""
+  return jnp.moveaxis(x, 1, -1)
+
+
+def nhwc_to_nchw(x):
+  """Moves the channel axis from last to 1: ``(N, ..., C) -> (N, C, ...)``."""
+  return jnp.moveaxis(x, -1, 1)
+
+
+def torch_batch_norm(params, state, x, *, train: bool, momentum=0.1, eps=1e-5,
+                     axis=1, mask=None, dtype=None):
+  """Batch norm with ``torch.nn.BatchNorm*d``'s conventions.
+
+  ``y = (x - mean) / sqrt(var + eps) * scale + bias`` per channel, where
+
+  * ``train=True``: ``mean`` and the *biased* ``var`` are the batch's (over
+    every axis but ``axis``, computed by :func:`jaxnorm.batch_norm`), and the
+    running averages are updated with the *unbiased* batch variance::
+
+      f = momentum                 (or 1 / num_batches_tracked if momentum is None)
+      num_batches_tracked += 1     (before f is computed)
+      state["mean"] = (1 - f) * state["mean"] + f * batch_mean
+      state["var"]  = (1 - f) * state["var"]  + f * batch_var * n / (n - 1)
+
+    with ``n`` the number of values per channel (the mask's count if a mask
+    is given; ``n/(n-1)`` is taken as 1 when ``n <= 1``).
+  * ``train=False``: ``state["mean"]`` and ``state["var"]``; ``state`` is
+    returned unchanged.
+
+  A ``state`` without running averages (``{}``, as :func:`from_torch` gives
+  for ``track_running_stats=False``) uses the batch statistics in both modes
+  and stays empty, as PyTorch does.
+
+  Note PyTorch's ``momentum`` is the weight of the *new* batch (0.1), where
+  :func:`jaxnorm.batch_norm`'s is the weight of the old average (0.99):
+  ``torch momentum m`` is ``jaxnorm momentum 1 - m`` (apart from the
+  unbiased variance).
+
+  Args:
+    params: ``{"scale": (C,), "bias": (C,)}`` (``from_torch``'s params).
+    state: ``{"mean", "var", "num_batches_tracked"}`` (``from_torch``'s state);
+      a missing ``num_batches_tracked`` counts as 0.
+    x: ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)``, ... with ``axis=1``.
+    train: PyTorch's ``module.train()`` (batch statistics, update) or
+      ``module.eval()``.
+    momentum: in [0, 1], or ``None`` for the cumulative moving average.
+    eps: added to the variance, > 0.
+    axis: the channel axis, 1 as in PyTorch.
+    mask: optional boolean array broadcastable to ``x``; masked-out entries
+      do not contribute to the statistics (PyTorch has no such option).
+    dtype: output dtype (default: that of ``x`` and the params).
+
+  Returns:
+    ``(y, new_state)``.
+  """
+  if not isinstance(state, Mapping):
+    raise TypeError(
+        "`state` must be a dict with keys 'mean', 'var' and optionally "
+        f"'num_batches_tracked' (or empty), got {type(state).__name__}."
+    )
+  unknown = sorted(set(state) - {"mean", "var", "num_batches_tracked"})
+  if unknown:
+    raise ValueError(
+        f"`state` has unexpected keys {unknown}; expected keys among "
+        "['mean', 'num_batches_tracked', 'var']."
+    )
+  if momentum is not None:
+    checks.check_momentum(momentum)
+  tracking = "mean" in state or "var" in state
+  if not train and tracking:
+    stats = {k: state[k] for k in ("mean", "var") if k in state}
+    y, _ = batch_norm_lib.batch_norm(params, stats, x, train=False, axis=axis,
+                                     eps=eps, mask=mask, dtype=dtype)
+    return y, state
+
+  checks.check_array("x", x)
+  if x.ndim < 1:
+    raise ValueError("`x` must have at least 1 dimension, got a scalar.")
+  feature_axes = checks.normalize_axes("axis", axis, x.ndim)
+  feature_shape = tuple(x.shape[a] for a in feature_axes)
+  # momentum=0 makes the returned state the batch's own (biased) statistics.
+  zeros = {"mean": jnp.zeros(feature_shape, jnp.float32),
+           "var": jnp.zeros(feature_shape, jnp.float32)}
+  if tracking:
+    zeros = {k: jnp.zeros_like(state[k]) for k in ("mean", "var") if k in state}
+  y, batch = batch_norm_lib.batch_norm(params, zeros, x, train=True, axis=axis,
+                                       momentum=0.0, eps=eps, mask=mask, dtype=dtype)
+  if not tracking:
+    return y, state
+
+  reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
+  if mask is None:
+    n = jnp.asarray(math.prod(x.shape[a] for a in reduction_axes), jnp.float32)
+  else:
+    n = jnp.sum(jnp.broadcast_to(mask, x.shape), axis=reduction_axes,
+                dtype=jnp.float32)
+  correction = jnp.where(n > 1, n / jnp.maximum(n - 1, 1), 1.0)
+
+  count = state.get("num_batches_tracked")
+  count = jnp.asarray(0 if count is None else count)
+  if not jnp.issubdtype(count.dtype, jnp.integer):
+    raise TypeError(
+        "`state['num_batches_tracked']` must be an integer array, got dtype "
+        f"{count.dtype}."
+    )
+  new_count = count + 1
+  if momentum is None:
+    factor = 1.0 / new_count.astype(jnp.float32)
+  else:
+    factor = momentum
+  new_state = dict(state)
+  for key, value in (("mean", batch["mean"]), ("var", batch["var"] * correction)):
+    old = state[key]
+    new_state[key] = ((1 - factor) * old + factor * value).astype(old.dtype)
+  new_state["num_batches_tracked"] = new_count
+  return y, new_state
