@@ -1,0 +1,141 @@
+"""Experiment 3: does batch norm keep the sigmoids out of saturation?
+
+Trains the MLP of experiment 1 with sigmoid activations (SGD, lr 0.5), with and without batch
+norm, on inputs left at their raw scale (pixel values 0..16 as scikit-learn ships the digits, i.e.
+no input normalization; ``--input-scale``). At several points of training it collects every
+pre-activation entering a sigmoid on a fixed batch of training images, in training mode (what the
+sigmoids see while learning), plots their histograms and reports the fraction in the saturated
+region |z| > 4, where sigmoid'(z) < 0.018 (its maximum is 0.25 at z = 0). Without --quick it also
+runs the control with inputs scaled to [0, 1], where neither model saturates.
+
+  python examples/saturation.py --out out/saturation
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as common  # noqa: E402
+from _common import plt  # noqa: E402
+from bn_vs_no_bn import MLP  # noqa: E402
+
+SATURATION = 4.0
+
+
+def build_parser():
+  parser = common.make_parser(__doc__.split("\n\n")[0], epochs=20, quick_epochs=4,
+                              out="out/saturation")
+  parser.add_argument("--lr", type=float, default=0.5, help="SGD learning rate (both models)")
+  parser.add_argument("--input-scale", type=float, default=None,
+                      help="multiply the [0, 1] images by this (default: 16 for the digits, their "
+                           "raw range; 255 for IDX data)")
+  parser.add_argument("--batch-size", type=int, default=64)
+  parser.add_argument("--probe-size", type=int, default=256,
+                      help="training images whose pre-activations are collected")
+  return parser
+
+
+def checkpoints(epochs: int) -> list[int]:
+  """Epoch 0 (at initialization), about a third, two thirds, and the end."""
+  return sorted({0, max(1, epochs // 3), max(1, (2 * epochs) // 3), epochs})
+
+
+def make_probe(model):
+  """Returns every sigmoid input on a batch, in training mode, as one flat array."""
+
+  @jax.jit
+  def probe(params, batch_stats, x):
+    _, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                             mutable=["batch_stats", "intermediates"])
+    leaves = jax.tree_util.tree_leaves(updates["intermediates"])
+    return jnp.concatenate([leaf.ravel() for leaf in leaves])
+
+  return probe
+
+
+def scaled(data: common.Dataset, scale: float) -> common.Dataset:
+  return common.Dataset(data.name, data.x_train * scale, data.y_train, data.x_test * scale,
+                        data.y_test)
+
+
+def train_and_probe(data, args, marks, use_bn, name):
+  model = MLP(num_classes=data.num_classes, use_bn=use_bn, activation="sigmoid")
+  probe = make_probe(model)
+  x_probe = jnp.asarray(data.x_train[:args.probe_size])
+  preacts = {}
+
+  def callback(state, epoch):
+    if epoch in marks:
+      preacts[epoch] = np.asarray(probe(state.params, state.batch_stats, x_probe))
+
+  _, hist = common.fit(model, data, name=name, epochs=args.epochs, batch_size=args.batch_size,
+                       tx=optax.sgd(args.lr), seed=args.seed, callback=callback,
+                       quiet=args.no_progress)
+  return preacts, hist
+
+
+def run(args, data: common.Dataset | None = None) -> dict:
+  """Trains both MLPs; returns the saturated fractions per checkpoint, the plot and a table."""
+  data = data if data is not None else common.load_data(args.data)
+  if args.quick and data.name != "digits":
+    data = data.subset(2000, 1000)
+  scale = args.input_scale or (16.0 if data.name == "digits" else 255.0)
+  marks = checkpoints(args.epochs)
+  runs = [(scale, False), (scale, True)]
+  if not args.quick:
+    runs += [(1.0, False), (1.0, True)]
+  preacts, histories, fractions, rows = {}, [], {}, []
+  for s, use_bn in runs:
+    name = ("MLP + BN" if use_bn else "MLP") + ("" if s == scale else f", inputs x{s:g}")
+    preacts[name], hist = train_and_probe(scaled(data, s), args, marks, use_bn, name)
+    histories.append(hist)
+    fractions[name] = {e: float(np.mean(np.abs(z) > SATURATION)) for e, z in preacts[name].items()}
+    rows.append([name, f"{s:g}"] + [100 * fractions[name][e] for e in marks] + [hist.test_acc[-1]])
+
+  title = (f"Experiment 3: inputs of the sigmoids (MLP, SGD lr={args.lr}, "
+           f"{data.name} x{scale:g})")
+  shown = [n for n in preacts][:2]
+  fig, axes = plt.subplots(2, len(marks), figsize=(3.0 * len(marks), 5.2), sharex=True)
+  axes = np.asarray(axes).reshape(2, len(marks))
+  for row, name in enumerate(shown):
+    for col, epoch in enumerate(marks):
+      ax = axes[row, col]
+      z = preacts[name][epoch]
+      ax.hist(np.clip(z, -12, 12), bins=60, range=(-12, 12), density=True,
+              color="C1" if row else "C0", label=name)
+      for b in (-SATURATION, SATURATION):
+        ax.axvline(b, color="k", ls="--", lw=0.8)
+      ax.set_title(f"{name}, epoch {epoch}: {100 * fractions[name][epoch]:.1f}% saturated",
+                   fontsize=9)
+      ax.set_xlabel("pre-activation z (clipped to ±12)")
+      if col == 0:
+        ax.set_ylabel("density")
+      ax.legend(fontsize=7, loc="upper left")
+  fig.suptitle(title + "; dashed: |z| = 4")
+  fig.tight_layout()
+  plot = common.save(fig, os.path.join(args.out, "saturation.png"))
+  table = common.markdown_table(
+      ["model", "input scale"] + [f"% saturated, epoch {e}" for e in marks] + ["final test acc"],
+      rows)
+  return {"fractions": fractions, "checkpoints": marks, "plots": [plot], "table": table,
+          "title": title, "histories": {h.name: h for h in histories}}
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  args = common.parse(build_parser(), argv)
+  result = run(args)
+  print(f"## {result['title']}\n\n{result['table']}\n\n{common.sources_line()}")
+  common.write_text(os.path.join(args.out, "summary.md"), f"## {result['title']}\n\n{result['table']}")
+  return result
+
+
+if __name__ == "__main__":
+  main()
