@@ -95,13 +95,7 @@ class _BatchNormBase(nn.Module):
                             lambda s: jnp.zeros(s, jnp.float32), feature_shape)
     ra_var = self.variable("batch_stats", "var",
                            lambda s: jnp.ones(s, jnp.float32), feature_shape)
-    params = {}
-    if self.use_scale:
-      params["scale"] = self.param("scale", self.scale_init, feature_shape,
-                                   self.param_dtype)
-    if self.use_bias:
-      params["bias"] = self.param("bias", self.bias_init, feature_shape,
-                                  self.param_dtype)
+    params = _declare_affine(self, feature_shape, self.use_scale, self.use_bias)
     state = {"mean": ra_mean.value, "var": ra_var.value}
     train = not use_running_average
     initializing = self.is_initializing()
@@ -289,10 +283,7 @@ class RMSNorm(nn.Module):
     name = type(self).__name__
     with module_errors(name):
       feature_shape = feature_shape_of(x, self.feature_axes, "feature_axes")
-    params = {}
-    if self.use_scale:
-      params["scale"] = self.param("scale", self.scale_init, feature_shape,
-                                   self.param_dtype)
+    params = _declare_affine(self, feature_shape, self.use_scale, False)
     with module_errors(name):
       return layer_norm_lib.rms_norm(
           params, x, axis=self.reduction_axes, feature_axes=self.feature_axes,
