@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxnorm._src import bn_vjp
+from jaxnorm._src import fused_norm
 from jaxnorm._src import checks
 from jaxnorm._src import moments as moments_lib
 
@@ -237,9 +237,9 @@ def batch_norm(
   if virtual_batch_size is not None:
     checks.check_positive_int("virtual_batch_size", virtual_batch_size)
   _check_train_batch(x, reduction_axes, axis_name, mask, virtual_batch_size)
-  if virtual_batch_size is None and bn_vjp.supported(x):
-    # Same moments and normalize step, with a closed-form backward pass.
-    y, mean, var = bn_vjp.batch_norm_train(
+  if virtual_batch_size is None and fused_norm.supported(x):
+    # Same moments and normalize step, with a closed-form derivative.
+    y, mean, var = fused_norm.normalize_with_batch_stats(
         x, scale, bias, axes=reduction_axes, eps=eps, mask=mask,
         axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=out_dtype)
     mean = jnp.squeeze(mean, reduction_axes)

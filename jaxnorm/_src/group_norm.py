@@ -12,8 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxnorm._src import checks
-from jaxnorm._src import moments as moments_lib
-from jaxnorm._src.layer_norm import layer_norm_init
+from jaxnorm._src.layer_norm import layer_norm_init, normalize_over
 
 
 def group_norm_init(num_features, *, dtype=jnp.float32, use_scale: bool = True,
@@ -112,21 +111,19 @@ def group_norm(
   checks.check_eps(eps)
   checks.check_mask(mask, x)
 
-  grouped_shape = x.shape[:-1] + (groups, channels // groups)
-  xg = x.reshape(grouped_shape)
-  mg = None if mask is None else jnp.broadcast_to(mask, x.shape).reshape(grouped_shape)
-  axes = tuple(a for a in reduction if a != x.ndim - 1) + (x.ndim,)
-  m = moments_lib.shifted_moments(xg, axes, mask=mg, axis_name=axis_name,
-                                  axis_index_groups=axis_index_groups)
-  pshape = (1,) * (x.ndim - 1) + (groups, channels // groups)
+  # Per-channel sums over the other reduction axes, pooled over each group's
+  # channels, all in x's own (N, ..., C) layout: no grouped reshape of x, and
+  # two-stage sums (more accurate than one long sum over the group).
+  axes = tuple(a for a in reduction if a != x.ndim - 1)
+  bshape = (1,) * (x.ndim - 1) + (channels,)
   scale = params.get("scale")
   bias = params.get("bias")
-  y = moments_lib.normalize(
-      xg, m, eps=eps,
-      scale=None if scale is None else scale.reshape(pshape),
-      bias=None if bias is None else bias.reshape(pshape),
+  return normalize_over(
+      x, axes, eps=eps, mask=mask, pool=channels // groups,
+      scale=None if scale is None else scale.reshape(bshape),
+      bias=None if bias is None else bias.reshape(bshape),
+      axis_name=axis_name, axis_index_groups=axis_index_groups,
       dtype=checks.result_dtype(x, params, dtype))
-  return y.reshape(x.shape)
 
 
 def instance_norm(
@@ -166,10 +163,9 @@ def instance_norm(
   bshape = tuple(x.shape[a] if a in features else 1 for a in range(x.ndim))
   scale = params.get("scale")
   bias = params.get("bias")
-  m = moments_lib.shifted_moments(x, reduction, mask=mask, axis_name=axis_name,
-                                  axis_index_groups=axis_index_groups)
-  return moments_lib.normalize(
-      x, m, eps=eps,
+  return normalize_over(
+      x, reduction, eps=eps, mask=mask,
       scale=None if scale is None else scale.reshape(bshape),
       bias=None if bias is None else bias.reshape(bshape),
+      axis_name=axis_name, axis_index_groups=axis_index_groups,
       dtype=checks.result_dtype(x, params, dtype))

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxnorm._src import checks
+from jaxnorm._src import fused_norm
 from jaxnorm._src import moments as moments_lib
 from jaxnorm._src.batch_norm import _feature_shape_arg
 
@@ -95,10 +96,29 @@ def layer_norm(
   """
   params, reduction, scale, bias = _setup(
       params, x, axis, feature_axes, eps, mask, ("scale", "bias"))
-  m = moments_lib.shifted_moments(x, reduction, mask=mask, axis_name=axis_name,
-                                  axis_index_groups=axis_index_groups)
-  return moments_lib.normalize(x, m, eps=eps, scale=scale, bias=bias,
-                               dtype=checks.result_dtype(x, params, dtype))
+  return normalize_over(x, reduction, scale=scale, bias=bias, eps=eps, mask=mask,
+                        axis_name=axis_name, axis_index_groups=axis_index_groups,
+                        dtype=checks.result_dtype(x, params, dtype))
+
+
+def normalize_over(x, axes, *, scale, bias, eps, mask, axis_name,
+                   axis_index_groups, dtype, rms=False, pool=1):
+  """Normalizes ``x`` with its own statistics over ``axes``; returns ``y``.
+
+  ``pool`` pools the statistics over groups of channels of the last axis
+  (group norm, see :func:`moments.shifted_moments`).
+
+  Real inputs take the closed-form derivative of :mod:`fused_norm`; complex
+  ones the same moments and normalize step under plain autodiff.
+  """
+  if fused_norm.supported(x):
+    return fused_norm.normalize_with_batch_stats(
+        x, scale, bias, axes=axes, eps=eps, mask=mask, axis_name=axis_name,
+        axis_index_groups=axis_index_groups, dtype=dtype, rms=rms, pool=pool)[0]
+  m = moments_lib.shifted_moments(x, axes, mask=mask, axis_name=axis_name,
+                                  axis_index_groups=axis_index_groups, rms=rms,
+                                  pool=pool)
+  return moments_lib.normalize(x, m, eps=eps, scale=scale, bias=bias, dtype=dtype)
 
 
 def rms_norm(
@@ -126,7 +146,6 @@ def rms_norm(
   """
   params, reduction, scale, _ = _setup(
       params, x, axis, feature_axes, eps, mask, ("scale",))
-  m = moments_lib.shifted_moments(x, reduction, mask=mask, axis_name=axis_name,
-                                  axis_index_groups=axis_index_groups, rms=True)
-  return moments_lib.normalize(x, m, eps=eps, scale=scale,
-                               dtype=checks.result_dtype(x, params, dtype))
+  return normalize_over(x, reduction, scale=scale, bias=None, eps=eps, mask=mask,
+                        axis_name=axis_name, axis_index_groups=axis_index_groups,
+                        dtype=checks.result_dtype(x, params, dtype), rms=True)

@@ -1,4 +1,4 @@
-"""Tests of jaxnorm/_src/bn_vjp.py: the closed-form backward pass of batch norm.
+"""Tests of jaxnorm/_src/fused_norm.py: the closed-form derivative of batch norm.
 
 The gradients are checked against autodiff of the plain formula (a pure-jnp
 two-pass reference written from the equations, float64 where it matters), with
@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 from jax.test_util import check_grads
 
 import jaxnorm
-from jaxnorm._src import bn_vjp
+from jaxnorm._src import fused_norm
 
 
 def plain_bn(params, x, *, axis=-1, mask=None, eps=1e-5):
@@ -101,7 +101,7 @@ def test_masked_entries_get_the_output_path_gradient():
   np.testing.assert_allclose(g[7:9], 0.0)
 
 
-def test_check_grads_float64_reverse_mode():
+def test_check_grads_float64_both_modes():
   rng = np.random.default_rng(2)
   with jax.enable_x64(True):
     x = jnp.asarray(rng.standard_normal((6, 4)) + 5.0, jnp.float64)
@@ -114,17 +114,26 @@ def test_check_grads_float64_reverse_mode():
                                   mask=mask)
       return y, new["mean"], new["var"]
 
-    # custom_vjp defines reverse mode only; second order works by
-    # differentiating the backward pass, also in reverse mode.
-    check_grads(f, (params["scale"], params["bias"], x), order=2, modes=["rev"])
+    check_grads(f, (params["scale"], params["bias"], x), order=2, modes=["fwd", "rev"])
 
 
-def test_forward_mode_is_not_defined():
-  x = jnp.ones((4, 3)) + jnp.arange(4.0)[:, None]
-  params, state = jaxnorm.batch_norm_init(3)
-  f = lambda x: jaxnorm.batch_norm(params, state, x, train=True)[0]
-  with pytest.raises(TypeError, match="custom_vjp"):
-    jax.jvp(f, (x,), (jnp.ones_like(x),))
+def test_forward_mode_matches_autodiff_of_plain_formula():
+  """jax.jvp and jacfwd go through the custom tangent rule."""
+  rng = np.random.default_rng(10)
+  x = jnp.asarray(rng.standard_normal((7, 3)) + 4.0, jnp.float32)
+  tx = jnp.asarray(rng.standard_normal((7, 3)), jnp.float32)
+  params = _params(3, rng)
+  tp = _params(3, rng)
+  mask = jnp.asarray(rng.random((7, 1)) > 0.3).at[0].set(True)
+  state = jaxnorm.batch_norm_init(3)[1]
+  ours = lambda p, x: jaxnorm.batch_norm(p, state, x, train=True, mask=mask,
+                                         momentum=0.0)
+  ref = lambda p, x: plain_bn(p, x, mask=mask)
+  _, got = jax.jvp(ours, (params, x), (tp, tx))
+  _, (want_y, want_mu, want_var) = jax.jvp(ref, (params, x), (tp, tx))
+  _close(got, (want_y, {"mean": want_mu, "var": want_var}))
+  _close(jax.jacfwd(lambda x: ours(params, x)[0])(x),
+         jax.jacrev(lambda x: ref(params, x)[0])(x))
 
 
 def test_eps_gradient():
@@ -240,7 +249,7 @@ def test_fallbacks_still_differentiate():
   rng = np.random.default_rng(9)
   params, state = jaxnorm.batch_norm_init(3)
   x = jnp.asarray(rng.standard_normal((8, 3)), jnp.float32)
-  assert bn_vjp.supported(x) and not bn_vjp.supported(x.astype(jnp.complex64))
+  assert fused_norm.supported(x) and not fused_norm.supported(x.astype(jnp.complex64))
   ghost = lambda x: jaxnorm.batch_norm(params, state, x, train=True, virtual_batch_size=4)[0]
   jax.jvp(ghost, (x,), (jnp.ones_like(x),))
   got = jax.grad(lambda x: jnp.sum(ghost(x) * x))(x)
@@ -264,3 +273,164 @@ def test_no_retrace_and_no_full_size_temporaries():
   compiled = jax.jit(g).lower(params, x, x).compile()
   temp = compiled.memory_analysis().temp_size_in_bytes
   assert temp < x.nbytes, temp
+
+
+# Layer, RMS, group and instance norm take the same closed-form derivative
+# (statistics over their own axes; group norm pools per-channel sums over each
+# group's channels). Their derivatives, in both modes and with masks, are
+# checked against autodiff of plain two-pass formulas written with jnp.
+
+
+def _plain_stats_norm(x, scale, bias, mask, red, eps, rms=False):
+  m = jnp.ones(x.shape, bool) if mask is None else jnp.broadcast_to(mask, x.shape)
+  n = jnp.sum(m, red, keepdims=True).astype(x.dtype)
+  if rms:
+    y = x / jnp.sqrt(jnp.sum(jnp.where(m, x * x, 0), red, keepdims=True) / n + eps)
+  else:
+    mu = jnp.sum(jnp.where(m, x, 0), red, keepdims=True) / n
+    var = jnp.sum(jnp.where(m, (x - mu) ** 2, 0), red, keepdims=True) / n
+    y = (x - mu) / jnp.sqrt(var + eps)
+  if scale is not None:
+    y = y * scale
+  if bias is not None:
+    y = y + bias
+  return y
+
+
+def plain_layer(name, params, x, mask=None, eps=1e-6, groups=2):
+  """The layer `name` from its defining formula (two-pass, plain autodiff)."""
+  scale, bias = params.get("scale"), params.get("bias")
+  if name in ("layer_norm", "rms_norm"):
+    return _plain_stats_norm(x, scale, bias, mask, (x.ndim - 1,), eps, rms=name == "rms_norm")
+  if name == "instance_norm":
+    return _plain_stats_norm(x, scale, bias, mask, tuple(range(1, x.ndim - 1)), eps)
+  c = x.shape[-1]
+  shape = x.shape[:-1] + (groups, c // groups)
+  mg = None if mask is None else jnp.broadcast_to(mask, x.shape).reshape(shape)
+  y = _plain_stats_norm(x.reshape(shape), None, None, mg,
+                        tuple(range(1, x.ndim - 1)) + (x.ndim,), eps).reshape(x.shape)
+  if scale is not None:
+    y = y * scale
+  if bias is not None:
+    y = y + bias
+  return y
+
+
+def ours_layer(name, params, x, mask=None, eps=1e-6, groups=2):
+  kw = dict(eps=eps, mask=mask)
+  if name == "group_norm":
+    kw["num_groups"] = groups
+  return getattr(jaxnorm, name)(params, x, **kw)
+
+
+_LAYERS = ["layer_norm", "rms_norm", "group_norm", "instance_norm"]
+
+
+@pytest.mark.parametrize("name", _LAYERS)
+@pytest.mark.parametrize("use_mask", [False, True])
+@pytest.mark.parametrize("keys", [("scale", "bias"), ()])
+def test_layer_grads_and_jvp_match_plain_formula(run, name, use_mask, keys):
+  rng = np.random.default_rng(11)
+  shape = (3, 5, 4, 6)
+  x = jnp.asarray(rng.standard_normal(shape) * 2 + 3, jnp.float32)
+  ct = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  keys = tuple(k for k in keys if not (name == "rms_norm" and k == "bias"))
+  params = _params(6, rng, keys)
+  tangents = (_params(6, rng, keys), jnp.asarray(rng.standard_normal(shape), jnp.float32))
+  mask = None
+  if use_mask:
+    # Sequence-style mask for LN/RMS (per feature), spatial mask otherwise.
+    mshape = (3, 5, 4, 6) if name in ("layer_norm", "rms_norm") else (3, 5, 4, 1)
+    mask = jnp.asarray(rng.random(mshape) > 0.3)
+    mask = mask.at[..., 0].set(True) if mshape[-1] > 1 else mask.at[:, 0].set(True)
+  ours = lambda p, x: ours_layer(name, p, x, mask)
+  ref = lambda p, x: plain_layer(name, p, x, mask)
+  got = run(jax.grad(lambda p, x: jnp.sum(ours(p, x) * ct), (0, 1)), params, x)
+  want = jax.grad(lambda p, x: jnp.sum(ref(p, x) * ct), (0, 1))(params, x)
+  _close(got, want, rtol=1e-4, atol=1e-4)
+  _, got_t = jax.jvp(ours, (params, x), tangents)
+  _, want_t = jax.jvp(ref, (params, x), tangents)
+  _close(got_t, want_t, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", _LAYERS)
+def test_layer_check_grads_float64_with_mask(name):
+  rng = np.random.default_rng(12)
+  with jax.enable_x64(True):
+    x = jnp.asarray(rng.standard_normal((2, 3, 2, 4)) + 5.0, jnp.float64)
+    keys = ("scale",) if name == "rms_norm" else ("scale", "bias")
+    params = _params(4, rng, keys, dtype=np.float64)
+    mask = jnp.asarray(rng.random((2, 3, 2, 1)) > 0.3).at[:, 0].set(True)
+    f = jax.jit(lambda x, p: ours_layer(name, p, x, mask))
+    check_grads(f, (x, params), order=2, modes=["fwd", "rev"])
+
+
+def test_group_norm_gradient_exact_at_large_offset():
+  """dx in float32 matches the float64 closed form at offset 1e5."""
+  rng = np.random.default_rng(13)
+  z = rng.standard_normal((2, 16, 16, 8))
+  x32 = (1e5 + z).astype(np.float32)
+  ct = rng.standard_normal(z.shape)
+  g = jax.jit(jax.grad(lambda x: jnp.sum(jaxnorm.group_norm(
+      {}, x, num_groups=2) * ct.astype(np.float32))))(jnp.asarray(x32))
+  xg = x32.astype(np.float64).reshape(2, 16, 16, 2, 4)
+  cg = ct.reshape(xg.shape)
+  red = (1, 2, 4)
+  xhat = (xg - xg.mean(red, keepdims=True)) / np.sqrt(xg.var(red, keepdims=True) + 1e-6)
+  want = (cg - cg.mean(red, keepdims=True) - xhat * (cg * xhat).mean(red, keepdims=True))
+  want = want / np.sqrt(xg.var(red, keepdims=True) + 1e-6)
+  np.testing.assert_allclose(np.asarray(g, np.float64), want.reshape(z.shape), atol=2e-5)
+
+
+def test_layer_norm_axis_name_over_feature_shards_matches_whole_rows():
+  """Features split over a vmapped axis: statistics and grads of whole rows."""
+  rng = np.random.default_rng(14)
+  x = jnp.asarray(rng.standard_normal((4, 12)) + 3, jnp.float32)
+  ct = jnp.asarray(rng.standard_normal((4, 12)), jnp.float32)
+  params = _params(12, rng)
+  split = lambda a: a.reshape(a.shape[:-1] + (3, 4)).swapaxes(0, -2) if a.ndim > 1 else a.reshape(3, 4)
+
+  def loss(p, xs, cts):
+    def shard(p, x, c):
+      return jnp.sum(jaxnorm.layer_norm(p, x, axis_name="f") * c)
+    return jnp.sum(jax.vmap(shard, axis_name="f")(p, xs, cts))
+
+  ps = jax.tree.map(split, params)
+  got_loss, (gp, gx) = jax.jit(jax.value_and_grad(loss, (0, 1)))(ps, split(x), split(ct))
+  want_loss, (wp, wx) = jax.value_and_grad(
+      lambda p, x: jnp.sum(plain_layer("layer_norm", p, x) * ct), (0, 1))(params, x)
+  _close(got_loss, want_loss, rtol=1e-5, atol=1e-4)
+  _close(gx.swapaxes(0, 1).reshape(4, 12), wx)
+  _close(jax.tree.map(lambda a: a.reshape(12), gp), wp)
+
+
+def test_pool_channels_is_a_symmetric_group_sum():
+  from jaxnorm._src import moments
+  rng = np.random.default_rng(15)
+  v = jnp.asarray(rng.standard_normal((3, 1, 12)), jnp.float32)
+  got = moments.pool_channels(v, 4)
+  want = np.repeat(np.asarray(v).reshape(3, 1, 3, 4).sum(-1), 4, axis=-1)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+  u = jnp.asarray(rng.standard_normal((3, 1, 12)), jnp.float32)
+  # <P v, u> == <v, P u>: its own transpose.
+  np.testing.assert_allclose(jnp.vdot(moments.pool_channels(v, 4), u),
+                             jnp.vdot(v, moments.pool_channels(u, 4)), rtol=1e-5)
+  assert moments.pool_channels(v, 1) is v
+
+
+def test_group_norm_and_layer_norm_backward_keep_no_full_size_temporaries():
+  """Compiled fwd+bwd memory: no full-size copies of x (CPU XLA)."""
+  x = jnp.ones((4, 16, 16, 64)) + jnp.arange(64.0)
+  gp = jaxnorm.group_norm_init(64)
+
+  def gn(p, x, ct):
+    y, vjp = jax.vjp(lambda p, x: jaxnorm.group_norm(p, x, num_groups=8), p, x)
+    return y, vjp(ct)
+
+  temp = jax.jit(gn).lower(gp, x, x).compile().memory_analysis().temp_size_in_bytes
+  assert temp < x.nbytes // 4, temp
+  # bfloat16 layer norm forward does not write a float32 copy of x.
+  xb = jnp.ones((256, 512), jnp.bfloat16)
+  lp = jaxnorm.layer_norm_init(512)
+  compiled = jax.jit(jaxnorm.layer_norm).lower(lp, xb).compile()
+  assert compiled.memory_analysis().temp_size_in_bytes < xb.nbytes // 4
