@@ -77,9 +77,10 @@ def pool_channels(v, pool: int):
   if pool == 1:
     return v
   c = v.shape[-1]
-  group = jnp.arange(c) // pool
-  blocks = (group[:, None] == group[None, :]).astype(v.dtype)
-  return jnp.matmul(v, blocks, precision=lax.Precision.HIGHEST)
+  member = (jnp.arange(c)[:, None] // pool == jnp.arange(c // pool)[None, :])
+  member = member.astype(v.dtype)                       # (C, G)
+  sums = jnp.matmul(v, member, precision=lax.Precision.HIGHEST)
+  return jnp.matmul(sums, member.T, precision=lax.Precision.HIGHEST)
 
 
 def stat_mean(values, *, like, axes, mask=None, pool=1, axis_name=None,
