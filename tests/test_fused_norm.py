@@ -290,6 +290,10 @@ def _plain_stats_norm(x, scale, bias, mask, red, eps, rms=False):
     mu = jnp.sum(jnp.where(m, x, 0), red, keepdims=True) / n
     var = jnp.sum(jnp.where(m, (x - mu) ** 2, 0), red, keepdims=True) / n
     y = (x - mu) / jnp.sqrt(var + eps)
+  return _affine(y, scale, bias)
+
+
+def _affine(y, scale, bias):
   if scale is not None:
     y = y * scale
   if bias is not None:
@@ -309,11 +313,7 @@ def plain_layer(name, params, x, mask=None, eps=1e-6, groups=2):
   mg = None if mask is None else jnp.broadcast_to(mask, x.shape).reshape(shape)
   y = _plain_stats_norm(x.reshape(shape), None, None, mg,
                         tuple(range(1, x.ndim - 1)) + (x.ndim,), eps).reshape(x.shape)
-  if scale is not None:
-    y = y * scale
-  if bias is not None:
-    y = y + bias
-  return y
+  return _affine(y, scale, bias)
 
 
 def ours_layer(name, params, x, mask=None, eps=1e-6, groups=2):

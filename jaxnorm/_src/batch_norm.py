@@ -149,11 +149,18 @@ def _batch_moments(x, mask, feature_axes, reduction_axes, virtual_batch_size,
   return m, xg, mg, unsplit, mean, var, batch_axis
 
 
-def _check_train_batch(x, reduction_axes, axis_name, mask, virtual_batch_size):
+def values_per_feature(x, reduction_axes, virtual_batch_size=None) -> int:
+  """How many values of ``x`` each feature's batch statistics see (per chunk
+  with ghost batches), on this device."""
   count = math.prod(x.shape[a] for a in reduction_axes)
   if virtual_batch_size is not None:
     n = x.shape[reduction_axes[0]] if reduction_axes else 1
     count = count // max(n, 1) * virtual_batch_size
+  return count
+
+
+def _check_train_batch(x, reduction_axes, axis_name, mask, virtual_batch_size):
+  count = values_per_feature(x, reduction_axes, virtual_batch_size)
   if count <= 1 and axis_name is None and mask is None:
     raise ValueError(
         "Train-mode batch norm needs more than one value per channel to "

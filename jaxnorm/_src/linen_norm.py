@@ -59,7 +59,8 @@ def feature_shape_of(x, axes, arg_name: str) -> tuple[int, ...]:
 def too_small_for_batch_stats(x, feature_axes) -> bool:
   """True when ``x`` has at most one value per feature (e.g. ``init`` on one example)."""
   axes = checks.normalize_axes("axis", feature_axes, x.ndim)
-  return math.prod(x.shape[a] for a in range(x.ndim) if a not in axes) <= 1
+  reduction = tuple(a for a in range(x.ndim) if a not in axes)
+  return batch_norm_lib.values_per_feature(x, reduction) <= 1
 
 
 class _BatchNormBase(nn.Module):

@@ -16,6 +16,13 @@ float32 mean near ``1e5`` (whose spacing is ``~8e-3``) is never subtracted
 from ``x``. The shift cancels exactly in the math, so values and gradients are
 those of the textbook formula.
 
+Two layouts get their own form. When the reduced axes are the trailing ones
+(layer norm), XLA runs the whole layer as one loop over rows held in cache,
+so the variance is taken in a second pass over the row,
+``E[(d - E[d])^2]``, which has no cancellation at all. Group norm pools
+per-channel sums over each group's channels (``pool``), which keeps ``x`` in
+its own layout and sums in two stages.
+
 Statistics are accumulated in float32 for low-precision inputs (float64 under
 x64 for float64 inputs). Complex inputs get a complex mean and the real
 variance ``E|x|^2 - |E x|^2``.
@@ -260,7 +267,7 @@ def moments(
 
   This is the statistic every jaxnorm layer uses: computed on data shifted by
   one of its own samples, so inputs with a large mean (``1e5 + randn`` in
-  float32) keep full precision, in one pass over ``x``.
+  float32) keep full precision, in one pass over ``x`` in memory.
 
   Args:
     x: floating-point or complex array.
