@@ -168,9 +168,17 @@ def load_data(data_dir: str | None) -> Dataset:
 # --------------------------------------------------------------------------------------------------
 
 
-def make_parser(description: str, *, epochs: int, out: str, quick_epochs: int) -> argparse.ArgumentParser:
-  """The options every example shares: --seed, --epochs, --out, --quick, --data, --no-progress."""
-  parser = argparse.ArgumentParser(description=description,
+def make_parser(doc: str, *, epochs: int, quick_epochs: int, out: str,
+                lr: float | None = None, lr_for: str = "both models",
+                batch_size: int | None = None) -> argparse.ArgumentParser:
+  """The options every example shares: --seed, --epochs, --out, --quick, --data, --no-progress.
+
+  ``doc`` is the script's docstring; its first paragraph describes the script in ``--help``. With
+  ``lr`` the parser also takes ``--lr`` (SGD learning rate of ``lr_for``), with ``batch_size``
+  ``--batch-size``; ``epochs`` and ``quick_epochs`` are the defaults of ``--epochs`` without and
+  with ``--quick`` (see :func:`parse`).
+  """
+  parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument("--seed", type=int, default=0, help="seed of initialization and batch order")
   parser.add_argument("--epochs", type=int, default=None,
@@ -182,16 +190,47 @@ def make_parser(description: str, *, epochs: int, out: str, quick_epochs: int) -
                       help="directory with MNIST / Fashion-MNIST IDX files; default: scikit-learn's "
                            "8x8 digits")
   parser.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
+  if lr is not None:
+    parser.add_argument("--lr", type=float, default=lr, help=f"SGD learning rate ({lr_for})")
+  if batch_size is not None:
+    parser.add_argument("--batch-size", type=int, default=batch_size)
   parser.set_defaults(_epochs=epochs, _quick_epochs=quick_epochs)
   return parser
 
 
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+  """Parses ``argv``, fills in the --epochs default (quick or not) and creates --out."""
   args = parser.parse_args(argv)
   if args.epochs is None:
     args.epochs = args._quick_epochs if args.quick else args._epochs
   os.makedirs(args.out, exist_ok=True)
   return args
+
+
+def experiment_data(args: argparse.Namespace, data: Dataset | None = None, *,
+                    quick_subset: bool = True) -> Dataset:
+  """``data`` when given (the demo loads it once for all experiments), else --data's data set.
+
+  With ``quick_subset`` and --quick, IDX data (MNIST-sized) is cut to its first 2,000 training and
+  1,000 test images; the digits stay whole.
+  """
+  data = data if data is not None else load_data(args.data)
+  if quick_subset and args.quick and data.name != "digits":
+    data = data.subset(2000, 1000)
+  return data
+
+
+def run_experiment(build_parser: Callable[[], argparse.ArgumentParser],
+                   run: Callable[[argparse.Namespace], dict],
+                   argv: Sequence[str] | None) -> dict:
+  """An experiment script's ``main``: parses ``argv``, calls ``run(args)``, prints the result's
+  section (:func:`section`) and the layers' sources, writes the section to ``--out/summary.md``.
+  Returns ``run``'s result."""
+  args = parse(build_parser(), argv)
+  result = run(args)
+  print(f"{section(result)}\n\n{sources_line()}")
+  write_text(os.path.join(args.out, "summary.md"), section(result))
+  return result
 
 
 def progress(iterable, *, desc: str, disable: bool = False, **kwargs):
@@ -352,6 +391,17 @@ def fit(model: nn.Module, data: Dataset, *, name: str, epochs: int, batch_size: 
   return state, hist
 
 
+def fit_from_args(model: nn.Module, data: Dataset, args: argparse.Namespace, *, name: str,
+                  **overrides) -> tuple[TrainState, History]:
+  """:func:`fit` with the run's options: --epochs, --batch-size, SGD at --lr, --seed, and
+  --no-progress; keyword arguments (``batch_size=``, ``tx=``, ``callback=``, ``state=``...) override
+  them or add to them."""
+  kwargs = dict(epochs=args.epochs, batch_size=getattr(args, "batch_size", None),
+                tx=optax.sgd(args.lr), seed=args.seed, quiet=args.no_progress)
+  kwargs.update(overrides)
+  return fit(model, data, name=name, **kwargs)
+
+
 # --------------------------------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------------------------------
@@ -398,6 +448,33 @@ def summary_rows(histories: Sequence[History]) -> list[list[Any]]:
 
 
 SUMMARY_HEADERS = ("model", "final train loss", "train acc", "test acc", "ms / step")
+
+
+def summary_table(histories: Sequence[History]) -> str:
+  """The markdown table of :data:`SUMMARY_HEADERS`, one row per run."""
+  return markdown_table(SUMMARY_HEADERS, summary_rows(histories))
+
+
+def experiment_result(title: str, table: str, histories: Sequence[History], plots: Sequence[str],
+           **extra) -> dict:
+  """What an experiment's ``run`` returns: its title, markdown table, histories by run name, plot
+  paths, and any experiment-specific entries."""
+  return {"title": title, "table": table, "histories": {h.name: h for h in histories},
+          "plots": list(plots), **extra}
+
+
+def curves_result(args: argparse.Namespace, filename: str, title: str,
+                  histories: Sequence[History], *, table: str | None = None, **extra) -> dict:
+  """Plots the curves of ``histories`` to ``--out/filename`` (:func:`plot_curves`) and returns the
+  :func:`experiment_result` with that plot; the table defaults to :func:`summary_table`."""
+  plot = plot_curves(histories, os.path.join(args.out, filename), title)
+  return experiment_result(title, summary_table(histories) if table is None else table,
+                           histories, [plot], **extra)
+
+
+def section(result: dict) -> str:
+  """A result's markdown section: its title as a heading, then its table."""
+  return f"## {result['title']}\n\n{result['table']}"
 
 
 def write_text(path: str, text: str) -> str:

@@ -15,7 +15,6 @@ import sys
 from typing import Sequence
 
 import flax.linen as nn
-import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as common  # noqa: E402
@@ -49,40 +48,27 @@ class MLP(nn.Module):
 
 
 def build_parser():
-  parser = common.make_parser(__doc__.split("\n\n")[0], epochs=20, quick_epochs=4,
-                              out="out/bn_vs_no_bn")
-  parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (both models)")
-  parser.add_argument("--batch-size", type=int, default=64)
+  parser = common.make_parser(__doc__, epochs=20, quick_epochs=4, out="out/bn_vs_no_bn", lr=0.1,
+                              batch_size=64)
   parser.add_argument("--activation", choices=sorted(ACTIVATIONS), default="relu")
   return parser
 
 
 def run(args, data: common.Dataset | None = None) -> dict:
   """Trains both models; returns their histories, the plot path and the markdown table."""
-  data = data if data is not None else common.load_data(args.data)
-  if args.quick:
-    data = data.subset(None if data.name == "digits" else 2000, None if data.name == "digits" else 1000)
+  data = common.experiment_data(args, data)
   histories = []
   for use_bn in (False, True):
     model = MLP(num_classes=data.num_classes, use_bn=use_bn, activation=args.activation)
-    _, hist = common.fit(model, data, name="MLP + BN" if use_bn else "MLP", epochs=args.epochs,
-                         batch_size=args.batch_size, tx=optax.sgd(args.lr), seed=args.seed,
-                         quiet=args.no_progress)
+    _, hist = common.fit_from_args(model, data, args, name="MLP + BN" if use_bn else "MLP")
     histories.append(hist)
   title = (f"Experiment 1: {args.activation} MLP with vs without batch norm "
            f"(SGD lr={args.lr}, {data.name})")
-  plot = common.plot_curves(histories, os.path.join(args.out, "bn_vs_no_bn.png"), title)
-  table = common.markdown_table(common.SUMMARY_HEADERS, common.summary_rows(histories))
-  return {"histories": {h.name: h for h in histories}, "plots": [plot], "table": table,
-          "title": title}
+  return common.curves_result(args, "bn_vs_no_bn.png", title, histories)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  args = common.parse(build_parser(), argv)
-  result = run(args)
-  print(f"## {result['title']}\n\n{result['table']}\n\n{common.sources_line()}")
-  common.write_text(os.path.join(args.out, "summary.md"), f"## {result['title']}\n\n{result['table']}")
-  return result
+  return common.run_experiment(build_parser, run, argv)
 
 
 if __name__ == "__main__":

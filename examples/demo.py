@@ -34,7 +34,7 @@ EXPERIMENTS = (bn_vs_no_bn, sigmoid_lenet, saturation)
 
 
 def build_parser():
-  return common.make_parser(__doc__.split("\n\n")[0], epochs=10, quick_epochs=4, out="out/demo")
+  return common.make_parser(__doc__, epochs=10, quick_epochs=4, out="out/demo")
 
 
 def experiment_args(module, args) -> argparse.Namespace:
@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result = module.run(experiment_args(module, args), data)
     result["seconds"] = time.perf_counter() - t0
     results[module.__name__] = result
-    section = f"## {result['title']}\n\n{result['table']}\n\n(run time {result['seconds']:.0f} s)"
+    section = f"{common.section(result)}\n\n(run time {result['seconds']:.0f} s)"
     print(section + "\n", flush=True)
     sections.append(section)
   total = time.perf_counter() - t_start

@@ -14,7 +14,6 @@ import sys
 from typing import Sequence
 
 import flax.linen as nn
-import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as common  # noqa: E402
@@ -45,41 +44,30 @@ class MLP(nn.Module):
 
 
 def build_parser():
-  parser = common.make_parser(__doc__.split("\n\n")[0], epochs=30, quick_epochs=6,
-                              out="out/dropout_vs_bn")
-  parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (all models)")
-  parser.add_argument("--batch-size", type=int, default=64)
+  parser = common.make_parser(__doc__, epochs=30, quick_epochs=6, out="out/dropout_vs_bn", lr=0.1,
+                              lr_for="all models", batch_size=64)
   parser.add_argument("--rate", type=float, default=0.5, help="dropout rate")
   return parser
 
 
 def run(args, data: common.Dataset | None = None) -> dict:
-  data = data if data is not None else common.load_data(args.data)
-  if args.quick and data.name != "digits":
-    data = data.subset(2000, 1000)
+  data = common.experiment_data(args, data)
   histories = []
   for name, (drop, bn) in VARIANTS.items():
     model = MLP(num_classes=data.num_classes, dropout=drop, use_bn=bn, rate=args.rate)
-    _, hist = common.fit(model, data, name=name, epochs=args.epochs, batch_size=args.batch_size,
-                         tx=optax.sgd(args.lr), seed=args.seed, quiet=args.no_progress)
+    _, hist = common.fit_from_args(model, data, args, name=name)
     histories.append(hist)
   title = f"Experiment 6: none / dropout {args.rate} / BN / both, SGD lr={args.lr} ({data.name})"
-  plot = common.plot_curves(histories, os.path.join(args.out, "dropout_vs_bn.png"), title)
   gaps = {h.name: h.train_acc[-1] - h.test_acc[-1] for h in histories}
   table = common.markdown_table(
       ["model", "final train loss", "train acc", "test acc", "gap (train - test)"],
       [[h.name, h.train_loss[-1], h.train_acc[-1], h.test_acc[-1], gaps[h.name]]
        for h in histories])
-  return {"histories": {h.name: h for h in histories}, "gaps": gaps, "plots": [plot],
-          "table": table, "title": title}
+  return common.curves_result(args, "dropout_vs_bn.png", title, histories, table=table, gaps=gaps)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  args = common.parse(build_parser(), argv)
-  result = run(args)
-  print(f"## {result['title']}\n\n{result['table']}\n\n{common.sources_line()}")
-  common.write_text(os.path.join(args.out, "summary.md"), f"## {result['title']}\n\n{result['table']}")
-  return result
+  return common.run_experiment(build_parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as common  # noqa: E402
@@ -92,9 +91,7 @@ class RowRNN(nn.Module):
 
 
 def build_parser():
-  parser = common.make_parser(__doc__.split("\n\n")[0], epochs=5, quick_epochs=2,
-                              out="out/rnn_layer_norm")
-  parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (both models)")
+  parser = common.make_parser(__doc__, epochs=5, quick_epochs=2, out="out/rnn_layer_norm", lr=0.05)
   parser.add_argument("--hidden", type=int, default=64)
   parser.add_argument("--train-size", type=int, default=None,
                       help="training sequences per epoch (default: all; 400 with --quick)")
@@ -122,7 +119,7 @@ def checks(model, params, seqs) -> dict:
 
 
 def run(args, data: common.Dataset | None = None) -> dict:
-  data = data if data is not None else common.load_data(args.data)
+  data = common.experiment_data(args, data, quick_subset=False)
   n_train = args.train_size or (400 if args.quick else None)
   n_test = 1000 if data.name != "digits" else None
   seq = common.Dataset(data.name, to_sequences(data.x_train[:n_train], seed=1),
@@ -133,29 +130,23 @@ def run(args, data: common.Dataset | None = None) -> dict:
   for use_ln in (False, True):
     name = "RNN + LN" if use_ln else "RNN"
     model = RowRNN(num_classes=data.num_classes, hidden=args.hidden, use_ln=use_ln)
-    state, hist = common.fit(model, seq, name=name, epochs=args.epochs, batch_size=1,
-                             tx=optax.sgd(args.lr), seed=args.seed, quiet=args.no_progress)
+    state, hist = common.fit_from_args(model, seq, args, name=name, batch_size=1)
     histories.append(hist)
     if use_ln:
       results = checks(model, state.params, seq.x_test)
   title = (f"Experiment 4: Elman RNN over rows, batch size 1, lengths {int(lengths.min())}-"
            f"{int(lengths.max())}, SGD lr={args.lr} ({data.name})")
-  plot = common.plot_curves(histories, os.path.join(args.out, "rnn_layer_norm.png"), title)
-  table = common.markdown_table(common.SUMMARY_HEADERS, common.summary_rows(histories))
+  table = common.summary_table(histories)
   table += ("\n\nLN model, one sequence at a time vs a batch of 8: max |difference| = "
             f"{results['batch_independent_max_diff']:.2g}; padded to 12 steps instead of "
             f"{seq.x_test.shape[1]}: {results['padding_max_diff']:.2g}. BatchNorm on a batch of one "
             f"in training mode: {results['bn_batch1']}")
-  return {"histories": {h.name: h for h in histories}, "plots": [plot], "table": table,
-          "title": title, "checks": results, "lengths": (int(lengths.min()), int(lengths.max()))}
+  return common.curves_result(args, "rnn_layer_norm.png", title, histories, table=table,
+                              checks=results, lengths=(int(lengths.min()), int(lengths.max())))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  args = common.parse(build_parser(), argv)
-  result = run(args)
-  print(f"## {result['title']}\n\n{result['table']}\n\n{common.sources_line()}")
-  common.write_text(os.path.join(args.out, "summary.md"), f"## {result['title']}\n\n{result['table']}")
-  return result
+  return common.run_experiment(build_parser, run, argv)
 
 
 if __name__ == "__main__":

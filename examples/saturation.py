@@ -20,7 +20,6 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as common  # noqa: E402
@@ -31,9 +30,7 @@ SATURATION = 4.0
 
 
 def build_parser():
-  parser = common.make_parser(__doc__.split("\n\n")[0], epochs=20, quick_epochs=4,
-                              out="out/saturation")
-  parser.add_argument("--lr", type=float, default=0.5, help="SGD learning rate (both models)")
+  parser = common.make_parser(__doc__, epochs=20, quick_epochs=4, out="out/saturation", lr=0.5)
   parser.add_argument("--input-scale", type=float, default=None,
                       help="multiply the [0, 1] images by this (default: 16 for the digits, their "
                            "raw range; 255 for IDX data)")
@@ -76,32 +73,12 @@ def train_and_probe(data, args, marks, use_bn, name):
     if epoch in marks:
       preacts[epoch] = np.asarray(probe(state.params, state.batch_stats, x_probe))
 
-  _, hist = common.fit(model, data, name=name, epochs=args.epochs, batch_size=args.batch_size,
-                       tx=optax.sgd(args.lr), seed=args.seed, callback=callback,
-                       quiet=args.no_progress)
+  _, hist = common.fit_from_args(model, data, args, name=name, callback=callback)
   return preacts, hist
 
 
-def run(args, data: common.Dataset | None = None) -> dict:
-  """Trains both MLPs; returns the saturated fractions per checkpoint, the plot and a table."""
-  data = data if data is not None else common.load_data(args.data)
-  if args.quick and data.name != "digits":
-    data = data.subset(2000, 1000)
-  scale = args.input_scale or (16.0 if data.name == "digits" else 255.0)
-  marks = checkpoints(args.epochs)
-  runs = [(scale, False), (scale, True)]
-  if not args.quick:
-    runs += [(1.0, False), (1.0, True)]
-  preacts, histories, fractions, rows = {}, [], {}, []
-  for s, use_bn in runs:
-    name = ("MLP + BN" if use_bn else "MLP") + ("" if s == scale else f", inputs x{s:g}")
-    preacts[name], hist = train_and_probe(scaled(data, s), args, marks, use_bn, name)
-    histories.append(hist)
-    fractions[name] = {e: float(np.mean(np.abs(z) > SATURATION)) for e, z in preacts[name].items()}
-    rows.append([name, f"{s:g}"] + [100 * fractions[name][e] for e in marks] + [hist.test_acc[-1]])
-
-  title = (f"Experiment 3: inputs of the sigmoids (MLP, SGD lr={args.lr}, "
-           f"{data.name} x{scale:g})")
+def plot_histograms(preacts, fractions, marks, title, path) -> str:
+  """Histograms of the first two runs' sigmoid inputs (rows) at each checkpoint (columns)."""
   shown = [n for n in preacts][:2]
   fig, axes = plt.subplots(2, len(marks), figsize=(3.0 * len(marks), 5.2), sharex=True)
   axes = np.asarray(axes).reshape(2, len(marks))
@@ -121,20 +98,38 @@ def run(args, data: common.Dataset | None = None) -> dict:
       ax.legend(fontsize=7, loc="upper left")
   fig.suptitle(title + "; dashed: |z| = 4")
   fig.tight_layout()
-  plot = common.save(fig, os.path.join(args.out, "saturation.png"))
+  return common.save(fig, path)
+
+
+def run(args, data: common.Dataset | None = None) -> dict:
+  """Trains both MLPs; returns the saturated fractions per checkpoint, the plot and a table."""
+  data = common.experiment_data(args, data)
+  scale = args.input_scale or (16.0 if data.name == "digits" else 255.0)
+  marks = checkpoints(args.epochs)
+  runs = [(scale, False), (scale, True)]
+  if not args.quick:
+    runs += [(1.0, False), (1.0, True)]
+  preacts, histories, fractions, rows = {}, [], {}, []
+  for s, use_bn in runs:
+    name = ("MLP + BN" if use_bn else "MLP") + ("" if s == scale else f", inputs x{s:g}")
+    preacts[name], hist = train_and_probe(scaled(data, s), args, marks, use_bn, name)
+    histories.append(hist)
+    fractions[name] = {e: float(np.mean(np.abs(z) > SATURATION)) for e, z in preacts[name].items()}
+    rows.append([name, f"{s:g}"] + [100 * fractions[name][e] for e in marks] + [hist.test_acc[-1]])
+
+  title = (f"Experiment 3: inputs of the sigmoids (MLP, SGD lr={args.lr}, "
+           f"{data.name} x{scale:g})")
+  plot = plot_histograms(preacts, fractions, marks, title,
+                         os.path.join(args.out, "saturation.png"))
   table = common.markdown_table(
       ["model", "input scale"] + [f"% saturated, epoch {e}" for e in marks] + ["final test acc"],
       rows)
-  return {"fractions": fractions, "checkpoints": marks, "plots": [plot], "table": table,
-          "title": title, "histories": {h.name: h for h in histories}}
+  return common.experiment_result(title, table, histories, [plot], fractions=fractions,
+                                  checkpoints=marks)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  args = common.parse(build_parser(), argv)
-  result = run(args)
-  print(f"## {result['title']}\n\n{result['table']}\n\n{common.sources_line()}")
-  common.write_text(os.path.join(args.out, "summary.md"), f"## {result['title']}\n\n{result['table']}")
-  return result
+  return common.run_experiment(build_parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from typing import Sequence
 
 import flax.linen as nn
 import numpy as np
-import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as common  # noqa: E402
@@ -55,49 +54,33 @@ class LeNet(nn.Module):
 
 
 def build_parser():
-  parser = common.make_parser(__doc__.split("\n\n")[0], epochs=20, quick_epochs=4,
-                              out="out/sigmoid_lenet")
-  parser.add_argument("--lr", type=float, default=1.0, help="SGD learning rate (both models)")
-  parser.add_argument("--batch-size", type=int, default=64)
-  return parser
-
-
-def quick_subset(data: common.Dataset, quick: bool) -> common.Dataset:
-  if quick and data.name != "digits":
-    return data.subset(2000, 1000)
-  return data
+  return common.make_parser(__doc__, epochs=20, quick_epochs=4, out="out/sigmoid_lenet", lr=1.0,
+                            batch_size=64)
 
 
 def run(args, data: common.Dataset | None = None) -> dict:
   """Trains both LeNets; returns histories, plot, table and the first BN layer's gamma and beta."""
-  data = quick_subset(data if data is not None else common.load_data(args.data), args.quick)
+  data = common.experiment_data(args, data)
   histories, states = [], {}
   for use_bn in (False, True):
     name = "LeNet + BN" if use_bn else "LeNet"
     model = LeNet(num_classes=data.num_classes, use_bn=use_bn)
-    states[name], hist = common.fit(model, data, name=name, epochs=args.epochs,
-                                    batch_size=args.batch_size, tx=optax.sgd(args.lr),
-                                    seed=args.seed, quiet=args.no_progress)
+    states[name], hist = common.fit_from_args(model, data, args, name=name)
     histories.append(hist)
   title = f"Experiment 2: sigmoid LeNet, SGD lr={args.lr}, with vs without BN ({data.name})"
-  plot = common.plot_curves(histories, os.path.join(args.out, "sigmoid_lenet.png"), title)
-  table = common.markdown_table(common.SUMMARY_HEADERS, common.summary_rows(histories))
   bn1 = states["LeNet + BN"].params["bn_conv1"]
   gamma, beta = np.asarray(bn1["scale"]), np.asarray(bn1["bias"])
   gb = common.markdown_table(["first BN layer (after conv1)"] + [f"ch {i}" for i in range(len(gamma))],
                              [["gamma (scale)"] + [float(v) for v in gamma],
                               ["beta (bias)"] + [float(v) for v in beta]])
-  return {"histories": {h.name: h for h in histories}, "plots": [plot], "title": title,
-          "table": table + "\n\nLearned scale and bias of the first BN layer:\n\n" + gb,
-          "gamma": gamma, "beta": beta}
+  table = (common.summary_table(histories) + "\n\nLearned scale and bias of the first BN layer:\n\n"
+           + gb)
+  return common.curves_result(args, "sigmoid_lenet.png", title, histories, table=table,
+                              gamma=gamma, beta=beta)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  args = common.parse(build_parser(), argv)
-  result = run(args)
-  print(f"## {result['title']}\n\n{result['table']}\n\n{common.sources_line()}")
-  common.write_text(os.path.join(args.out, "summary.md"), f"## {result['title']}\n\n{result['table']}")
-  return result
+  return common.run_experiment(build_parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import sys
 from typing import Sequence
 
 import flax.linen as nn
-import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as common  # noqa: E402
@@ -46,9 +45,8 @@ class ConvNet(nn.Module):
 
 
 def build_parser():
-  parser = common.make_parser(__doc__.split("\n\n")[0], epochs=3, quick_epochs=1,
-                              out="out/small_batches")
-  parser.add_argument("--lr", type=float, default=0.02, help="SGD learning rate (all runs)")
+  parser = common.make_parser(__doc__, epochs=3, quick_epochs=1, out="out/small_batches", lr=0.02,
+                              lr_for="all runs")
   parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 4])
   parser.add_argument("--train-size", type=int, default=None,
                       help="training images (default: all; 400 with --quick)")
@@ -56,33 +54,26 @@ def build_parser():
 
 
 def run(args, data: common.Dataset | None = None) -> dict:
-  data = data if data is not None else common.load_data(args.data)
+  data = common.experiment_data(args, data, quick_subset=False)
   n_train = args.train_size or (400 if args.quick else None)
   data = data.subset(n_train, 1000 if data.name != "digits" else None)
   histories, acc = [], {}
   for bs in args.batch_sizes:
     for kind in KINDS:
-      name = f"{kind}, batch {bs}"
-      _, hist = common.fit(ConvNet(num_classes=data.num_classes, kind=kind), data, name=name,
-                           epochs=args.epochs, batch_size=bs, tx=optax.sgd(args.lr),
-                           seed=args.seed, quiet=args.no_progress)
+      model = ConvNet(num_classes=data.num_classes, kind=kind)
+      _, hist = common.fit_from_args(model, data, args, name=f"{kind}, batch {bs}", batch_size=bs)
       histories.append(hist)
       acc[(kind, bs)] = hist.test_acc[-1]
   title = f"Experiment 7: batch sizes {args.batch_sizes}, SGD lr={args.lr} ({data.name})"
-  plot = common.plot_curves(histories, os.path.join(args.out, "small_batches.png"), title)
   table = common.markdown_table(
       ["normalization"] + [f"test acc, batch {bs}" for bs in args.batch_sizes],
       [[kind] + [acc[(kind, bs)] for bs in args.batch_sizes] for kind in KINDS])
-  return {"histories": {h.name: h for h in histories}, "accuracy": acc, "plots": [plot],
-          "table": table, "title": title}
+  return common.curves_result(args, "small_batches.png", title, histories, table=table,
+                              accuracy=acc)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  args = common.parse(build_parser(), argv)
-  result = run(args)
-  print(f"## {result['title']}\n\n{result['table']}\n\n{common.sources_line()}")
-  common.write_text(os.path.join(args.out, "summary.md"), f"## {result['title']}\n\n{result['table']}")
-  return result
+  return common.run_experiment(build_parser, run, argv)
 
 
 if __name__ == "__main__":

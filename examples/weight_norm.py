@@ -65,18 +65,14 @@ class MLP(nn.Module):
 
 
 def build_parser():
-  parser = common.make_parser(__doc__.split("\n\n")[0], epochs=20, quick_epochs=4,
-                              out="out/weight_norm")
-  parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (all models)")
-  parser.add_argument("--batch-size", type=int, default=64)
+  parser = common.make_parser(__doc__, epochs=20, quick_epochs=4, out="out/weight_norm", lr=0.1,
+                              lr_for="all models", batch_size=64)
   parser.add_argument("--init-batch", type=int, default=256, help="examples for the data init")
   return parser
 
 
 def run(args, data: common.Dataset | None = None) -> dict:
-  data = data if data is not None else common.load_data(args.data)
-  if args.quick and data.name != "digits":
-    data = data.subset(2000, 1000)
+  data = common.experiment_data(args, data)
   tx = optax.sgd(args.lr)
   histories, init_stats = [], {}
   for kind in ("plain", "weight norm", "batch norm"):
@@ -93,24 +89,18 @@ def run(args, data: common.Dataset | None = None) -> dict:
       ) + new["params"]["WNDense_0"]["bias"]
       init_stats = {"mean_abs_mean": float(jnp.abs(z.mean(0)).mean()),
                     "mean_std": float(z.std(0).mean())}
-    _, hist = common.fit(model, data, name=kind, epochs=args.epochs, batch_size=args.batch_size,
-                         tx=tx, seed=args.seed, quiet=args.no_progress, state=state)
+    _, hist = common.fit_from_args(model, data, args, name=kind, tx=tx, state=state)
     histories.append(hist)
   title = f"Experiment 5: plain vs weight norm (data init) vs batch norm, SGD lr={args.lr} ({data.name})"
-  plot = common.plot_curves(histories, os.path.join(args.out, "weight_norm.png"), title)
-  table = common.markdown_table(common.SUMMARY_HEADERS, common.summary_rows(histories))
+  table = common.summary_table(histories)
   table += ("\n\nAfter the data-dependent init, first layer on the init batch: mean |mean| = "
             f"{init_stats['mean_abs_mean']:.2g}, mean std = {init_stats['mean_std']:.3g}.")
-  return {"histories": {h.name: h for h in histories}, "plots": [plot], "table": table,
-          "title": title, "init_stats": init_stats}
+  return common.curves_result(args, "weight_norm.png", title, histories, table=table,
+                              init_stats=init_stats)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  args = common.parse(build_parser(), argv)
-  result = run(args)
-  print(f"## {result['title']}\n\n{result['table']}\n\n{common.sources_line()}")
-  common.write_text(os.path.join(args.out, "summary.md"), f"## {result['title']}\n\n{result['table']}")
-  return result
+  return common.run_experiment(build_parser, run, argv)
 
 
 if __name__ == "__main__":
