@@ -1,5 +1,8 @@
 """jaxnorm.nnx against flax.nnx: same attributes and state, same outputs."""
 
+import inspect
+import re
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -245,3 +248,199 @@ def test_errors_name_module_and_argument():
   with pytest.raises(TypeError) as e:
     jn.LayerNorm(3, rngs=nnx.Rngs(0))(jnp.ones((2, 3)), mask=jnp.ones((2, 3)))
   assert str(e.value).startswith("LayerNorm: `mask` must be a boolean array, got dtype float32")
+
+
+# ------------------------------------------- signatures, attributes, promote_dtype
+
+# Constructor arguments of ours that Flax's namesake lacks (documented in the
+# classes' docstrings), with their defaults.
+_EXTRA_ARGS = {
+    "BatchNorm": {"virtual_batch_size": None},
+    "BatchRenorm": {"r_max": 3.0, "d_max": 5.0},
+}
+
+
+@pytest.mark.parametrize("name", [
+    "BatchNorm", "BatchRenorm", "LayerNorm", "RMSNorm", "GroupNorm",
+    "InstanceNorm", "WeightNorm", "SpectralNorm", "Dropout"])
+def test_signature_has_flax_arguments_and_defaults(name):
+  flax_name = "BatchNorm" if name == "BatchRenorm" else name
+  ours = inspect.signature(getattr(jn, name).__init__).parameters
+  theirs = inspect.signature(getattr(nnx, flax_name).__init__).parameters
+  # Flax's arguments first, in Flax's order, of the same kind and default.
+  assert list(ours)[:len(theirs)] == list(theirs)
+  for arg, param in theirs.items():
+    assert ours[arg].kind == param.kind, arg
+    default = ours[arg].default
+    assert default is param.default or default == param.default, arg
+  # Then ours, keyword-only; no **kwargs hiding the options.
+  extra = {arg: p for arg, p in ours.items() if arg not in theirs}
+  assert {arg: p.default for arg, p in extra.items()} == _EXTRA_ARGS.get(name, {})
+  assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in extra.values())
+  if "promote_dtype" in theirs:
+    assert ours["promote_dtype"].default is nnx.nn.dtypes.promote_dtype
+
+
+def test_batch_norm_misspelled_option_is_named():
+  for cls in (jn.BatchNorm, jn.BatchRenorm):
+    with pytest.raises(TypeError, match=re.escape(
+        f"{cls.__name__}.__init__() got an unexpected keyword argument 'momentun'")):
+      cls(3, momentun=0.9, rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match="virtual_batch_size"):
+    jn.BatchRenorm(3, virtual_batch_size=2, rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match="r_max"):
+    jn.BatchNorm(3, r_max=2.0, rngs=nnx.Rngs(0))
+
+
+def _to_float16(args, *, dtype=None):
+  """A custom promote_dtype: every array to float16 (or to `dtype`)."""
+  target = jnp.float16 if dtype is None else dtype
+  return tuple(None if a is None else jnp.asarray(a, target) for a in args)
+
+
+class _RecordingPromote:
+  """A promote_dtype that records each call's array dtypes and `dtype`."""
+
+  def __init__(self):
+    self.calls = []
+
+  def __call__(self, args, *, dtype=None):
+    self.calls.append(([None if a is None else (a.shape, a.dtype) for a in args],
+                       dtype))
+    return _to_float16(args, dtype=dtype)
+
+
+def _stored_attributes(module):
+  return {k: v for k, v in vars(module).items()
+          if not k.startswith("_pytree__") and not isinstance(v, nnx.Variable)}
+
+
+@pytest.mark.parametrize("name,args", [
+    ("BatchNorm", (4,)), ("LayerNorm", (4,)), ("RMSNorm", (4,)),
+    ("GroupNorm", (4, 2)), ("InstanceNorm", (4,))])
+def test_stored_attributes_match_flax(name, args):
+  kw = dict(epsilon=1e-3, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+            promote_dtype=_to_float16, use_fast_variance=False)
+  ours = getattr(jn, name)(*args, **kw, rngs=nnx.Rngs(0))
+  theirs = getattr(nnx, name)(*args, **kw, rngs=nnx.Rngs(0))
+  assert ours.promote_dtype is _to_float16
+  assert _stored_attributes(ours) == {**_stored_attributes(theirs),
+                                      **_EXTRA_ARGS.get(name, {})}
+
+
+def _pair(name, args, kwargs):
+  """Our module and Flax's, built alike; BatchRenorm(r_max=1, d_max=0) is
+  checked against Flax's BatchNorm."""
+  if name == "BatchRenorm":
+    ours = jn.BatchRenorm(*args, r_max=1.0, d_max=0.0, **kwargs, rngs=nnx.Rngs(1))
+    theirs = nnx.BatchNorm(*args, **kwargs, rngs=nnx.Rngs(1))
+  else:
+    ours = getattr(jn, name)(*args, **kwargs, rngs=nnx.Rngs(1))
+    theirs = getattr(nnx, name)(*args, **kwargs, rngs=nnx.Rngs(1))
+  if name in ("BatchNorm", "BatchRenorm"):  # non-trivial running averages
+    for m in (ours, theirs):
+      m.mean[...] = jnp.linspace(-0.5, 0.5, m.mean.shape[0])
+      m.var[...] = jnp.linspace(0.5, 2.0, m.var.shape[0])
+  return ours, theirs
+
+
+# (name, positional args, kwargs for both classes, input shape)
+DTYPE_CASES = [
+    ("BatchNorm", (5,), {}, (6, 5)),
+    ("BatchNorm", (5,), {"use_running_average": True}, (6, 5)),
+    ("BatchRenorm", (5,), {}, (6, 5)),
+    ("BatchRenorm", (5,), {"use_running_average": True}, (6, 5)),
+    ("LayerNorm", (6,), {}, (4, 3, 6)),
+    ("RMSNorm", (6,), {}, (4, 3, 6)),
+    ("GroupNorm", (6, 2), {}, (2, 3, 3, 6)),
+    ("InstanceNorm", (5,), {"use_bias": False}, (2, 3, 4, 5)),
+]
+
+
+def _check_like_flax(ours, theirs, y1, y2, dtype):
+  assert y1.dtype == y2.dtype == dtype
+  tol = _tol(dtype)
+  np.testing.assert_allclose(np.asarray(y1, np.float32), np.asarray(y2, np.float32),
+                             atol=tol, rtol=tol)
+  if hasattr(theirs, "mean"):
+    for k in ("mean", "var"):
+      assert getattr(ours, k)[...].dtype == jnp.float32
+      np.testing.assert_allclose(getattr(ours, k)[...], getattr(theirs, k)[...],
+                                 atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+@pytest.mark.parametrize("name,args,kwargs,shape", DTYPE_CASES)
+def test_custom_promote_dtype_called_and_used_like_flax(name, args, kwargs, shape,
+                                                         dtype):
+  promote = _RecordingPromote()
+  kw = dict(kwargs, dtype=dtype, scale_init=_rand_init, promote_dtype=promote)
+  ours, theirs = _pair(name, args, kw)
+  assert ours.promote_dtype is promote
+  x = 2.0 * jax.random.normal(jax.random.key(0), shape) + 0.5
+  y1 = ours(x)
+  y2 = theirs(x)
+  # One call each, on the same arrays (x, [mean, var,] scale, bias) and dtype.
+  assert len(promote.calls) == 2
+  assert promote.calls[0] == promote.calls[1]
+  # Its float16 result is what gets normalized: float16 out unless `dtype`.
+  _check_like_flax(ours, theirs, y1, y2, jnp.float16 if dtype is None else dtype)
+
+
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+@pytest.mark.parametrize("name,args,kwargs,shape", DTYPE_CASES)
+def test_bfloat16_inputs_match_flax(name, args, kwargs, shape, dtype, param_dtype):
+  kw = dict(kwargs, dtype=dtype, param_dtype=param_dtype, scale_init=_rand_init)
+  ours, theirs = _pair(name, args, kw)
+  x = (2.0 * jax.random.normal(jax.random.key(0), shape) + 0.5).astype(jnp.bfloat16)
+  y1, y2 = _run(ours, x, None), _run(theirs, x, None)
+  # x and the parameters promote together, with BatchNorm's float32 mean/var.
+  stats = [jnp.float32] if hasattr(theirs, "mean") else []
+  expected = dtype or jnp.result_type(x.dtype, param_dtype, *stats)
+  _check_like_flax(ours, theirs, y1, y2, expected)
+
+
+def test_batch_norm_promoted_statistics_used_at_inference_only():
+  def shift_stats(args, *, dtype=None):
+    x, mean, var, scale, bias = nnx.nn.dtypes.promote_dtype(args, dtype=dtype)
+    return x, mean + 1.0, 4.0 * var, scale, bias
+
+  x = jax.random.normal(jax.random.key(0), (8, 3)) * 2 + 1
+  for name in ("BatchNorm", "BatchRenorm"):
+    ours, theirs = _pair(name, (3,), {"promote_dtype": shift_stats})
+    mean0, var0 = np.asarray(ours.mean[...]), np.asarray(ours.var[...])
+    # Training: batch statistics; the running averages move from the stored
+    # values, not from the promoted ones.
+    y1, y2 = ours(x), theirs(x)
+    np.testing.assert_allclose(y1, y2, atol=1e-5, rtol=1e-5)
+    xn = np.asarray(x, np.float64)
+    np.testing.assert_allclose(y1, (xn - xn.mean(0)) / np.sqrt(xn.var(0) + 1e-5),
+                               atol=1e-5)
+    np.testing.assert_allclose(ours.mean[...], 0.99 * mean0 + 0.01 * xn.mean(0),
+                               atol=1e-6)
+    np.testing.assert_allclose(ours.var[...], 0.99 * var0 + 0.01 * xn.var(0),
+                               rtol=1e-5)
+    _check_like_flax(ours, theirs, y1, y2, jnp.float32)
+    # Inference: the promoted (shifted) running averages normalize x.
+    ours.eval()
+    theirs.eval()
+    mean, var = np.asarray(ours.mean[...]), np.asarray(ours.var[...])
+    y1, y2 = ours(x), theirs(x)
+    np.testing.assert_allclose(y1, y2, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(y1, (xn - (mean + 1.0)) / np.sqrt(4.0 * var + 1e-5),
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: jn.BatchNorm(4, rngs=nnx.Rngs(0)),
+    lambda: jn.LayerNorm(4, rngs=nnx.Rngs(0)),
+    lambda: jn.RMSNorm(4, rngs=nnx.Rngs(0)),
+    lambda: jn.GroupNorm(4, num_groups=2, rngs=nnx.Rngs(0)),
+    lambda: jn.InstanceNorm(4, rngs=nnx.Rngs(0)),
+])
+def test_integer_input_is_refused_before_promotion(make):
+  """Flax's promote_dtype would cast an integer x to float; we refuse it, as the core does."""
+  module = make()
+  with pytest.raises(TypeError, match=f"{type(module).__name__}: `x` must have a floating-point"):
+    module(jnp.ones((2, 3, 4), jnp.int32))

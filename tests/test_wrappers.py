@@ -282,3 +282,187 @@ def test_nnx_dropout_errors():
          "`.train()` / `.eval()`.")
   with pytest.raises(ValueError, match=re.escape(msg)):
     jn.Dropout(0.5, deterministic=None)(X_DENSE)
+
+
+def test_nnx_weight_norm_promote_dtype_stored_not_called_like_flax():
+  calls = []
+
+  def promote(args, *, dtype=None):  # would turn the output float16
+    calls.append(dtype)
+    return nnx.nn.dtypes.promote_dtype(args, dtype=jnp.float16)
+
+  ours = jn.WeightNorm(nnx.Linear(5, 4, rngs=nnx.Rngs(0)), promote_dtype=promote,
+                       rngs=nnx.Rngs(1))
+  theirs = nnx.WeightNorm(nnx.Linear(5, 4, rngs=nnx.Rngs(0)),
+                          promote_dtype=promote, rngs=nnx.Rngs(1))
+  assert ours.promote_dtype is promote
+  y_ours, y = ours(X_DENSE), theirs(X_DENSE)
+  # Flax 0.12's nnx.WeightNorm keeps promote_dtype but never calls it.
+  assert calls == []
+  assert y_ours.dtype == y.dtype == jnp.float32
+  chex.assert_trees_all_close(y_ours, y, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layer_dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_nnx_weight_norm_bfloat16_like_flax(dtype, layer_dtype):
+  # The scales stay float32: Flax makes them float32 whatever `param_dtype`.
+  def make(cls):
+    layer = nnx.Linear(5, 4, param_dtype=layer_dtype, rngs=nnx.Rngs(0))
+    return cls(layer, dtype=dtype, rngs=nnx.Rngs(1))
+
+  x = X_DENSE.astype(jnp.bfloat16)
+  y_ours, y = make(jn.WeightNorm)(x), make(nnx.WeightNorm)(x)
+  assert y_ours.dtype == y.dtype
+  np.testing.assert_allclose(np.asarray(y_ours, np.float32),
+                             np.asarray(y, np.float32), rtol=2e-2, atol=2e-2)
+
+
+# nnx.vmap ensembles and nnx.scan stacks: each member or layer is checked
+# against Flax's module with that member's variables, run by hand.
+
+
+def _ensemble(make, size=3, rngs=None):
+  """`size` independent modules, stacked by nnx.vmap over split keys."""
+  @nnx.split_rngs(splits=size)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def build(rngs):
+    return make(rngs)
+
+  return build(nnx.Rngs(0) if rngs is None else rngs)
+
+
+def _member(stack, i):
+  """Member `i` of a stacked module, as a standalone module."""
+  graphdef, state = nnx.split(stack)
+  return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+
+
+def _stacked_stats(members):
+  """The members' BatchStats, stacked like those of an nnx.vmap ensemble."""
+  return jax.tree.map(lambda *a: jnp.stack(a),
+                      *[nnx.state(m, nnx.BatchStat) for m in members])
+
+
+def _weight_norm(lib):
+  return lambda rngs: lib.WeightNorm(nnx.Linear(4, 4, rngs=rngs), rngs=rngs)
+
+
+def _spectral_norm(lib):
+  return lambda rngs: lib.SpectralNorm(nnx.Linear(4, 4, rngs=rngs), n_steps=2,
+                                       rngs=rngs)
+
+
+def _set_scales(ours, theirs):
+  """Distinct, non-trivial WeightNorm scales in both stacks."""
+  scales = jnp.linspace(0.5, 2.0, 12).reshape(3, 4)
+  ours.scales[("kernel",)].set_value(scales)
+  theirs.scales[("kernel",)] = scales
+
+
+X_SMALL = jax.random.normal(jax.random.key(12), (6, 4))
+
+
+@pytest.mark.parametrize("wrapper", [_weight_norm, _spectral_norm])
+def test_nnx_wrapper_vmap_ensemble(wrapper):
+  ours, theirs = _ensemble(wrapper(jn)), _ensemble(wrapper(nnx))
+  if wrapper is _weight_norm:
+    _set_scales(ours, theirs)
+  kernels = ours.layer_instance.kernel.get_value()
+  assert kernels.shape == (3, 4, 4) and not np.allclose(kernels[0], kernels[1])
+  chex.assert_trees_all_equal(nnx.state(ours, nnx.Param)["layer_instance"],
+                              nnx.state(theirs, nnx.Param)["layer_instance"])
+  members = [_member(theirs, i) for i in range(3)]
+  xs = jnp.stack([X_SMALL, 2 * X_SMALL + 1, -X_SMALL])
+  ys = nnx.vmap(lambda m, x: m(x), in_axes=(0, 0), out_axes=0)(ours, xs)
+  expected = jnp.stack([m(x) for m, x in zip(members, xs)])
+  chex.assert_trees_all_close(ys, expected, rtol=1e-6, atol=1e-6)
+  # SpectralNorm's u and sigma moved per member, as Flax's did.
+  chex.assert_trees_all_close(nnx.state(ours, nnx.BatchStat),
+                              _stacked_stats(members),
+                              rtol=1e-6, atol=1e-7)
+  # The normalized kernels were put back.
+  chex.assert_trees_all_equal(ours.layer_instance.kernel.get_value(), kernels)
+
+
+@pytest.mark.parametrize("wrapper", [_weight_norm, _spectral_norm])
+def test_nnx_wrapper_scan_over_layers(wrapper):
+  ours, theirs = _ensemble(wrapper(jn)), _ensemble(wrapper(nnx))
+  if wrapper is _weight_norm:
+    _set_scales(ours, theirs)
+
+  @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+  def forward(x, layer):
+    return jnp.tanh(layer(x))
+
+  y = forward(X_SMALL, ours)
+  members = [_member(theirs, i) for i in range(3)]
+  expected = X_SMALL
+  for layer in members:
+    expected = jnp.tanh(layer(expected))
+  chex.assert_trees_all_close(y, expected, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(nnx.state(ours, nnx.BatchStat),
+                              _stacked_stats(members),
+                              rtol=1e-6, atol=1e-7)
+
+
+def test_nnx_spectral_norm_scan_over_time_steps():
+  ours = jn.SpectralNorm(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
+  theirs = nnx.SpectralNorm(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
+  seq = jax.random.normal(jax.random.key(13), (5, 6, 4))
+
+  @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+  def run(module, x):
+    return module, module(x)
+
+  _, ys = run(ours, seq)
+  kernel = theirs.layer_instance.kernel.get_value()
+  for t in range(5):
+    # Flax overwrites the kernel with the normalized one; put v back first.
+    theirs.layer_instance.kernel.set_value(kernel)
+    chex.assert_trees_all_close(ys[t], theirs(seq[t]), rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(nnx.state(ours, nnx.BatchStat),
+                              nnx.state(theirs, nnx.BatchStat),
+                              rtol=1e-6, atol=1e-7)
+
+
+def test_nnx_dropout_vmap_ensemble():
+  make = lambda lib: lambda rngs: lib.Dropout(0.5, rngs=rngs)
+  ours = _ensemble(make(jn), rngs=nnx.Rngs(dropout=5))
+  theirs = _ensemble(make(nnx), rngs=nnx.Rngs(dropout=5))
+  members = [_member(theirs, i) for i in range(3)]
+  apply = nnx.vmap(lambda m, x: m(x), in_axes=(0, None), out_axes=0)
+  for _ in range(2):  # each member's stream advances
+    ys = apply(ours, X_CONV)
+    chex.assert_trees_all_equal(ys, jnp.stack([m(X_CONV) for m in members]))
+    assert not np.array_equal(ys[0] == 0, ys[1] == 0)  # independent masks
+
+
+def test_nnx_dropout_scan_over_time_steps():
+  ours = jn.Dropout(0.3, rngs=nnx.Rngs(dropout=7))
+  theirs = nnx.Dropout(0.3, rngs=nnx.Rngs(dropout=7))
+  seq = jax.random.normal(jax.random.key(14), (4, 6, 5))
+
+  @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+  def run(module, x):
+    return module, module(x)
+
+  _, ys = run(ours, seq)
+  chex.assert_trees_all_equal(ys, jnp.stack([theirs(x) for x in seq]))
+  assert not np.array_equal(ys[0] == 0, ys[1] == 0)
+  # The stream was carried through the steps: the next call matches too.
+  chex.assert_trees_all_equal(ours(seq[0]), theirs(seq[0]))
+  # And over layers: a stack of Dropouts, one key each.
+  make = lambda lib: lambda rngs: lib.Dropout(0.3, rngs=rngs)
+  stack = _ensemble(make(jn), rngs=nnx.Rngs(dropout=8))
+  ref = _ensemble(make(nnx), rngs=nnx.Rngs(dropout=8))
+
+  @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+  def forward(x, layer):
+    return layer(x) + 1.0
+
+  expected = seq[0]
+  for i in range(3):
+    expected = _member(ref, i)(expected) + 1.0
+  chex.assert_trees_all_close(forward(seq[0], stack), expected, rtol=1e-6,
+                              atol=1e-6)

@@ -8,6 +8,12 @@ and ``nnx.view(model, use_running_average=...)`` switch BatchNorm's mode.
 Initializers are used in ``__init__`` and not kept, so two modules built with
 different initializers have equal graph definitions.
 
+Like Flax, each call first passes the input and the variables through
+``promote_dtype`` (a constructor argument, by default
+``flax.nnx.nn.dtypes.promote_dtype``, stored as ``self.promote_dtype``):
+``(x, scale, bias)``, or ``(x, mean, var, scale, bias)`` for BatchNorm, with
+``dtype=self.dtype``. The promoted arrays are what is normalized.
+
 The math is :mod:`jaxnorm`'s: statistics are always exact and at least
 float32, so ``use_fast_variance`` is accepted for compatibility only.
 """
@@ -18,11 +24,14 @@ from types import MappingProxyType
 from typing import Any
 
 from flax import nnx
+from flax.nnx.nn import dtypes as flax_dtypes
+from flax.typing import PromoteDtypeFn
 import jax
 import jax.numpy as jnp
 from jax.nn import initializers
 
 from jaxnorm._src import batch_norm as batch_norm_lib
+from jaxnorm._src import checks
 from jaxnorm._src import group_norm as group_norm_lib
 from jaxnorm._src import layer_norm as layer_norm_lib
 from jaxnorm._src.linen_norm import module_errors
@@ -52,57 +61,53 @@ def _affine(module, shape, *, rngs, use_scale, use_bias, scale_init, bias_init,
     module.bias = nnx.data(None)
 
 
-def _params(module) -> dict:
-  out = {}
-  for key in ("scale", "bias"):
-    var = getattr(module, key, None)
-    if var is not None:
-      out[key] = var[...]
-  return out
+def _value(var):
+  """A Variable's array, or None for a switched-off ``scale``/``bias``."""
+  return None if var is None else var[...]
+
+
+def _promote(module, arrays):
+  """``module.promote_dtype(arrays, dtype=module.dtype)``, as Flax calls it,
+  after checking ``x`` (the first array): Flax's promotion would turn an
+  integer ``x`` into floats, where jaxnorm refuses it as the core does."""
+  with module_errors(type(module).__name__):
+    checks.check_array("x", arrays[0])
+  return module.promote_dtype(arrays, dtype=module.dtype)
+
+
+def _params(scale, bias=None) -> dict:
+  """The core's ``params`` dict; a None term is left out."""
+  return {k: v for k, v in (("scale", scale), ("bias", bias)) if v is not None}
+
+
+# The attributes BatchNorm and BatchRenorm keep from flax.nnx.BatchNorm's
+# constructor arguments (the initializers and metadata are used, not kept).
+_BATCH_NORM_ATTRS = (
+    "num_features", "use_running_average", "axis", "momentum", "epsilon",
+    "dtype", "param_dtype", "use_bias", "use_scale", "axis_name",
+    "axis_index_groups", "use_fast_variance", "promote_dtype")
 
 
 class _BatchNormBase(nnx.Module):
   """Variables and mode handling shared by BatchNorm and BatchRenorm."""
 
-  def __init__(
-      self,
-      num_features,
-      *,
-      use_running_average: bool | None = False,
-      axis=-1,
-      momentum: float = 0.99,
-      epsilon: float = 1e-5,
-      dtype=None,
-      param_dtype=jnp.float32,
-      use_bias: bool = True,
-      use_scale: bool = True,
-      bias_init=initializers.zeros,
-      scale_init=initializers.ones,
-      axis_name: str | None = None,
-      axis_index_groups: Any = None,
-      use_fast_variance: bool = True,
-      rngs: nnx.Rngs,
-      bias_metadata=_NO_METADATA,
-      scale_metadata=_NO_METADATA,
-  ):
-    shape = _shape(num_features)
+  def _init_batch_norm(self, args):
+    """Declares the variables and stores the attributes, as flax.nnx.BatchNorm.
+
+    ``args`` maps the names of ``flax.nnx.BatchNorm``'s constructor arguments
+    to their values (the subclass's ``__init__`` passes its ``locals()``); the
+    subclass stores its own extra arguments itself.
+    """
+    shape = _shape(args["num_features"])
     self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
-    _affine(self, shape, rngs=rngs, use_scale=use_scale, use_bias=use_bias,
-            scale_init=scale_init, bias_init=bias_init, param_dtype=param_dtype,
-            scale_metadata=scale_metadata, bias_metadata=bias_metadata)
-    self.num_features = num_features
-    self.use_running_average = use_running_average
-    self.axis = axis
-    self.momentum = momentum
-    self.epsilon = epsilon
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.use_bias = use_bias
-    self.use_scale = use_scale
-    self.axis_name = axis_name
-    self.axis_index_groups = axis_index_groups
-    self.use_fast_variance = use_fast_variance
+    _affine(self, shape, rngs=args["rngs"], use_scale=args["use_scale"],
+            use_bias=args["use_bias"], scale_init=args["scale_init"],
+            bias_init=args["bias_init"], param_dtype=args["param_dtype"],
+            scale_metadata=args["scale_metadata"],
+            bias_metadata=args["bias_metadata"])
+    for name in _BATCH_NORM_ATTRS:
+      setattr(self, name, args[name])
 
   def _core(self, params, state, x, *, train, mask):
     raise NotImplementedError
@@ -111,9 +116,13 @@ class _BatchNormBase(nnx.Module):
                mask: Array | None = None):
     """Normalizes ``x``; the call's ``use_running_average`` wins over the attribute.
 
-    In training mode the running averages ``mean``/``var`` are updated in
-    place (the update carries no gradient). ``mask`` (boolean, broadcast to
-    ``x``) selects the entries in the statistics and the running averages.
+    ``x``, ``mean``, ``var``, ``scale`` and ``bias`` first go through
+    ``self.promote_dtype`` (with ``dtype=self.dtype``), as in Flax. At
+    inference the promoted ``mean``/``var`` normalize ``x``. In training the
+    batch's statistics do, and the running averages ``mean``/``var`` are
+    updated in place from their stored float32 values (the update carries no
+    gradient). ``mask`` (boolean, broadcast to ``x``) selects the entries in
+    the statistics and the running averages.
     """
     name = type(self).__name__
     if use_running_average is None:
@@ -124,9 +133,16 @@ class _BatchNormBase(nnx.Module):
           "in the call; pass `use_running_average=True/False` to either, or "
           "use `model.train()` / `model.eval()`.")
     train = not use_running_average
-    state = {"mean": self.mean[...], "var": self.var[...]}
+    x, mean, var, scale, bias = _promote(
+        self, (x, self.mean[...], self.var[...], _value(self.scale),
+               _value(self.bias)))
+    if train:
+      state = {"mean": self.mean[...], "var": self.var[...]}
+    else:
+      state = {"mean": mean, "var": var}
     with module_errors(name):
-      y, new_state = self._core(_params(self), state, x, train=train, mask=mask)
+      y, new_state = self._core(_params(scale, bias), state, x, train=train,
+                                mask=mask)
     if train:
       self.mean[...] = jax.lax.stop_gradient(new_state["mean"])
       self.var[...] = jax.lax.stop_gradient(new_state["var"])
@@ -167,13 +183,38 @@ class BatchNorm(_BatchNormBase):
       axis_index_groups, rngs, bias_metadata, scale_metadata: as in
       ``flax.nnx.BatchNorm``.
     use_fast_variance: accepted for compatibility; statistics are exact.
+    promote_dtype: as in ``flax.nnx.BatchNorm``: called on
+      ``(x, mean, var, scale, bias)`` with ``dtype=dtype`` at every call; the
+      promoted arrays are normalized (the promoted ``mean``/``var`` only at
+      inference; the running averages stay float32).
     virtual_batch_size: ghost batch norm: chunks of this many examples are
       normalized with their own statistics.
   """
 
-  def __init__(self, num_features, *, virtual_batch_size: int | None = None,
-               **kwargs):
-    super().__init__(num_features, **kwargs)
+  def __init__(
+      self,
+      num_features,
+      *,
+      use_running_average: bool | None = False,
+      axis=-1,
+      momentum: float = 0.99,
+      epsilon: float = 1e-5,
+      dtype=None,
+      param_dtype=jnp.float32,
+      use_bias: bool = True,
+      use_scale: bool = True,
+      bias_init=initializers.zeros,
+      scale_init=initializers.ones,
+      axis_name: str | None = None,
+      axis_index_groups: Any = None,
+      use_fast_variance: bool = True,
+      promote_dtype: PromoteDtypeFn = flax_dtypes.promote_dtype,
+      rngs: nnx.Rngs,
+      bias_metadata=_NO_METADATA,
+      scale_metadata=_NO_METADATA,
+      virtual_batch_size: int | None = None,
+  ):
+    self._init_batch_norm(locals())
     self.virtual_batch_size = virtual_batch_size
 
   def _core(self, params, state, x, *, train, mask):
@@ -187,13 +228,38 @@ class BatchNorm(_BatchNormBase):
 class BatchRenorm(_BatchNormBase):
   """Batch renormalization (Ioffe, 2017) with :class:`BatchNorm`'s variables.
 
-  BatchNorm's arguments plus ``r_max=3.0`` and ``d_max=5.0``; see
-  :func:`jaxnorm.batch_renorm`.
+  Takes the arguments of ``flax.nnx.BatchNorm`` (as :class:`BatchNorm` does,
+  ``promote_dtype`` included, but not ``virtual_batch_size``) plus ``r_max``
+  and ``d_max``, the clipping bounds of the corrections; see
+  :func:`jaxnorm.batch_renorm`. Training uses the stored float32 running
+  averages for the corrections; inference is :class:`BatchNorm`'s.
   """
 
-  def __init__(self, num_features, *, r_max: float = 3.0, d_max: float = 5.0,
-               **kwargs):
-    super().__init__(num_features, **kwargs)
+  def __init__(
+      self,
+      num_features,
+      *,
+      use_running_average: bool | None = False,
+      axis=-1,
+      momentum: float = 0.99,
+      epsilon: float = 1e-5,
+      dtype=None,
+      param_dtype=jnp.float32,
+      use_bias: bool = True,
+      use_scale: bool = True,
+      bias_init=initializers.zeros,
+      scale_init=initializers.ones,
+      axis_name: str | None = None,
+      axis_index_groups: Any = None,
+      use_fast_variance: bool = True,
+      promote_dtype: PromoteDtypeFn = flax_dtypes.promote_dtype,
+      rngs: nnx.Rngs,
+      bias_metadata=_NO_METADATA,
+      scale_metadata=_NO_METADATA,
+      r_max: float = 3.0,
+      d_max: float = 5.0,
+  ):
+    self._init_batch_norm(locals())
     self.r_max = r_max
     self.d_max = d_max
 
@@ -229,6 +295,7 @@ class LayerNorm(nnx.Module):
       axis_name: str | None = None,
       axis_index_groups: Any = None,
       use_fast_variance: bool = True,
+      promote_dtype: PromoteDtypeFn = flax_dtypes.promote_dtype,
       rngs: nnx.Rngs,
       bias_metadata=_NO_METADATA,
       scale_metadata=_NO_METADATA,
@@ -248,12 +315,14 @@ class LayerNorm(nnx.Module):
     self.axis_name = axis_name
     self.axis_index_groups = axis_index_groups
     self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
 
   def __call__(self, x, *, mask: Array | None = None):
     """Normalizes ``x``; ``mask`` selects the entries in the statistics."""
+    x, scale, bias = _promote(self, (x, _value(self.scale), _value(self.bias)))
     with module_errors(type(self).__name__):
       return layer_norm_lib.layer_norm(
-          _params(self), x, axis=self.reduction_axes,
+          _params(scale, bias), x, axis=self.reduction_axes,
           feature_axes=self.feature_axes, eps=self.epsilon, mask=mask,
           axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
           dtype=self.dtype)
@@ -279,6 +348,7 @@ class RMSNorm(nnx.Module):
       axis_name: str | None = None,
       axis_index_groups: Any = None,
       use_fast_variance: bool = True,
+      promote_dtype: PromoteDtypeFn = flax_dtypes.promote_dtype,
       rngs: nnx.Rngs,
       scale_metadata=_NO_METADATA,
   ):
@@ -298,12 +368,14 @@ class RMSNorm(nnx.Module):
     self.axis_name = axis_name
     self.axis_index_groups = axis_index_groups
     self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
 
   def __call__(self, x, mask: Array | None = None):
     """Normalizes ``x``; ``mask`` selects the entries in the statistics."""
+    x, scale = _promote(self, (x, _value(self.scale)))
     with module_errors(type(self).__name__):
       return layer_norm_lib.rms_norm(
-          _params(self), x, axis=self.reduction_axes,
+          _params(scale), x, axis=self.reduction_axes,
           feature_axes=self.feature_axes, eps=self.epsilon, mask=mask,
           axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
           dtype=self.dtype)
@@ -334,6 +406,7 @@ class GroupNorm(nnx.Module):
       axis_name: str | None = None,
       axis_index_groups: Any = None,
       use_fast_variance: bool = True,
+      promote_dtype: PromoteDtypeFn = flax_dtypes.promote_dtype,
       rngs: nnx.Rngs,
       bias_metadata=_NO_METADATA,
       scale_metadata=_NO_METADATA,
@@ -357,12 +430,14 @@ class GroupNorm(nnx.Module):
     self.axis_name = axis_name
     self.axis_index_groups = axis_index_groups
     self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
 
   def __call__(self, x, *, mask: Array | None = None):
     """Normalizes ``x`` of shape ``(N, ..., C)``."""
+    x, scale, bias = _promote(self, (x, _value(self.scale), _value(self.bias)))
     with module_errors(type(self).__name__):
       return group_norm_lib.group_norm(
-          _params(self), x, num_groups=self.num_groups, eps=self.epsilon,
+          _params(scale, bias), x, num_groups=self.num_groups, eps=self.epsilon,
           mask=mask, reduction_axes=self.reduction_axes,
           axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
           dtype=self.dtype)
@@ -390,6 +465,7 @@ class InstanceNorm(nnx.Module):
       axis_name: str | None = None,
       axis_index_groups: Any = None,
       use_fast_variance: bool = True,
+      promote_dtype: PromoteDtypeFn = flax_dtypes.promote_dtype,
       rngs: nnx.Rngs,
       bias_metadata=_NO_METADATA,
       scale_metadata=_NO_METADATA,
@@ -408,11 +484,13 @@ class InstanceNorm(nnx.Module):
     self.axis_name = axis_name
     self.axis_index_groups = axis_index_groups
     self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
 
   def __call__(self, x, *, mask: Array | None = None):
     """Normalizes ``x`` of shape ``(N, spatial..., C)``."""
+    x, scale, bias = _promote(self, (x, _value(self.scale), _value(self.bias)))
     with module_errors(type(self).__name__):
       return group_norm_lib.instance_norm(
-          _params(self), x, eps=self.epsilon, mask=mask,
+          _params(scale, bias), x, eps=self.epsilon, mask=mask,
           axis=self.feature_axes, axis_name=self.axis_name,
           axis_index_groups=self.axis_index_groups, dtype=self.dtype)

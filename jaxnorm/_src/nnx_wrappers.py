@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx.nn import dtypes as flax_dtypes
+from flax.typing import PromoteDtypeFn
 
 from jaxnorm._src import checks
 from jaxnorm._src import dropout as dropout_lib
@@ -53,10 +55,16 @@ class WeightNorm(nnx.Module):
   is used as ``scale * v / sqrt(||v||^2 + epsilon)``, with the norm over every
   axis but ``feature_axes`` (:func:`jaxnorm.weight_norm`). ``self.scales``
   maps each selected parameter's path to its scale (shape of ``v`` along
-  ``feature_axes``; ``scale_init`` gives ones). Unlike Flax, where the scales
-  are plain arrays that ``nnx.grad``/``nnx.Optimizer`` (filter ``nnx.Param``)
-  never train, ours are ``nnx.Param`` so they are learned, as in the paper.
-  :meth:`data_init` sets the scale and bias from a batch.
+  ``feature_axes``; ``scale_init`` gives ones, in ``param_dtype``, where Flax
+  0.12 ignores ``param_dtype`` and makes them float32). Unlike Flax, where the
+  scales are plain arrays that ``nnx.grad``/``nnx.Optimizer`` (filter
+  ``nnx.Param``) never train, ours are ``nnx.Param`` so they are learned, as
+  in the paper. :meth:`data_init` sets the scale and bias from a batch.
+
+  ``promote_dtype`` is accepted and stored as ``self.promote_dtype`` but not
+  called, as in Flax 0.12 (whose ``nnx.WeightNorm`` never calls it): the
+  normalized parameters have the dtype of ``v`` and its scale promoted
+  together, or ``dtype`` when given.
   """
 
   def __init__(
@@ -70,6 +78,7 @@ class WeightNorm(nnx.Module):
       dtype=None,
       param_dtype=jnp.float32,
       variable_filter=nnx.PathContains("kernel"),
+      promote_dtype: PromoteDtypeFn = flax_dtypes.promote_dtype,
       rngs: nnx.Rngs,
   ):
     self.layer_instance = layer_instance
@@ -79,6 +88,7 @@ class WeightNorm(nnx.Module):
     self.dtype = dtype
     self.param_dtype = param_dtype
     self.variable_filter = nnx.filterlib.to_predicate(variable_filter)
+    self.promote_dtype = promote_dtype
     scales = None
     if use_scale:
       scales = {}
