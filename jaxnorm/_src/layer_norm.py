@@ -111,7 +111,7 @@ def normalize_over(x, axes, *, scale, bias, eps, mask, axis_name,
   Real inputs take the closed-form derivative of :mod:`fused_norm`; complex
   ones the same moments and normalize step under plain autodiff.
   """
-  if fused_norm.supported(x):
+  if fused_norm.supported(x) and not __import__("os").environ.get("NOFUSE"):
     return fused_norm.normalize_with_batch_stats(
         x, scale, bias, axes=axes, eps=eps, mask=mask, axis_name=axis_name,
         axis_index_groups=axis_index_groups, dtype=dtype, rms=rms, pool=pool)[0]
