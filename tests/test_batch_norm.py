@@ -277,6 +277,24 @@ def test_mask_of_whole_examples_equals_batch_norm_of_those_examples(run):
   chex.assert_trees_all_close(new_state, state_sub, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("fn", ["batch_norm", "batch_renorm"])
+def test_feature_without_selected_entries_keeps_its_running_averages(run, fn):
+  x, params, state = _data((8, 3), -1, seed=4)
+  state = {"mean": jnp.asarray([0.5, -1.0, 2.0]), "var": jnp.asarray([2.0, 3.0, 0.5])}
+  mask = jnp.ones((8, 3), bool).at[:, 1].set(False)   # feature 1: no entries
+  f = lambda p, s, x: getattr(jaxnorm, fn)(p, s, x, train=True, mask=mask, momentum=0.9)
+  y, new_state = run(f, params, state, x)
+  xn = np.asarray(x, np.float64)
+  for c in (0, 2):
+    np.testing.assert_allclose(new_state["mean"][c], 0.9 * state["mean"][c] + 0.1 * xn[:, c].mean(),
+                               rtol=1e-5)
+    np.testing.assert_allclose(new_state["var"][c], 0.9 * state["var"][c] + 0.1 * xn[:, c].var(),
+                               rtol=1e-5)
+  assert float(new_state["mean"][1]) == -1.0 and float(new_state["var"][1]) == 3.0
+  g = jax.grad(lambda x: jnp.sum(f(params, state, x)[0] ** 2))(x)
+  assert np.all(np.isfinite(np.asarray(g))) and np.all(np.isfinite(np.asarray(y)))
+
+
 # Numerics and dtypes.
 
 

@@ -88,14 +88,31 @@ def _reshape(v, bshape):
   return None if v is None else jnp.reshape(v, bshape)
 
 
-def _update_state(state, batch_mean, batch_var, momentum):
-  """``momentum * state + (1 - momentum) * batch``, keeping the state's dtype."""
+def _update_state(state, batch_mean, batch_var, momentum, selected=None):
+  """``momentum * state + (1 - momentum) * batch``, keeping the state's dtype.
+
+  Features where ``selected`` (boolean, the features' shape) is False keep
+  their state: a mask that leaves a feature no entries gives no statistics
+  to average in.
+  """
   new = dict(state)
   for key, batch in (("mean", batch_mean), ("var", batch_var)):
     old = state[key]
     dt = jnp.result_type(old.dtype, batch.dtype) if jnp.iscomplexobj(batch) else old.dtype
-    new[key] = (momentum * old + (1 - momentum) * batch).astype(dt)
+    updated = (momentum * old + (1 - momentum) * batch).astype(dt)
+    new[key] = updated if selected is None else jnp.where(selected, updated, old.astype(dt))
   return new
+
+
+def _any_selected(mask, x, reduction_axes, axis_name, axis_index_groups):
+  """Per feature: whether the mask selects any entry (on any device); None
+  without a mask."""
+  if mask is None:
+    return None
+  count = jnp.sum(jnp.broadcast_to(mask, x.shape), axis=reduction_axes, dtype=jnp.int32)
+  if axis_name is not None:
+    count = lax.psum(count, axis_name, axis_index_groups=axis_index_groups)
+  return count > 0
 
 
 def _ghost_split(x, mask, batch_axis, k):
@@ -207,7 +224,8 @@ def batch_norm(
       statistics over the global batch.
     axis_index_groups: subgroups of devices for ``axis_name``.
     mask: boolean, broadcastable to ``x``; ``False`` entries are left out of
-      the statistics (and so of the running averages).
+      the statistics (and so of the running averages). A feature the mask
+      leaves without entries (on every device) keeps its running averages.
     virtual_batch_size: ghost batch norm (Hoffer et al., 2017): normalize each
       chunk of this many examples of the batch axis (the first non-feature
       axis) with its own statistics; the running averages take the mean of
@@ -244,6 +262,7 @@ def batch_norm(
   if virtual_batch_size is not None:
     checks.check_positive_int("virtual_batch_size", virtual_batch_size)
   _check_train_batch(x, reduction_axes, axis_name, mask, virtual_batch_size)
+  selected = _any_selected(mask, x, reduction_axes, axis_name, axis_index_groups)
   if virtual_batch_size is None and fused_norm.supported(x):
     # Same moments and normalize step, with a closed-form derivative.
     y, mean, var = fused_norm.normalize_with_batch_stats(
@@ -251,7 +270,7 @@ def batch_norm(
         axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=out_dtype)
     mean = jnp.squeeze(mean, reduction_axes)
     var = jnp.squeeze(var, reduction_axes)
-    return y, _update_state(state, mean, var, momentum)
+    return y, _update_state(state, mean, var, momentum, selected)
   m, xv, _, unsplit, mean, var, chunk_axis = _batch_moments(
       x, mask, feature_axes, reduction_axes, virtual_batch_size, axis_name,
       axis_index_groups)
@@ -260,7 +279,7 @@ def batch_norm(
     bias = None if bias is None else jnp.expand_dims(bias, chunk_axis)
   y = unsplit(moments_lib.normalize(xv, m, eps=eps, scale=scale, bias=bias,
                                     dtype=out_dtype))
-  return y, _update_state(state, mean, var, momentum)
+  return y, _update_state(state, mean, var, momentum, selected)
 
 
 def batch_renorm(
@@ -319,4 +338,5 @@ def batch_renorm(
   d = lax.stop_gradient(jnp.clip((mean - state["mean"]) / sigma, -d_max, d_max))
   y = moments_lib.normalize(x, m, eps=eps, scale=scale, bias=bias, dtype=out_dtype,
                             r=jnp.reshape(r, bshape), d=jnp.reshape(d, bshape))
-  return y, _update_state(state, mean, var, momentum)
+  selected = _any_selected(mask, x, reduction_axes, axis_name, axis_index_groups)
+  return y, _update_state(state, mean, var, momentum, selected)
