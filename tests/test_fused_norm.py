@@ -434,3 +434,28 @@ def test_group_norm_and_layer_norm_backward_keep_no_full_size_temporaries():
   lp = jaxnorm.layer_norm_init(512)
   compiled = jax.jit(jaxnorm.layer_norm).lower(lp, xb).compile()
   assert compiled.memory_analysis().temp_size_in_bytes < xb.nbytes // 4
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_group_norm_axis_name_over_spatial_shards_matches_whole_input(use_mask):
+  """The spatial axis split over a vmapped axis: pooled group statistics and
+  their gradients equal those of the whole input."""
+  rng = np.random.default_rng(16)
+  x = jnp.asarray(rng.standard_normal((2, 8, 6)) * 2 + 5, jnp.float32)
+  ct = jnp.asarray(rng.standard_normal((2, 8, 6)), jnp.float32)
+  mask = jnp.asarray(rng.random((2, 8, 1)) > 0.3).at[:, 0].set(True) if use_mask else None
+  params = _params(6, rng)
+  split = lambda a: None if a is None else a.reshape(2, 4, 2, a.shape[-1]).swapaxes(0, 1)
+
+  def loss(p, xs, cts, ms):
+    def shard(x, c, m):
+      return jnp.sum(jaxnorm.group_norm(p, x, num_groups=3, mask=m, axis_name="s") * c)
+    return jnp.sum(jax.vmap(shard, axis_name="s")(xs, cts, ms))
+
+  got_loss, (gp, gx) = jax.jit(jax.value_and_grad(loss, (0, 1)))(
+      params, split(x), split(ct), split(mask))
+  want_loss, (wp, wx) = jax.value_and_grad(
+      lambda p, x: jnp.sum(plain_layer("group_norm", p, x, mask, groups=3) * ct), (0, 1))(params, x)
+  _close(got_loss, want_loss, rtol=1e-5, atol=1e-4)
+  _close(gx.swapaxes(0, 1).reshape(2, 8, 6), wx, rtol=1e-4, atol=1e-4)
+  _close(gp, wp, rtol=1e-4, atol=1e-4)
