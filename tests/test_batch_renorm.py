@@ -11,9 +11,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from sklearn.datasets import load_digits
 
 import jaxnorm
 

@@ -47,10 +47,8 @@ def _params(c, rng, keys=("scale", "bias"), dtype=np.float32):
 def _losses(ct, w_mean, w_var, **kw):
   """The same scalar loss through jaxnorm and through the plain formula."""
   def ours(params, x):
-    c = x.shape[kw.get("axis", -1)] if isinstance(kw.get("axis", -1), int) else None
     state = {"mean": jnp.zeros_like(w_mean), "var": jnp.ones_like(w_var)}
     y, new = jaxnorm.batch_norm(params, state, x, train=True, momentum=0.5, **kw)
-    del c
     # new_state = 0.5 * state + 0.5 * batch, so d/d batch = 0.5 * weight.
     return jnp.sum(y * ct) + jnp.sum(new["mean"] * w_mean) + jnp.sum(new["var"] * w_var)
 

@@ -93,9 +93,7 @@ def test_parity_with_flax(name, kwargs, shape, mask_shape):
   if is_bn:
     # Non-trivial running statistics, then train and inference steps.
     v_theirs = flax.core.unfreeze(v_theirs)
-    c = shape[1] if kwargs.get("axis") == 1 else None
     fshape = v_theirs["batch_stats"]["mean"].shape
-    del c
     v_theirs["batch_stats"] = {
         "mean": 0.3 * jnp.ones(fshape), "var": 2.0 * jnp.ones(fshape)}
     for train in (True, False):

@@ -42,13 +42,19 @@ def batch_norm_init(
   (['bias', 'scale'], ['mean', 'var'], (3,))
   """
   shape = _feature_shape_arg(num_features)
+  params = affine_init(shape, dtype=dtype, use_scale=use_scale, use_bias=use_bias)
+  state = {"mean": jnp.zeros(shape, state_dtype), "var": jnp.ones(shape, state_dtype)}
+  return params, state
+
+
+def affine_init(shape, *, dtype, use_scale, use_bias) -> dict:
+  """``{"scale": ones, "bias": zeros}`` of ``shape``, each key only if used."""
   params = {}
   if use_scale:
     params["scale"] = jnp.ones(shape, dtype)
   if use_bias:
     params["bias"] = jnp.zeros(shape, dtype)
-  state = {"mean": jnp.zeros(shape, state_dtype), "var": jnp.ones(shape, state_dtype)}
-  return params, state
+  return params
 
 
 def _feature_shape_arg(num_features) -> tuple[int, ...]:
@@ -70,7 +76,7 @@ def _feature_shape_arg(num_features) -> tuple[int, ...]:
 def _bn_setup(params, state, x, axis, eps, momentum, mask, where_name):
   checks.check_array("x", x)
   if x.ndim < 1:
-    raise ValueError(f"`x` must have at least 1 dimension, got a scalar.")
+    raise ValueError("`x` must have at least 1 dimension, got a scalar.")
   feature_axes = checks.normalize_axes("axis", axis, x.ndim)
   reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
   feature_shape = tuple(x.shape[a] for a in feature_axes)

@@ -81,6 +81,26 @@ def normalize_with_batch_stats(x, scale, bias, *, axes, eps, mask=None,
   return _norm(config, x, scale, bias, mask, jnp.asarray(eps, real))
 
 
+def normalize_over(x, axes, *, scale, bias, eps, mask, axis_name,
+                   axis_index_groups, dtype, rms=False, pool=1):
+  """Normalizes ``x`` with its own statistics over ``axes``; returns ``y``.
+
+  ``pool`` pools the statistics over groups of channels of the last axis
+  (group norm, see :func:`moments.shifted_moments`).
+
+  Real inputs take the closed-form derivative of this module; complex ones
+  the same moments and normalize step under plain autodiff.
+  """
+  if supported(x):
+    return normalize_with_batch_stats(
+        x, scale, bias, axes=axes, eps=eps, mask=mask, axis_name=axis_name,
+        axis_index_groups=axis_index_groups, dtype=dtype, rms=rms, pool=pool)[0]
+  m = moments_lib.shifted_moments(x, axes, mask=mask, axis_name=axis_name,
+                                  axis_index_groups=axis_index_groups, rms=rms,
+                                  pool=pool)
+  return moments_lib.normalize(x, m, eps=eps, scale=scale, bias=bias, dtype=dtype)
+
+
 def _moments(config, x, mask):
   axes, axis_name, groups, _, rms, pool = config
   return moments_lib.shifted_moments(x, axes, mask=mask, axis_name=axis_name,

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxnorm._src import checks
-from jaxnorm._src.layer_norm import layer_norm_init, normalize_over
+from jaxnorm._src.fused_norm import normalize_over
+from jaxnorm._src.layer_norm import layer_norm_init
 
 
 def group_norm_init(num_features, *, dtype=jnp.float32, use_scale: bool = True,

@@ -12,8 +12,7 @@ import jax.numpy as jnp
 
 from jaxnorm._src import checks
 from jaxnorm._src import fused_norm
-from jaxnorm._src import moments as moments_lib
-from jaxnorm._src.batch_norm import _feature_shape_arg
+from jaxnorm._src.batch_norm import _feature_shape_arg, affine_init
 
 
 def layer_norm_init(num_features, *, dtype=jnp.float32, use_scale: bool = True,
@@ -23,13 +22,8 @@ def layer_norm_init(num_features, *, dtype=jnp.float32, use_scale: bool = True,
   ``num_features`` is an int, or a tuple: the shape of ``x`` along the feature
   axes (for instance ``(H, C)`` with ``axis=(-2, -1)``).
   """
-  shape = _feature_shape_arg(num_features)
-  params = {}
-  if use_scale:
-    params["scale"] = jnp.ones(shape, dtype)
-  if use_bias:
-    params["bias"] = jnp.zeros(shape, dtype)
-  return params
+  return affine_init(_feature_shape_arg(num_features), dtype=dtype,
+                     use_scale=use_scale, use_bias=use_bias)
 
 
 def rms_norm_init(num_features, *, dtype=jnp.float32):
@@ -96,29 +90,10 @@ def layer_norm(
   """
   params, reduction, scale, bias = _setup(
       params, x, axis, feature_axes, eps, mask, ("scale", "bias"))
-  return normalize_over(x, reduction, scale=scale, bias=bias, eps=eps, mask=mask,
-                        axis_name=axis_name, axis_index_groups=axis_index_groups,
-                        dtype=checks.result_dtype(x, params, dtype))
-
-
-def normalize_over(x, axes, *, scale, bias, eps, mask, axis_name,
-                   axis_index_groups, dtype, rms=False, pool=1):
-  """Normalizes ``x`` with its own statistics over ``axes``; returns ``y``.
-
-  ``pool`` pools the statistics over groups of channels of the last axis
-  (group norm, see :func:`moments.shifted_moments`).
-
-  Real inputs take the closed-form derivative of :mod:`fused_norm`; complex
-  ones the same moments and normalize step under plain autodiff.
-  """
-  if fused_norm.supported(x) and not __import__("os").environ.get("NOFUSE"):
-    return fused_norm.normalize_with_batch_stats(
-        x, scale, bias, axes=axes, eps=eps, mask=mask, axis_name=axis_name,
-        axis_index_groups=axis_index_groups, dtype=dtype, rms=rms, pool=pool)[0]
-  m = moments_lib.shifted_moments(x, axes, mask=mask, axis_name=axis_name,
-                                  axis_index_groups=axis_index_groups, rms=rms,
-                                  pool=pool)
-  return moments_lib.normalize(x, m, eps=eps, scale=scale, bias=bias, dtype=dtype)
+  return fused_norm.normalize_over(
+      x, reduction, scale=scale, bias=bias, eps=eps, mask=mask,
+      axis_name=axis_name, axis_index_groups=axis_index_groups,
+      dtype=checks.result_dtype(x, params, dtype))
 
 
 def rms_norm(
@@ -146,6 +121,7 @@ def rms_norm(
   """
   params, reduction, scale, _ = _setup(
       params, x, axis, feature_axes, eps, mask, ("scale",))
-  return normalize_over(x, reduction, scale=scale, bias=None, eps=eps, mask=mask,
-                        axis_name=axis_name, axis_index_groups=axis_index_groups,
-                        dtype=checks.result_dtype(x, params, dtype), rms=True)
+  return fused_norm.normalize_over(
+      x, reduction, scale=scale, bias=None, eps=eps, mask=mask,
+      axis_name=axis_name, axis_index_groups=axis_index_groups,
+      dtype=checks.result_dtype(x, params, dtype), rms=True)

@@ -15,7 +15,6 @@ change nothing.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any
 
 import flax.linen as nn
