@@ -95,19 +95,19 @@ def _describe(value: Any) -> str:
     return f"a traced value of dtype {value.dtype} and shape {tuple(value.shape)}"
   if isinstance(value, (np.ndarray, np.generic, jax.Array)):
     if value.ndim == 0:
-      return f"{_show(value)} of dtype {value.dtype}"
+      return f"{format_value(value)} of dtype {value.dtype}"
     return f"an array of dtype {value.dtype} and shape {tuple(value.shape)}"
   return f"{type(value).__name__} {value!r}"
 
 
-def _show(value: Any) -> str:
+def format_value(value: Any) -> str:
   """A concrete scalar as the user wrote it (``0.1``, not ``0.10000000149``)."""
   if isinstance(value, (np.ndarray, np.generic, jax.Array)):
     return str(np.asarray(value)[()])
   return str(value)
 
 
-def _real_scalar(name: str, value: Any) -> float | None:
+def check_real_scalar(name: str, value: Any) -> float | None:
   """Checks that ``value`` is a real scalar; its value, or None when traced.
 
   Raises:
@@ -135,13 +135,13 @@ def check_eps(eps: ArrayLike, name: str = "eps") -> None:
     TypeError: ``eps`` is not a real scalar (a string, a bool, an array).
     ValueError: a concrete ``eps`` that is inf, NaN or <= 0.
   """
-  v = _real_scalar(name, eps)
+  v = check_real_scalar(name, eps)
   if v is None:
     return
   if not math.isfinite(v):
-    raise ValueError(f"`{name}` must be a finite number > 0, got {_show(eps)}.")
+    raise ValueError(f"`{name}` must be a finite number > 0, got {format_value(eps)}.")
   if not v > 0.0:
-    raise ValueError(f"`{name}` must be > 0, got {_show(eps)}.")
+    raise ValueError(f"`{name}` must be > 0, got {format_value(eps)}.")
 
 
 def check_momentum(momentum: ArrayLike, name: str = "momentum") -> None:
@@ -151,9 +151,9 @@ def check_momentum(momentum: ArrayLike, name: str = "momentum") -> None:
     TypeError: ``momentum`` is not a real scalar.
     ValueError: a concrete ``momentum`` outside [0, 1], or NaN.
   """
-  v = _real_scalar(name, momentum)
+  v = check_real_scalar(name, momentum)
   if v is not None and not 0.0 <= v <= 1.0:
-    raise ValueError(f"`{name}` must be in [0, 1], got {_show(momentum)}.")
+    raise ValueError(f"`{name}` must be in [0, 1], got {format_value(momentum)}.")
 
 
 def check_at_least(name: str, value: ArrayLike, low: float) -> None:
@@ -166,9 +166,9 @@ def check_at_least(name: str, value: ArrayLike, low: float) -> None:
     TypeError: ``value`` is not a real scalar.
     ValueError: a concrete ``value`` below ``low``, or NaN.
   """
-  v = _real_scalar(name, value)
+  v = check_real_scalar(name, value)
   if v is not None and not v >= low:
-    raise ValueError(f"`{name}` must be >= {low}, got {_show(value)}.")
+    raise ValueError(f"`{name}` must be >= {low}, got {format_value(value)}.")
 
 
 def check_train(name: str, value: Any) -> bool:
