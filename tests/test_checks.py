@@ -30,8 +30,9 @@ _JAX_NOTE = (r"(\n-{20}\nFor simplicity, JAX has removed its internal frames fro
 
 
 def full_message(message: str) -> str:
-  """A `match=` pattern for exactly `message` (plus JAX's note under jit)."""
-  return "^" + re.escape(message) + _JAX_NOTE + "$"
+  """`message` from the start, then at most JAX's note (added under jit);
+  append "$" for a full-text `match=`."""
+  return "^" + re.escape(message) + _JAX_NOTE
 
 
 class Case(NamedTuple):
@@ -259,7 +260,7 @@ def _get(name: str) -> Case:
                                   for k in sorted(ALL_CASES)])
 def test_bad_input_raises_full_message(name):
   case = _get(name)
-  with pytest.raises(case.error, match=full_message(case.message)):
+  with pytest.raises(case.error, match=full_message(case.message) + "$"):
     case.fn(*case.args)
 
 
@@ -269,7 +270,7 @@ def test_errors_are_raised_at_trace_time_under_jit(name):
   # The arrays are arguments, hence tracers: a check that needed their values
   # would fail here with a tracer error instead of the message.
   case = _get(name)
-  with pytest.raises(case.error, match=full_message(case.message)):
+  with pytest.raises(case.error, match=full_message(case.message) + "$"):
     jax.jit(case.fn)(*case.args)
 
 
@@ -280,7 +281,7 @@ def test_traced_train_is_a_clear_error():
              "make it static, for example with `jax.jit(f, "
              "static_argnames='train')`, or close over it.")
   f = jax.jit(lambda train: jaxnorm.batch_norm(P3, S3, X, train=train))
-  with pytest.raises(TypeError, match=full_message(message)):
+  with pytest.raises(TypeError, match=full_message(message) + "$"):
     f(True)
 
 
@@ -365,12 +366,12 @@ def test_check_eps_leaves_traced_values_alone():
     (jnp.array(True), TypeError, "`eps` must be a real number, got True of dtype bool."),
 ])
 def test_check_eps_rejects(eps, error, message):
-  with pytest.raises(error, match=full_message(message)):
+  with pytest.raises(error, match=full_message(message) + "$"):
     checks.check_eps(eps)
 
 
 def test_check_eps_names_the_argument():
-  with pytest.raises(ValueError, match=full_message("`epsilon` must be > 0, got 0.")):
+  with pytest.raises(ValueError, match=full_message("`epsilon` must be > 0, got 0.") + "$"):
     checks.check_eps(0, name="epsilon")
 
 
@@ -388,19 +389,19 @@ def test_check_momentum_accepts(momentum):
     ("0.9", TypeError, "`momentum` must be a real number, got str '0.9'."),
 ])
 def test_check_momentum_rejects(momentum, error, message):
-  with pytest.raises(error, match=full_message(message)):
+  with pytest.raises(error, match=full_message(message) + "$"):
     checks.check_momentum(momentum)
 
 
 def test_check_at_least():
   checks.check_at_least("r_max", float("inf"), 1.0)
   checks.check_at_least("r_max", jnp.float32(1.0), 1.0)
-  with pytest.raises(ValueError, match=full_message("`r_max` must be >= 1.0, got 0.5.")):
+  with pytest.raises(ValueError, match=full_message("`r_max` must be >= 1.0, got 0.5.") + "$"):
     checks.check_at_least("r_max", jnp.float32(0.5), 1.0)
-  with pytest.raises(ValueError, match=full_message("`d_max` must be >= 0.0, got nan.")):
+  with pytest.raises(ValueError, match=full_message("`d_max` must be >= 0.0, got nan.") + "$"):
     checks.check_at_least("d_max", float("nan"), 0.0)
   with pytest.raises(TypeError, match=full_message(
-      "`d_max` must be a real number, got str '5'.")):
+      "`d_max` must be a real number, got str '5'.") + "$"):
     checks.check_at_least("d_max", "5", 0.0)
 
 
@@ -421,7 +422,7 @@ def test_check_train_accepts_concrete_bools(value, expected):
     (jnp.float32(1), "`train` must be a Python bool, got 1.0 of dtype float32."),
 ])
 def test_check_train_rejects(value, message):
-  with pytest.raises(TypeError, match=full_message(message)):
+  with pytest.raises(TypeError, match=full_message(message) + "$"):
     checks.check_train("train", value)
 
 
@@ -431,7 +432,7 @@ def test_check_train_explains_a_traced_value():
              "shape (); make it static, for example with `jax.jit(f, "
              "static_argnames='use_running_average')`, or close over it.")
   f = jax.jit(lambda t: checks.check_train("use_running_average", t))
-  with pytest.raises(TypeError, match=full_message(message)):
+  with pytest.raises(TypeError, match=full_message(message) + "$"):
     f(True)
   # Static, it is fine.
   seen = []
@@ -453,14 +454,14 @@ def test_check_float_dtype_rejects(dtype, shown):
   message = ("`param_dtype` must be None or a floating-point or complex dtype such as "
              f"jnp.float32, got {shown}; an integer or bool dtype would round the "
              "normalized values.")
-  with pytest.raises(TypeError, match=full_message(message)):
+  with pytest.raises(TypeError, match=full_message(message) + "$"):
     checks.check_float_dtype("param_dtype", dtype)
 
 
 def test_check_float_dtype_real_only():
   message = ("`dtype` must be None or a floating-point dtype such as jnp.float32, got "
              "complex64; an integer or bool dtype would round the normalized values.")
-  with pytest.raises(TypeError, match=full_message(message)):
+  with pytest.raises(TypeError, match=full_message(message) + "$"):
     checks.check_float_dtype("dtype", jnp.complex64, allow_complex=False)
 
 
@@ -471,7 +472,7 @@ def test_result_dtype():
   assert checks.result_dtype(x, {}, "float16") == jnp.float16
   with pytest.raises(TypeError, match=full_message(
       "`dtype` must be None or a floating-point or complex dtype such as jnp.float32, "
-      "got int8; an integer or bool dtype would round the normalized values.")):
+      "got int8; an integer or bool dtype would round the normalized values.") + "$"):
     checks.result_dtype(x, {}, jnp.int8)
 
 
@@ -480,7 +481,7 @@ def test_check_state_keys():
   checks.check_state_keys({}, ("mean", "var"))
   with pytest.raises(ValueError, match=full_message(
       "`state` has unexpected keys ['avg', 'count']; expected keys among "
-      "['mean', 'var'].")):
+      "['mean', 'var'].") + "$"):
     checks.check_state_keys({"mean": 0, "count": 1, "avg": 2}, ("var", "mean"))
 
 
@@ -489,7 +490,7 @@ def test_check_state_with_custom_allowed_keys():
   checks.check_state(state, (3,), "along axis -1",
                      allowed=("mean", "var", "step"))
   with pytest.raises(ValueError, match=full_message(
-      "`state` has unexpected keys ['step']; expected keys among ['mean', 'var'].")):
+      "`state` has unexpected keys ['step']; expected keys among ['mean', 'var'].") + "$"):
     checks.check_state(state, (3,), "along axis -1", allowed=("mean", "var"))
 
 
@@ -519,7 +520,7 @@ def test_normalize_axes_accepts(axis, ndim, expected):
     ((0, -3), ValueError, "`axis`=(0, -3) names the same axis twice."),
 ])
 def test_normalize_axes_rejects(axis, error, message):
-  with pytest.raises(error, match=full_message(message)):
+  with pytest.raises(error, match=full_message(message) + "$"):
     checks.normalize_axes("axis", axis, 3)
 
 
@@ -540,14 +541,14 @@ def test_check_positive_int_accepts(value, expected):
     (None, TypeError, "`n_steps` must be a positive int, got NoneType None."),
 ])
 def test_check_positive_int_rejects(value, error, message):
-  with pytest.raises(error, match=full_message(message)):
+  with pytest.raises(error, match=full_message(message) + "$"):
     checks.check_positive_int("n_steps", value)
 
 
 def test_check_positive_int_traced():
   message = ("`num_groups` must be a positive int, got a traced value of dtype int32 "
              "and shape (); it sets a shape, so it must be known at trace time.")
-  with pytest.raises(TypeError, match=full_message(message)):
+  with pytest.raises(TypeError, match=full_message(message) + "$"):
     jax.jit(lambda n: checks.check_positive_int("num_groups", n))(2)
 
 
@@ -570,7 +571,7 @@ def test_feature_shape_accepts(value, expected):
     ((3, 0), ValueError, "`num_features` must be positive, got (3, 0)."),
 ])
 def test_feature_shape_rejects(value, error, message):
-  with pytest.raises(error, match=full_message(message)):
+  with pytest.raises(error, match=full_message(message) + "$"):
     checks.feature_shape("num_features", value)
 
 
@@ -582,51 +583,56 @@ def test_check_virtual_batch_size():
   with pytest.raises(ValueError, match=full_message(
       "`virtual_batch_size`=1 makes chunks of one example, and a chunk of one example "
       "has zero variance (a single value per feature); pass `virtual_batch_size` >= 2, "
-      "or None to use the whole batch.")):
+      "or None to use the whole batch.") + "$"):
     checks.check_virtual_batch_size(1)
   with pytest.raises(ValueError, match=full_message(
       "`virtual_batch_size`=3 must divide the batch size, but `x` has 8 examples along "
-      "axis 1.")):
+      "axis 1.") + "$"):
     checks.check_virtual_batch_size(3, batch_size=8, batch_axis=1)
   with pytest.raises(ValueError, match=full_message(
-      "`virtual_batch_size` must be a positive int, got 0.")):
+      "`virtual_batch_size` must be a positive int, got 0.") + "$"):
     checks.check_virtual_batch_size(0)
   with pytest.raises(TypeError, match=full_message(
-      "`virtual_batch_size` must be a positive int, got str '2'.")):
+      "`virtual_batch_size` must be a positive int, got str '2'.") + "$"):
     checks.check_virtual_batch_size("2")
 
 
 def test_check_min_rank():
   checks.check_min_rank("x", jnp.ones(3), 1)
   with pytest.raises(ValueError, match=full_message(
-      "`x` must have at least 1 dimension, got a scalar.")):
+      "`x` must have at least 1 dimension, got a scalar.") + "$"):
     checks.check_min_rank("x", jnp.float32(1), 1)
   with pytest.raises(ValueError, match=full_message(
-      "`t` must have at least 2 dimensions, got shape (3,).")):
+      "`t` must have at least 2 dimensions, got shape (3,).") + "$"):
     checks.check_min_rank("t", jnp.ones(3), 2)
   with pytest.raises(ValueError, match=full_message(
-      "`w` must have at least 2 dimensions (a matrix), got shape (3,) with 1.")):
+      "`w` must have at least 2 dimensions (a matrix), got shape (3,) with 1.") + "$"):
     checks.check_min_rank("w", jnp.ones(3), 2, "a matrix")
 
 
 def test_check_array():
   checks.check_array("x", jnp.ones(2, jnp.complex64))
   with pytest.raises(TypeError, match=full_message(
-      "`x` must be an array, got an object of type list.")):
+      "`x` must be an array, got an object of type list.") + "$"):
     checks.check_array("x", [1.0])
   with pytest.raises(TypeError, match=full_message(
       "`w` must have a floating-point dtype, got complex64; cast it first, for example "
-      "`w.astype(jnp.float32)`.")):
+      "`w.astype(jnp.float32)`.") + "$"):
     checks.check_array("w", jnp.ones(2, jnp.complex64), allow_complex=False)
   with pytest.raises(TypeError, match=full_message(
       "`x` must have a floating-point or complex dtype, got bool; cast it first, for "
-      "example `x.astype(jnp.float32)`.")):
+      "example `x.astype(jnp.float32)`.") + "$"):
     checks.check_array("x", jnp.ones(2, bool))
 
 
 def test_full_message_is_a_full_text_check():
-  pattern = full_message("`eps` must be > 0, got 0.")
+  pattern = full_message("`eps` must be > 0, got 0.") + "$"
   assert re.search(pattern, "`eps` must be > 0, got 0.")
   assert not re.search(pattern, "`eps` must be > 0, got 0.0.")
   assert not re.search(pattern, "x`eps` must be > 0, got 0.")
   assert not re.search(pattern, "`eps` must be > 0, got 0. More.")
+  note = ("\n--------------------\nFor simplicity, JAX has removed its internal frames "
+          "from the traceback of the following exception. Set "
+          "JAX_TRACEBACK_FILTERING=off to include these.")
+  assert re.search(pattern, "`eps` must be > 0, got 0." + note)
+  assert not re.search(pattern, "`eps` must be > 0, got 0." + note + "\nMore.")

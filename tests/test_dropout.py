@@ -28,8 +28,9 @@ _JAX_NOTE = (r"(\n-{20}\nFor simplicity, JAX has removed its internal frames fro
 
 
 def full_message(message: str) -> str:
-  """A `match=` pattern for exactly `message` (plus JAX's note under jit)."""
-  return "^" + re.escape(message) + _JAX_NOTE + "$"
+  """`message` from the start, then at most JAX's note (added under jit);
+  append "$" for a full-text `match=`."""
+  return "^" + re.escape(message) + _JAX_NOTE
 
 
 def expected_mask(key: jax.Array, shape: tuple[int, ...], keep_prob: float,
@@ -155,10 +156,10 @@ def test_rate_out_of_range_is_an_error(rate, shown):
   msg = ("`rate` is the probability of dropping a unit and must be in [0, 1) "
          "(rate 1 drops everything; the Dropout modules accept it and return "
          f"zeros), got {shown}.")
-  with pytest.raises(ValueError, match=full_message(msg)):
+  with pytest.raises(ValueError, match=full_message(msg) + "$"):
     jaxnorm.dropout(KEY, jnp.ones(3), rate)
   # Under jit with `x` traced, a closed-over (concrete) rate is still checked.
-  with pytest.raises(ValueError, match=full_message(msg)):
+  with pytest.raises(ValueError, match=full_message(msg) + "$"):
     jax.jit(lambda x: jaxnorm.dropout(KEY, x, rate))(jnp.ones(3))
 
 
@@ -184,17 +185,17 @@ def test_concrete_jax_rate_matches_python_rate():
     ([1.0, 2.0], "`x` must be an array, got an object of type list."),
 ])
 def test_non_float_x_is_an_error(x, message):
-  with pytest.raises(TypeError, match=full_message(message)):
+  with pytest.raises(TypeError, match=full_message(message) + "$"):
     jaxnorm.dropout(KEY, x, 0.5)
   # Also at inference, where `x` would be returned unchanged.
-  with pytest.raises(TypeError, match=full_message(message)):
+  with pytest.raises(TypeError, match=full_message(message) + "$"):
     jaxnorm.dropout(KEY, x, 0.5, train=False)
 
 
 def test_integer_x_is_an_error_under_jit():
   message = ("`x` must have a floating-point or complex dtype, got int32; cast it "
              "first, for example `x.astype(jnp.float32)`.")
-  with pytest.raises(TypeError, match=full_message(message)):
+  with pytest.raises(TypeError, match=full_message(message) + "$"):
     jax.jit(lambda x: jaxnorm.dropout(KEY, x, 0.5))(jnp.ones(3, jnp.int32))
 
 
@@ -205,7 +206,7 @@ def test_integer_x_is_an_error_under_jit():
      "and shape (3,)."),
 ])
 def test_non_numeric_rate_is_an_error(rate, message):
-  with pytest.raises(TypeError, match=full_message(message)):
+  with pytest.raises(TypeError, match=full_message(message) + "$"):
     jaxnorm.dropout(KEY, jnp.ones(3), rate)
 
 
@@ -215,7 +216,7 @@ def test_non_numeric_rate_is_an_error(rate, message):
     (None, "`train` must be a Python bool, got NoneType None."),
 ])
 def test_train_must_be_a_bool(train, message):
-  with pytest.raises(TypeError, match=full_message(message)):
+  with pytest.raises(TypeError, match=full_message(message) + "$"):
     jaxnorm.dropout(KEY, jnp.ones(3), 0.5, train=train)
 
 
@@ -225,7 +226,7 @@ def test_traced_train_is_a_clear_error():
              "make it static, for example with `jax.jit(f, "
              "static_argnames='train')`, or close over it.")
   f = jax.jit(lambda x, train: jaxnorm.dropout(KEY, x, 0.5, train=train))
-  with pytest.raises(TypeError, match=full_message(message)):
+  with pytest.raises(TypeError, match=full_message(message) + "$"):
     f(jnp.ones(3), True)
 
 
@@ -239,15 +240,15 @@ def test_concrete_boolean_train_is_accepted():
 def test_other_bad_arguments():
   msg = ("`key` is None but `train=True`; pass a PRNG key such as "
          "`jax.random.key(0)`.")
-  with pytest.raises(ValueError, match=full_message(msg)):
+  with pytest.raises(ValueError, match=full_message(msg) + "$"):
     jaxnorm.dropout(None, jnp.ones(3), 0.5)
   msg = ("`broadcast_dims`=(3,) is out of range for an input with 2 dimensions; "
          "expected values in [-2, 1].")
-  with pytest.raises(ValueError, match=full_message(msg)):
+  with pytest.raises(ValueError, match=full_message(msg) + "$"):
     jaxnorm.dropout(KEY, jnp.ones((2, 3)), 0.5, broadcast_dims=(3,))
   msg = ("`broadcast_dims` must be an int or a sequence of ints, got (True,); a bool "
          "is not an axis number.")
-  with pytest.raises(TypeError, match=full_message(msg)):
+  with pytest.raises(TypeError, match=full_message(msg) + "$"):
     jaxnorm.dropout(KEY, jnp.ones((2, 3)), 0.5, broadcast_dims=(True,))
   # train=False needs no key.
   chex.assert_trees_all_equal(jaxnorm.dropout(None, jnp.ones(3), 0.5, train=False),
