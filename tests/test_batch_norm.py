@@ -125,7 +125,7 @@ def test_init_matches_flax_defaults():
 
 
 # Train-mode batch norm has a closed-form derivative (`jax.custom_jvp`, see
-# _src/fused_norm.py); inference mode is plain autodiff. Both are checked in
+# _src/normalize.py); inference mode is plain autodiff. Both are checked in
 # forward and reverse mode to second order.
 @pytest.mark.parametrize("shape,axis,train,masked", [
     ((6, 3), -1, True, False),

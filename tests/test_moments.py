@@ -1,4 +1,4 @@
-"""Tests of `jaxnorm.moments` and of the shared `shifted_moments`/`normalize` steps."""
+"""Tests of `jaxnorm.moments` and of the block statistics every layer uses (moments.py)."""
 
 import chex
 import numpy as np

@@ -99,8 +99,7 @@ def weight_norm(wn: Mapping, *, axis=-1, eps=0.0, dtype=None) -> jax.Array:
   _check_wn(wn)
   v = wn["v"]
   checks.check_array("wn['v']", v, allow_complex=False)
-  if checks._is_concrete_number(eps) and not float(eps) >= 0.0:
-    raise ValueError(f"`eps` must be >= 0, got {eps}.")
+  checks.check_at_least("eps", eps, 0.0)
   feature = _feature_axes(axis, v.ndim)
   reduction = tuple(a for a in range(v.ndim) if a not in feature)
   feature_shape = tuple(v.shape[a] for a in feature)
@@ -157,10 +156,8 @@ def weight_norm_data_init(wn: Mapping, t: jax.Array, *, eps=1e-6):
         f"{tuple(g.shape)}; `t` must be the layer's output with the features "
         "last."
     )
-  axes = tuple(range(t.ndim - 1))
-  m = moments_lib.shifted_moments(t, axes)
-  mean = moments_lib.full_mean(m).reshape(features)
-  inv_std = lax.rsqrt(m.var.reshape(features) + eps)
+  mean, var = moments_lib.moments(t, tuple(range(t.ndim - 1)))
+  inv_std = lax.rsqrt(var + eps)
   new_wn = dict(wn)
   new_wn["g"] = (g * inv_std).astype(g.dtype)
   bias = (-mean * inv_std).astype(t.dtype)
