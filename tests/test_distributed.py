@@ -241,3 +241,24 @@ def test_equals_one_process_on_the_gathered_batch(runs, case, how):
   if case in STATEFUL:
     _close(got("state/mean"), expected["mean"], rtol=1e-5)
     _close(got("state/var"), expected["var"], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_distributed_example_on_two_processes(tmp_path):
+  # The launcher starts the processes, checks they agree bitwise, and compares with one
+  # process on one device; it exits non-zero when either check fails.
+  cmd = [sys.executable, str(REPO / "examples" / "distributed.py"), "--num-processes", "2",
+         "--quick", "--steps", "10", "--out", str(tmp_path), "--timeout", str(TIMEOUT_S)]
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  env.pop("XLA_FLAGS", None)
+  try:
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=TIMEOUT_S + 120)
+  except subprocess.TimeoutExpired as e:
+    pytest.fail(f"examples/distributed.py did not finish within {TIMEOUT_S + 120} s:\n{e.stdout}")
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  lines = done.stdout.splitlines()
+  assert "all 2 processes hold identical params and batch_stats: yes" in lines
+  assert any(line.startswith("equals a single-process run on one device with the same global "
+                             "batch: yes") for line in lines), done.stdout
+  assert sum(line.startswith("process ") for line in lines) == 2
