@@ -71,7 +71,6 @@ def run(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(f"localhost:{port}", num_processes=num_processes,
                              process_id=process_id, initialization_timeout=120)
-  import flax.linen as nn
   import jax.numpy as jnp
   from flax import nnx
   from jax.experimental import multihost_utils

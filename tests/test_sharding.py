@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import chex
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxnorm
 import jaxnorm.linen as jl
+import jaxnorm.nnx as jx
 from collectives import collectives
 from collectives import compiled_text
 
@@ -139,6 +141,17 @@ def test_linen_module_under_sharded_jit_equals_unsharded(mesh2):
   def layer(p, x):
     y, upd = bn.apply({"params": p, "batch_stats": stats}, x, mutable=["batch_stats"])
     return y, upd["batch_stats"]
+
+  _assert_sharded_equals_unsharded(layer, mesh2, x, w, params, P("d", "m"), P("m"))
+
+
+def test_nnx_module_under_sharded_jit_equals_unsharded(mesh2):
+  x, w, params = _data((8, 8), seed=6)
+  graphdef, _, stats = nnx.split(jx.BatchNorm(8, momentum=0.9, rngs=nnx.Rngs(0)), nnx.Param, ...)
+
+  def layer(p, x):
+    module = nnx.merge(graphdef, nnx.State(p), stats, copy=True)
+    return module(x), nnx.to_pure_dict(nnx.state(module, nnx.BatchStat))
 
   _assert_sharded_equals_unsharded(layer, mesh2, x, w, params, P("d", "m"), P("m"))
 
