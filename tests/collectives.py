@@ -210,3 +210,101 @@ def count(fn: Callable[..., Any], *args: Any, kind: str | None = "all-reduce") -
 def total_bytes(fn: Callable[..., Any], *args: Any, kind: str | None = "all-reduce") -> int:
   """Total result bytes of the collectives of ``kind`` (``None``: all) in ``jax.jit(fn)``."""
   return sum(c.nbytes for c in _select(fn, args, kind))
+
+
+# Run as a script (`python tests/collectives.py` from the repository root), this prints the
+# per-layer table of README's "Scaling out": the collectives of one call of each layer on 8
+# simulated CPU devices, jaxnorm beside flax.linen.
+
+
+def _table() -> str:
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from jax.sharding import AxisType
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  import jaxnorm
+
+  mesh = jax.make_mesh((8,), ("d",), axis_types=(AxisType.Auto,))
+  put = lambda t, s: jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, s)), t)
+  state = lambda c: {"mean": jnp.zeros(c), "var": jnp.ones(c)}
+
+  def describe(fn, args):
+    kinds: dict[str, list[int]] = {}
+    for c in collectives(compiled_text(fn, *args)):
+      k = kinds.setdefault(c.kind, [0, 0])
+      k[0] += 1
+      k[1] += c.nbytes
+    return ", ".join(f"{n} {kind} ({b:,} B)" for kind, (n, b) in kinds.items()) or "none"
+
+  def row(name, ours, theirs, x, p_spec, x_spec, mapped=False):
+    params = {"scale": jnp.ones(x.shape[-1]), "bias": jnp.zeros(x.shape[-1])}
+    args = (put(params, p_spec), put(x, x_spec), put(jnp.ones_like(x), x_spec))
+    cells = []
+    for grad in (False, True):
+      for f in (ours, theirs):
+        if f is None:
+          cells.append("")
+          continue
+        # Forward: the output and the new running averages; backward: the gradients
+        # (and the new running averages) of sum(y * w).
+        if grad:
+          def g(p, x, w, f=f):
+            loss = lambda p, x: (jnp.sum(f(p, x)[0] * w), f(p, x)[1])
+            return jax.grad(loss, argnums=(0, 1), has_aux=True)(p, x)
+        else:
+          g = lambda p, x, w, f=f: f(p, x)
+        if mapped:
+          g = jax.shard_map(g, mesh=mesh, in_specs=(p_spec, x_spec, x_spec),
+                            out_specs=((p_spec, x_spec), P()) if grad else (x_spec, P()))
+        cells.append(describe(g, args))
+    return f"| {name} | " + " | ".join(cells) + " |"
+
+  b, c = 2048, 64
+  x, img, wide = jnp.ones((b, c)), jnp.ones((b, 2, 2, 16)), jnp.ones((b // 8, c * 8))
+  # Each layer as f(params, x) -> (y, new running averages or {}).
+  flax_bn = lambda an: (lambda p, x: nn.BatchNorm(use_running_average=False, axis_name=an).apply(
+      {"params": p, "batch_stats": state(x.shape[-1])}, x, mutable=["batch_stats"]))
+  flax_ln = lambda an: (lambda p, x: (nn.LayerNorm(axis_name=an).apply({"params": p}, x), {}))
+  bn = lambda **kw: (lambda p, x: jaxnorm.batch_norm(p, state(x.shape[-1]), x, train=True, **kw))
+  rows, cols = P("d"), P(None, "d")
+  lines = [
+      "| layer call | jaxnorm forward | flax.linen forward | jaxnorm forward + backward "
+      "| flax.linen forward + backward |",
+      "|---|---|---|---|---|",
+      row("`batch_norm`, batch split, sharded `jit`", bn(), flax_bn(None), x, P(), rows),
+      row("`batch_norm`, batch split, `shard_map` + `axis_name`", bn(axis_name="d"), flax_bn("d"),
+          x, P(), rows, mapped=True),
+      row("ghost `batch_norm` (k=32), batch split, sharded `jit`", bn(virtual_batch_size=32), None,
+          x, P(), rows),
+      row("ghost `batch_norm` (k=32), `shard_map` + `axis_name`",
+          bn(virtual_batch_size=32, axis_name="d"), None, x, P(), rows, mapped=True),
+      row("`batch_renorm`, batch split, sharded `jit`",
+          lambda p, x: jaxnorm.batch_renorm(p, state(c), x, train=True), None, x, P(), rows),
+      row("`batch_norm` inference, batch split",
+          lambda p, x: jaxnorm.batch_norm(p, state(c), x, train=False), None, x, P(), rows),
+      row("`layer_norm`, batch split", lambda p, x: (jaxnorm.layer_norm(p, x), {}),
+          flax_ln(None), x, P(), rows),
+      row("`group_norm` (4 groups), batch split",
+          lambda p, x: (jaxnorm.group_norm(p, x, num_groups=4), {}),
+          lambda p, x: (nn.GroupNorm(num_groups=4).apply({"params": p}, x), {}), img, P(), rows),
+      row("`layer_norm`, features split, sharded `jit`",
+          lambda p, x: (jaxnorm.layer_norm(p, x), {}), flax_ln(None), wide, rows, cols),
+      row("`layer_norm`, features split, `shard_map` + `axis_name`",
+          lambda p, x: (jaxnorm.layer_norm(p, x, axis_name="d"), {}), flax_ln("d"), wide, rows,
+          cols, mapped=True),
+      row("`rms_norm`, features split, sharded `jit`",
+          lambda p, x: (jaxnorm.rms_norm({"scale": p["scale"]}, x), {}),
+          lambda p, x: (nn.RMSNorm().apply({"params": {"scale": p["scale"]}}, x), {}), wide, rows,
+          cols),
+  ]
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  import os
+
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8").strip()
+  print(_table())

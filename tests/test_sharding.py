@@ -243,25 +243,28 @@ def _linen_bn_apply(module):
 
 
 def _loss_grad(fn):
+  """(p, x, w) -> ((dL/dp, dL/dx), new state) for L = sum(y * w), fn -> (y, new state)."""
   def g(p, x, w):
-    return jax.grad(lambda p, x: jnp.sum(jax.tree.leaves(fn(p, x, w))[0] * w),
-                    argnums=(0, 1))(p, x)
+    loss = lambda p, x: (jnp.sum(fn(p, x, w)[0] * w), fn(p, x, w)[1])
+    return jax.grad(loss, argnums=(0, 1), has_aux=True)(p, x)
   return g
 
 
 def _smap(mesh, fn, grad):
-  # As a data-parallel step is written: per-device batch in, parameter gradients summed.
-  out_specs = (P(), P("d")) if grad else P("d")
+  # As a data-parallel step is written: per-device batch in, parameter gradients summed,
+  # running averages the same on every device.
+  out_specs = ((P(), P("d")), P()) if grad else (P("d"), P())
   return jax.shard_map(fn, mesh=mesh, in_specs=(P(), P("d"), P("d")), out_specs=out_specs)
 
 
+# A training call: the output and the new running averages.
 BN_PAIRS = {
     "jaxnorm.batch_norm": lambda axis_name: (
         lambda p, x, w: jaxnorm.batch_norm(p, STATE(x.shape[-1]), x, train=True,
-                                           axis_name=axis_name)[0]),
+                                           axis_name=axis_name)),
     "jaxnorm.linen.BatchNorm": lambda axis_name: (
         lambda p, x, w: _linen_bn_apply(jl.BatchNorm(use_running_average=False,
-                                                     axis_name=axis_name))(p, x, w)[0]),
+                                                     axis_name=axis_name))(p, x, w)),
 }
 
 
@@ -272,8 +275,7 @@ def test_batch_norm_collectives_at_most_flax(mesh1, impl, route, grad):
   x, w, params = _data((BATCH, FEATURES))
   axis_name = "d" if route == "shard_map" else None
   ours = BN_PAIRS[impl](axis_name)
-  theirs = lambda p, x, w: _linen_bn_apply(nn.BatchNorm(use_running_average=False,
-                                                        axis_name=axis_name))(p, x, w)[0]
+  theirs = _linen_bn_apply(nn.BatchNorm(use_running_average=False, axis_name=axis_name))
   if grad:
     ours, theirs = _loss_grad(ours), _loss_grad(theirs)
   if route == "shard_map":
@@ -291,8 +293,8 @@ def test_batch_norm_collectives_at_most_flax(mesh1, impl, route, grad):
 @pytest.mark.parametrize("grad", [False, True], ids=["forward", "forward+backward"])
 def test_feature_sharded_layer_norm_all_reduces_at_most_flax(mesh1, grad):
   x, w, params = _data((BATCH // 8, FEATURES * 8))
-  ours = lambda p, x, w: jaxnorm.layer_norm(p, x)
-  theirs = lambda p, x, w: nn.LayerNorm().apply({"params": p}, x)
+  ours = lambda p, x, w: (jaxnorm.layer_norm(p, x), {})
+  theirs = lambda p, x, w: (nn.LayerNorm().apply({"params": p}, x), {})
   if grad:
     ours, theirs = _loss_grad(ours), _loss_grad(theirs)
   args = (_put(mesh1, params, P("d")), _put(mesh1, x, P(None, "d")), _put(mesh1, w, P(None, "d")))
