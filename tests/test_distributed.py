@@ -46,36 +46,41 @@ def _free_port() -> int:
 
 
 def _launch(out_dir: Path) -> list[tuple[int, str]]:
-  """Runs the workers once; returns each one's (return code, output)."""
+  """Runs the workers once; returns each one's (return code, output).
+
+  When one process fails the others are stopped at once (they would wait for it in
+  the runtime until its own timeout); after TIMEOUT_S all are killed and the test fails.
+  """
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
   port = _free_port()
-  procs = [
-      subprocess.Popen(
+  logs = [out_dir / f"process_{i}.log" for i in range(NUM_PROCESSES)]
+  procs = []
+  for i, log in enumerate(logs):
+    with open(log, "w") as f:       # a file, not a pipe: a full pipe would block the worker
+      procs.append(subprocess.Popen(
           [sys.executable, str(REPO / "tests" / "_distributed_worker.py"), str(i),
            str(NUM_PROCESSES), str(port), str(out_dir)],
-          env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(NUM_PROCESSES)
-  ]
+          env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT))
   deadline = time.monotonic() + TIMEOUT_S
-  outputs = []
   try:
-    for p in procs:
-      out, _ = p.communicate(timeout=max(deadline - time.monotonic(), 1))
-      outputs.append((p.returncode, out))
-  except subprocess.TimeoutExpired:
-    for p in procs:
-      p.kill()
-    tails = [(p.communicate()[0] or "")[-3000:] for p in procs]
-    pytest.fail(f"the {NUM_PROCESSES} worker processes did not finish within {TIMEOUT_S} s "
-                "(a hang in a collective?); their output:\n" + "\n-----\n".join(tails))
+    while any(p.poll() is None for p in procs):
+      if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
+        break
+      time.sleep(0.2)
   finally:
+    timed_out = time.monotonic() > deadline
     for p in procs:
       if p.poll() is None:
         p.kill()
-        p.wait()
+      p.wait()
+  outputs = [(p.returncode, log.read_text()) for p, log in zip(procs, logs)]
+  if timed_out:
+    pytest.fail(f"the {NUM_PROCESSES} worker processes did not finish within {TIMEOUT_S} s "
+                "(a hang in a collective?); their output:\n"
+                + "\n-----\n".join(out[-3000:] for _, out in outputs))
   return outputs
 
 
