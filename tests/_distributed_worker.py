@@ -48,8 +48,11 @@ def inputs(num_processes: int, devices_per_process: int) -> dict[str, np.ndarray
   mask = np.broadcast_to(mask, (n, FEATURES)).copy()
   mask[1] = False
   mask[2, 0] = False
+  # Padding as it arrives in practice: NaN and inf where the mask says nothing is there.
+  x_padded = np.where(mask, x_offset, np.nan)
+  x_padded[1, 1] = np.inf
   data = {
-      "x": x, "x_offset": x_offset, "mask": mask,
+      "x": x, "x_offset": x_offset, "mask": mask, "x_padded": x_padded,
       "w": rng.standard_normal((n, FEATURES)),                # loss weights: L = sum(y * w)
       "scale": 1.0 + rng.uniform(size=FEATURES), "bias": rng.standard_normal(FEATURES),
       "state_mean": rng.standard_normal(FEATURES), "state_var": 0.5 + rng.uniform(size=FEATURES),
@@ -149,6 +152,7 @@ def run(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
   cases = {
       "bn": (both(bn, batch_specs), x_offset, params, state, None, w),
       "bn_mask": (both(bn, batch_specs), x_offset, params, state, mask, w),
+      "bn_nan": (both(bn, batch_specs), put(data["x_padded"], rows), params, state, mask, w),
       "ghost": (both(bn, batch_specs, virtual_batch_size=GHOST), x, params, state, None, w),
       "renorm": (both(renorm, batch_specs), x, params, renorm_state, None, w),
   }

@@ -7,8 +7,10 @@ runs every layer under ``jax.shard_map`` with ``axis_name`` and as a sharded
 the float64 formula of its paper on the whole (gathered) batch, and the two
 processes must hold bitwise-identical results.
 
-The data make it hard: the per-process means differ by 1e5, and the masked
-case leaves the second process without a single selected entry.
+The data make it hard: the per-process means differ by 1e5, the masked cases
+leave the second process without a single selected entry, and in one of them
+the masked-out entries hold NaN and inf (padding), which must reach no output,
+statistic or gradient.
 
 The launch has a hard timeout (both processes are killed and the test fails
 with their output) and retries on a new port when the coordinator's port was
@@ -189,7 +191,7 @@ def _reference(case, d):
   zeros, ones = np.zeros(worker.FEATURES), np.ones(worker.FEATURES)
   if case in ("bn", "linen", "nnx"):
     return _bn_reference(d["x_offset"], d["w"], d["scale"], d["bias"], zeros, ones)
-  if case == "bn_mask":
+  if case in ("bn_mask", "bn_nan"):
     return _bn_reference(d["x_offset"], d["w"], d["scale"], d["bias"], zeros, ones,
                          mask=d["mask"])
   if case == "renorm":
@@ -203,8 +205,8 @@ def _reference(case, d):
   return _ln_reference(d["x_wide"], d["w_wide"], d["scale_wide"], d["bias_wide"])
 
 
-CASES = ["bn", "bn_mask", "ghost", "renorm", "gn", "ln_cols", "linen", "nnx"]
-STATEFUL = {"bn", "bn_mask", "ghost", "renorm", "linen", "nnx"}
+CASES = ["bn", "bn_mask", "bn_nan", "ghost", "renorm", "gn", "ln_cols", "linen", "nnx"]
+STATEFUL = {"bn", "bn_mask", "bn_nan", "ghost", "renorm", "linen", "nnx"}
 
 
 def test_the_runtime_spans_both_processes(runs):
@@ -230,6 +232,8 @@ def test_inputs_are_as_described(runs):
   gap = d["x_offset"][half:].mean() - d["x_offset"][:half].mean()
   assert 0.99e5 < gap < 1.01e5
   assert not d["mask"][half:].any() and d["mask"][:half].any()
+  assert np.isnan(d["x_padded"][half:]).all() and np.isinf(d["x_padded"]).any()
+  np.testing.assert_array_equal(d["x_padded"][d["mask"]], d["x_offset"][d["mask"]])
 
 
 @pytest.mark.parametrize("how", ["smap", "jit"])
@@ -238,7 +242,7 @@ def test_equals_one_process_on_the_gathered_batch(runs, case, how):
   d, (res, *_) = runs
   expected = _reference(case, d)
   got = lambda k: res[f"{case}/{how}/{k}"]
-  selected = d["mask"] if case == "bn_mask" else np.ones(got("y").shape, bool)
+  selected = d["mask"] if case in ("bn_mask", "bn_nan") else np.ones(got("y").shape, bool)
   _close(got("y")[selected], expected["y"][selected], rtol=1e-5)
   _close(got("dx"), expected["dx"], rtol=1e-4)
   _close(got("dparams/scale"), expected["dscale"], rtol=1e-4)
