@@ -300,15 +300,27 @@ def test_batch_norm_collectives_at_most_flax(mesh1, impl, route, grad):
     assert n_ours <= n_flax, f"{impl}: {n_ours} collectives, flax.linen.BatchNorm {n_flax}"
 
 
-@pytest.mark.parametrize("grad", [False, True], ids=["forward", "forward+backward"])
-def test_feature_sharded_layer_norm_all_reduces_at_most_flax(mesh1, grad):
+FEATURE_SHARDED_PAIRS = {
+    "layer_norm": (lambda p, x, w: (jaxnorm.layer_norm(p, x), {}),
+                   lambda p, x, w: (nn.LayerNorm().apply({"params": p}, x), {})),
+    "rms_norm": (lambda p, x, w: (jaxnorm.rms_norm({"scale": p["scale"]}, x), {}),
+                 lambda p, x, w: (nn.RMSNorm().apply({"params": {"scale": p["scale"]}}, x), {})),
+}
+
+
+@pytest.mark.parametrize("name, grad", [
+    ("layer_norm", False), ("layer_norm", True), ("rms_norm", False),
+    pytest.param("rms_norm", True, marks=pytest.mark.xfail(
+        strict=True, reason="2 all-reduces where Flax's combined one suffices (measured on the "
+                            "rebuilt core); known gap, reported to the lead")),
+])
+def test_feature_sharded_norm_all_reduces_at_most_flax(mesh1, name, grad):
   x, w, params = _data((BATCH // 8, FEATURES * 8))
-  ours = lambda p, x, w: (jaxnorm.layer_norm(p, x), {})
-  theirs = lambda p, x, w: (nn.LayerNorm().apply({"params": p}, x), {})
+  ours, theirs = FEATURE_SHARDED_PAIRS[name]
   if grad:
     ours, theirs = _loss_grad(ours), _loss_grad(theirs)
   args = (_put(mesh1, params, P("d")), _put(mesh1, x, P(None, "d")), _put(mesh1, w, P(None, "d")))
   ar_ours, _, _ = _costs(ours, *args)
   ar_flax, _, _ = _costs(theirs, *args)
   assert 1 <= ar_flax
-  assert ar_ours <= ar_flax, f"jaxnorm.layer_norm: {ar_ours} all-reduces, flax.linen.LayerNorm {ar_flax}"
+  assert ar_ours <= ar_flax, f"jaxnorm.{name}: {ar_ours} all-reduces, flax.linen {ar_flax}"
