@@ -1,0 +1,326 @@
+"""Sharded `jit` on eight CPU devices: every layer equals its unsharded self, and pays little
+communication.
+
+Part 1 shards the inputs the ways users shard them (the batch over devices:
+data parallel; the features: tensor parallel; both on a 2-D data x model mesh;
+the parameters too: FSDP-style) and checks that values and gradients under
+`jax.grad` equal the same function on one device. `jit` alone partitions the
+program (XLA's SPMD partitioner inserts the collectives); no `axis_name` needed.
+
+Part 2 reads the compiled programs (tests/collectives.py) and pins what each
+layer call costs: no all-gather of an activation-sized array, all-reduce bytes of
+the order of the per-feature (or per-example) statistics, and no more
+all-reduces than flax.linen's module for the same layer and sharding.
+"""
+
+from __future__ import annotations
+
+import chex
+import flax.linen as nn
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxnorm
+import jaxnorm.linen as jl
+import jaxnorm.nnx as jx
+from collectives import collectives
+from collectives import compiled_text
+
+N_DEV = 8
+
+
+def _mesh(shape, names, kind=AxisType.Auto):
+  if jax.device_count() < N_DEV:
+    pytest.fail(f"needs {N_DEV} devices, got {jax.device_count()}; check conftest's XLA_FLAGS")
+  return jax.make_mesh(shape, names, axis_types=(kind,) * len(shape))
+
+
+@pytest.fixture(scope="module")
+def mesh1():
+  return _mesh((N_DEV,), ("d",))
+
+
+@pytest.fixture(scope="module")
+def mesh2():
+  return _mesh((2, 4), ("d", "m"))
+
+
+def _put(mesh, tree, spec):
+  return jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, spec)), tree)
+
+
+def _data(shape, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  c = shape[-1]
+  x = 3.0 + 2.0 * jax.random.normal(keys[0], shape)
+  w = jax.random.normal(keys[1], shape)
+  params = {"scale": 1.0 + jax.random.uniform(keys[2], (c,)),
+            "bias": jax.random.normal(keys[3], (c,))}
+  return x, w, params
+
+
+# Each layer as f(params, x) -> (y, aux) in train mode where it has one.
+STATE = lambda c: {"mean": jnp.full((c,), 0.5), "var": jnp.full((c,), 2.0)}
+LAYERS = {
+    "batch_norm": lambda p, x: jaxnorm.batch_norm(p, STATE(x.shape[-1]), x, train=True,
+                                                  momentum=0.9),
+    "ghost_batch_norm": lambda p, x: jaxnorm.batch_norm(
+        p, STATE(x.shape[-1]), x, train=True, momentum=0.9, virtual_batch_size=4),
+    "batch_renorm": lambda p, x: jaxnorm.batch_renorm(p, STATE(x.shape[-1]), x, train=True,
+                                                      momentum=0.9, r_max=1.5, d_max=0.5),
+    "batch_norm_infer": lambda p, x: jaxnorm.batch_norm(p, STATE(x.shape[-1]), x, train=False),
+    "layer_norm": lambda p, x: (jaxnorm.layer_norm(p, x), None),
+    "rms_norm": lambda p, x: (jaxnorm.rms_norm({"scale": p["scale"]}, x), None),
+    "group_norm": lambda p, x: (jaxnorm.group_norm(p, x, num_groups=2), None),
+    "instance_norm": lambda p, x: (jaxnorm.instance_norm(p, x), None),
+}
+PER_EXAMPLE = ("layer_norm", "rms_norm", "group_norm", "instance_norm")
+
+
+def _value_and_grads(layer):
+  """x, params -> (y, aux, dL/dx, dL/dparams) for L = sum(y * w)."""
+  def f(params, x, w):
+    def loss(params, x):
+      y, aux = layer(params, x)
+      return jnp.sum(y * w), (y, aux)
+    (_, (y, aux)), (dp, dx) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+    return y, aux, dx, dp
+  return f
+
+
+def _assert_sharded_equals_unsharded(layer, mesh, x, w, params, x_spec, p_spec, rtol=2e-5):
+  f = jax.jit(_value_and_grads(layer))
+  sharded = f(_put(mesh, params, p_spec), _put(mesh, x, x_spec), _put(mesh, w, x_spec))
+  one = f(*jax.device_put((params, x, w), jax.devices()[0]))
+  # The output stays split like the input: nothing was gathered onto one device.
+  assert sharded[0].sharding.is_equivalent_to(NamedSharding(mesh, x_spec), x.ndim)
+  chex.assert_trees_all_close(sharded, one, rtol=rtol, atol=rtol)
+
+
+# Part 1: values and gradients.
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_batch_sharded_equals_unsharded(mesh1, name):
+  x, w, params = _data((32, 2, 4) if name in ("group_norm", "instance_norm") else (32, 4))
+  _assert_sharded_equals_unsharded(LAYERS[name], mesh1, x, w, params, P("d"), P())
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
+def test_feature_sharded_equals_unsharded(mesh1, name):
+  # Tensor parallel: each device holds 2 of the 16 features, and their parameters.
+  x, w, params = _data((4, 16), seed=1)
+  _assert_sharded_equals_unsharded(LAYERS[name], mesh1, x, w, params, P(None, "d"), P("d"))
+
+
+@pytest.mark.parametrize("name", ["batch_norm", "layer_norm", "rms_norm"])
+def test_data_by_model_mesh_equals_unsharded(mesh2, name):
+  # Batch over "d" (2 ways), features over "m" (4 ways); params sharded over "m".
+  x, w, params = _data((8, 8), seed=2)
+  _assert_sharded_equals_unsharded(LAYERS[name], mesh2, x, w, params, P("d", "m"), P("m"))
+
+
+@pytest.mark.parametrize("name", ["batch_norm", "group_norm"])
+def test_fsdp_sharded_params_equal_unsharded(mesh1, name):
+  # FSDP-style: the batch and the parameters both split over the one data axis.
+  x, w, params = _data((16, 2, 16) if name == "group_norm" else (16, 16), seed=3)
+  _assert_sharded_equals_unsharded(LAYERS[name], mesh1, x, w, params, P("d"), P("d"))
+
+
+def test_linen_module_under_sharded_jit_equals_unsharded(mesh2):
+  x, w, params = _data((8, 8), seed=4)
+  bn = jl.BatchNorm(use_running_average=False, momentum=0.9)
+  stats = bn.init(jax.random.key(0), x)["batch_stats"]
+
+  def layer(p, x):
+    y, upd = bn.apply({"params": p, "batch_stats": stats}, x, mutable=["batch_stats"])
+    return y, upd["batch_stats"]
+
+  _assert_sharded_equals_unsharded(layer, mesh2, x, w, params, P("d", "m"), P("m"))
+
+
+def test_nnx_module_under_sharded_jit_equals_unsharded(mesh2):
+  x, w, params = _data((8, 8), seed=6)
+  graphdef, _, stats = nnx.split(jx.BatchNorm(8, momentum=0.9, rngs=nnx.Rngs(0)), nnx.Param, ...)
+
+  def layer(p, x):
+    module = nnx.merge(graphdef, nnx.State(p), stats, copy=True)
+    return module(x), nnx.to_pure_dict(nnx.state(module, nnx.BatchStat))
+
+  _assert_sharded_equals_unsharded(layer, mesh2, x, w, params, P("d", "m"), P("m"))
+
+
+# JAX raises it for an op whose output sharding it cannot infer (no public name yet).
+_SHARDING_TYPE_ERROR = getattr(jax._src.core, "ShardingTypeError", Exception)
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param("batch_norm", marks=pytest.mark.xfail(
+        strict=True, raises=_SHARDING_TYPE_ERROR,
+        reason="the core's ghost/block reshape of a batch-sharded x needs an out_sharding under "
+               "Explicit axes (ShardingTypeError); known gap, reported to the lead")),
+    "layer_norm",
+])
+def test_explicit_mesh_axes_equal_unsharded(name):
+  # jax.make_mesh's default axis type is Explicit: shardings are part of the types,
+  # and every op must say how its result is sharded. The layers must still work.
+  mesh = _mesh((N_DEV,), ("d",), AxisType.Explicit)
+  x, w, params = _data((32, 4), seed=5)
+  f = jax.jit(_value_and_grads(LAYERS[name]))
+  one = f(*jax.device_put((params, x, w), jax.devices()[0]))
+  with jax.set_mesh(mesh):
+    sharded = f(_put(mesh, params, P()), _put(mesh, x, P("d")), _put(mesh, w, P("d")))
+  chex.assert_trees_all_close(sharded, one, rtol=2e-5, atol=2e-5)
+
+
+# Part 2: communication, read from the compiled programs.
+
+
+def _costs(fn, *args):
+  found = collectives(compiled_text(fn, *args))
+  reduces = [c for c in found if c.kind == "all-reduce"]
+  others = [c for c in found if c.kind != "all-reduce"]
+  return len(reduces), sum(c.nbytes for c in reduces), others
+
+
+def _forward(layer):
+  return lambda p, x, w: layer(p, x)
+
+
+# Per device 256 x 64 floats = 64 KiB of activations: far more than any statistics,
+# even gathered from all 8 devices (8 x 3 x 64 floats = 6 KiB).
+BATCH, FEATURES = 2048, 64
+STAT_BYTES = FEATURES * 4            # one float32 statistic per feature
+
+
+@pytest.mark.parametrize("name", ["batch_norm", "ghost_batch_norm", "batch_renorm"])
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "forward+backward"])
+def test_batch_statistics_cost_statistics_sized_collectives(mesh1, name, grad):
+  x, w, params = _data((BATCH, FEATURES))
+  fn = (_value_and_grads if grad else _forward)(LAYERS[name])
+  args = (_put(mesh1, params, P()), _put(mesh1, x, P("d")), _put(mesh1, w, P("d")))
+  count, nbytes, others = _costs(fn, *args)
+  # A gather may bring every device's few statistics per feature (N_DEV x 4 floats),
+  # never the activations (a shard is 256 x 64 floats, 8 times more).
+  too_big = [c for c in others if c.nbytes > N_DEV * 4 * STAT_BYTES]
+  assert not too_big, too_big
+  # All-reduces: a few floats per feature each way (mean, variance, a count; the
+  # backward's two sums and the parameter gradients).
+  per_feature = 4 * (2 if grad else 1)
+  assert nbytes <= per_feature * STAT_BYTES + 64, (count, nbytes)
+
+
+@pytest.mark.parametrize("name", PER_EXAMPLE + ("batch_norm_infer",))
+def test_per_example_statistics_need_no_communication_when_the_batch_is_split(mesh1, name):
+  # Each example's output and input gradient depend on that example alone.
+  x, w, params = _data((BATCH, 2, 4) if name in ("group_norm", "instance_norm") else
+                       (BATCH, FEATURES))
+  layer = LAYERS[name]
+  fn = lambda p, x, w: jax.grad(lambda x: jnp.sum(layer(p, x)[0] * w))(x)
+  args = (_put(mesh1, params, P()), _put(mesh1, x, P("d")), _put(mesh1, w, P("d")))
+  assert collectives(compiled_text(fn, *args)) == []
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
+def test_feature_sharded_norm_reduces_per_example_statistics_only(mesh1, name):
+  x, w, params = _data((BATCH // 8, FEATURES * 8))
+  args = (_put(mesh1, params, P("d")), _put(mesh1, x, P(None, "d")), _put(mesh1, w, P(None, "d")))
+  count, nbytes, others = _costs(_forward(LAYERS[name]), *args)
+  rows = x.shape[0]
+  # Per example a few statistics: all-reduced, or gathered from the 8 devices.
+  too_big = [c for c in others if c.nbytes > N_DEV * 4 * rows * 4]
+  assert not too_big, too_big
+  assert 0 < nbytes + sum(c.nbytes for c in others) and nbytes <= 4 * rows * 4 + 64, (count, nbytes)
+
+
+# No more all-reduces than flax.linen's own module for the same layer and sharding; under
+# shard_map, where the statistics are gathered by the layer's own code, no more
+# collectives of any kind either (each one is a synchronization: latency on a cluster).
+
+
+def _linen_bn_apply(module):
+  def fn(p, x, w):
+    variables = {"params": p,
+                 "batch_stats": {"mean": jnp.zeros(x.shape[-1]), "var": jnp.ones(x.shape[-1])}}
+    return module.apply(variables, x, mutable=["batch_stats"])
+  return fn
+
+
+def _loss_grad(fn):
+  """(p, x, w) -> ((dL/dp, dL/dx), new state) for L = sum(y * w), fn -> (y, new state)."""
+  def g(p, x, w):
+    loss = lambda p, x: (jnp.sum(fn(p, x, w)[0] * w), fn(p, x, w)[1])
+    return jax.grad(loss, argnums=(0, 1), has_aux=True)(p, x)
+  return g
+
+
+def _smap(mesh, fn, grad):
+  # As a data-parallel step is written: per-device batch in, parameter gradients summed,
+  # running averages the same on every device.
+  out_specs = ((P(), P("d")), P()) if grad else (P("d"), P())
+  return jax.shard_map(fn, mesh=mesh, in_specs=(P(), P("d"), P("d")), out_specs=out_specs)
+
+
+# A training call: the output and the new running averages.
+BN_PAIRS = {
+    "jaxnorm.batch_norm": lambda axis_name: (
+        lambda p, x, w: jaxnorm.batch_norm(p, STATE(x.shape[-1]), x, train=True,
+                                           axis_name=axis_name)),
+    "jaxnorm.linen.BatchNorm": lambda axis_name: (
+        lambda p, x, w: _linen_bn_apply(jl.BatchNorm(use_running_average=False,
+                                                     axis_name=axis_name))(p, x, w)),
+}
+
+
+@pytest.mark.parametrize("impl", list(BN_PAIRS))
+@pytest.mark.parametrize("route", ["sharded_jit", "shard_map"])
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "forward+backward"])
+def test_batch_norm_collectives_at_most_flax(mesh1, impl, route, grad):
+  x, w, params = _data((BATCH, FEATURES))
+  axis_name = "d" if route == "shard_map" else None
+  ours = BN_PAIRS[impl](axis_name)
+  theirs = _linen_bn_apply(nn.BatchNorm(use_running_average=False, axis_name=axis_name))
+  if grad:
+    ours, theirs = _loss_grad(ours), _loss_grad(theirs)
+  if route == "shard_map":
+    ours, theirs = _smap(mesh1, ours, grad), _smap(mesh1, theirs, grad)
+  args = (_put(mesh1, params, P()), _put(mesh1, x, P("d")), _put(mesh1, w, P("d")))
+  ar_ours, _, others_ours = _costs(ours, *args)
+  ar_flax, _, others_flax = _costs(theirs, *args)
+  assert 1 <= ar_flax
+  assert ar_ours <= ar_flax, f"{impl}: {ar_ours} all-reduces, flax.linen.BatchNorm {ar_flax}"
+  if route == "shard_map":
+    n_ours, n_flax = ar_ours + len(others_ours), ar_flax + len(others_flax)
+    assert n_ours <= n_flax, f"{impl}: {n_ours} collectives, flax.linen.BatchNorm {n_flax}"
+
+
+FEATURE_SHARDED_PAIRS = {
+    "layer_norm": (lambda p, x, w: (jaxnorm.layer_norm(p, x), {}),
+                   lambda p, x, w: (nn.LayerNorm().apply({"params": p}, x), {})),
+    "rms_norm": (lambda p, x, w: (jaxnorm.rms_norm({"scale": p["scale"]}, x), {}),
+                 lambda p, x, w: (nn.RMSNorm().apply({"params": {"scale": p["scale"]}}, x), {})),
+}
+
+
+@pytest.mark.parametrize("name, grad", [
+    ("layer_norm", False), ("layer_norm", True), ("rms_norm", False),
+    pytest.param("rms_norm", True, marks=pytest.mark.xfail(
+        strict=True, reason="2 all-reduces where Flax's combined one suffices (measured on the "
+                            "rebuilt core); known gap, reported to the lead")),
+])
+def test_feature_sharded_norm_all_reduces_at_most_flax(mesh1, name, grad):
+  x, w, params = _data((BATCH // 8, FEATURES * 8))
+  ours, theirs = FEATURE_SHARDED_PAIRS[name]
+  if grad:
+    ours, theirs = _loss_grad(ours), _loss_grad(theirs)
+  args = (_put(mesh1, params, P("d")), _put(mesh1, x, P(None, "d")), _put(mesh1, w, P(None, "d")))
+  ar_ours, _, _ = _costs(ours, *args)
+  ar_flax, _, _ = _costs(theirs, *args)
+  assert 1 <= ar_flax
+  assert ar_ours <= ar_flax, f"jaxnorm.{name}: {ar_ours} all-reduces, flax.linen {ar_flax}"
