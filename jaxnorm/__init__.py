@@ -39,6 +39,9 @@ from jaxnorm._src.qk_norm import qk_norm
 from jaxnorm._src.qk_norm import qk_norm_init
 from jaxnorm._src.weight_standardization import scaled_weight_standardization
 from jaxnorm._src.weight_standardization import weight_standardization
+from jaxnorm._src.precise_bn import precise_stats_init
+from jaxnorm._src.precise_bn import precise_stats_result
+from jaxnorm._src.precise_bn import precise_stats_update
 
 __version__ = "0.1.0"
 
@@ -77,6 +80,9 @@ __all__ = (
     "qk_norm_init",
     "scaled_weight_standardization",
     "weight_standardization",
+    "precise_stats_init",
+    "precise_stats_result",
+    "precise_stats_update",
 )
 
 
