@@ -605,9 +605,10 @@ def precise_batch_stats(
     module = context.module
     params = module.variables.get("params", {})
     path = module.path
-    return batch_norm(dict(params), stats.get(path, module.variables["batch_stats"]),
+    y, _ = batch_norm(dict(params), stats.get(path, module.variables["batch_stats"]),
                       x, train=False, axis=module.axis, eps=module.epsilon,
                       dtype=module.dtype)
+    return y
 
   def discover(next_fun, args, kwargs, context):
     if not _is_batch_norm(context):
