@@ -206,14 +206,20 @@ def test_adain_gradients_match_float64_reference():
     (lambda: jaxnorm.conditional_batch_norm(
         {"scale": jnp.ones((3, 5))}, jaxnorm.conditional_batch_norm_init(3, C)[1],
         _x((N, C)), jnp.array([0, 1, 2]), train=True), ValueError,
-     "`x` has features of shape (3, 4) (with 3 classes) along the last axis but "
-     "`params['scale']` has shape (3, 5); pass `axis=` to choose the feature axis."),
+     "`params['scale']` must have shape (num_classes, 4), one row per class and one "
+     "column per channel of `x` (its last axis), got (3, 5)."),
     (lambda: jaxnorm.adain(_x((N, 4, C)), _x((N, 4, C + 1))), ValueError,
      "`style` must have the rank, batch size (first axis) and channels (last axis) of "
      "`content`, (3, 4, 4), got (3, 4, 5)."),
     (lambda: jaxnorm.adain(_x((N, C)), _x((N, C))), ValueError,
      "`content` must have at least 3 dimensions (batch, at least one spatial axis, "
      "channels), got shape (3, 4) with 2."),
+    (lambda: jaxnorm.conditional_batch_norm(
+        {"scale": jnp.ones((3, C)), "bias": jnp.ones((2, C))},
+        jaxnorm.conditional_batch_norm_init(3, C)[1], _x((N, C)), jnp.array([0, 1, 2]),
+        train=True), ValueError,
+     "`params['scale']` and `params['bias']` must have one row per class each, got 3 "
+     "and 2 rows."),
 ])
 def test_bad_input(call, err, msg):
   with pytest.raises(err, match=re.escape(msg) + "$"):

@@ -113,13 +113,13 @@ def test_vmap_and_dtype():
 
 @pytest.mark.parametrize("call,err,msg", [
     (lambda x: jaxnorm.frn(jaxnorm.frn_init(4), x), ValueError,
-     "`x` has features of shape (3,) along the last axis but `params['scale']` has "
-     "shape (4,); pass `axis=` to choose the feature axis."),
+     "`params['scale']` must have shape (3,), one value per channel of `x` (its last "
+     "axis), got (4,)."),
     (lambda x: jaxnorm.frn({"eps": jnp.ones(3)}, x), ValueError,
      "`params['eps']` (the learned epsilon) must be a scalar, got shape (3,)."),
     (lambda x: jaxnorm.frn({"gamma": jnp.ones(3)}, x), ValueError,
-     "`params` has unexpected keys ['gamma']; expected keys among ['bias', 'scale', "
-     "'tau'] (a missing key turns that term off)."),
+     "`params` has unexpected keys ['gamma']; expected keys among ['bias', 'eps', "
+     "'scale', 'tau'] (a missing key turns that term off)."),
     (lambda x: jaxnorm.frn({}, x[0, 0]), ValueError,
      "`x` must have at least 2 dimensions (batch first, channels last), got shape "
      "(3,) with 1."),

@@ -20,7 +20,6 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
 from jaxnorm._src import checks
@@ -350,10 +349,26 @@ def conditional_batch_norm(
         f"`x`, got {tuple(labels.shape)}."
     )
   c = x.shape[-1]
-  rows = [v.shape[0] for v in params.values() if getattr(v, "ndim", 0) == 2]
-  k = rows[0] if rows else 1
-  params = checks.check_params(params, (k, c), ("scale", "bias"),
-                               f"(with {k} classes) along the last axis")
+  unknown = sorted(set(params) - {"scale", "bias"})
+  if unknown:
+    raise ValueError(
+        f"`params` has unexpected keys {unknown}; expected keys among ['bias', "
+        "'scale'] (a missing key turns that term off)."
+    )
+  params = {k: v for k, v in params.items() if v is not None}
+  for key, value in params.items():
+    checks.check_array(f"params['{key}']", value, allow_complex=False)
+    if value.ndim != 2 or value.shape[1] != c:
+      raise ValueError(
+          f"`params['{key}']` must have shape (num_classes, {c}), one row per "
+          f"class and one column per channel of `x` (its last axis), got "
+          f"{tuple(value.shape)}."
+      )
+  if len({v.shape[0] for v in params.values()}) > 1:
+    raise ValueError(
+        "`params['scale']` and `params['bias']` must have one row per class "
+        f"each, got {params['scale'].shape[0]} and {params['bias'].shape[0]} rows."
+    )
   x_hat, new_state = batch_norm({}, state, x, train=train, axis=-1,
                                 momentum=momentum, eps=eps, axis_name=axis_name,
                                 mask=mask)
@@ -412,5 +427,3 @@ def adain(
   y = x_hat.astype(mean_s.dtype) * jnp.sqrt(var_s + eps) + mean_s
   return y.astype(content.dtype)
 
-
-del np

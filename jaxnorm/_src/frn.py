@@ -97,10 +97,21 @@ def frn(
         f"`params` must be a dict with keys among {sorted(_KEYS)}, got "
         f"{type(params).__name__}."
     )
+  unknown = sorted(set(params) - set(_KEYS))
+  if unknown:
+    raise ValueError(
+        f"`params` has unexpected keys {unknown}; expected keys among "
+        f"{sorted(_KEYS)} (a missing key turns that term off)."
+    )
   learned = params.get("eps")
-  channel_params = checks.check_params(
-      {k: v for k, v in params.items() if k != "eps"}, (c,),
-      ("scale", "bias", "tau"), "along the last axis")
+  channel_params = {k: v for k, v in params.items() if k != "eps" and v is not None}
+  for key, value in channel_params.items():
+    checks.check_array(f"params['{key}']", value, allow_complex=False)
+    if tuple(value.shape) != (c,):
+      raise ValueError(
+          f"`params['{key}']` must have shape ({c},), one value per channel of "
+          f"`x` (its last axis), got {tuple(value.shape)}."
+      )
   if learned is not None:
     checks.check_array("params['eps']", learned, allow_complex=False)
     if jnp.ndim(learned) != 0:

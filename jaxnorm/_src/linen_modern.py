@@ -36,6 +36,7 @@ from jaxnorm._src.linen_norm import BatchNorm as _JaxnormBatchNorm
 from jaxnorm._src.linen_norm import BatchRenorm as _JaxnormBatchRenorm
 from jaxnorm._src.linen_norm import feature_shape_of
 from jaxnorm._src.linen_norm import module_errors
+from jaxnorm._src.linen_norm import too_small_for_batch_stats
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -191,7 +192,7 @@ class ConditionalBatchNorm(nn.Module):
       params["bias"] = self.param("bias", self.bias_init, shape, self.param_dtype)
     train = not use_running_average
     initializing = self.is_initializing()
-    if train and initializing and mask is None and x.shape[0] == 1 and x.ndim == 2:
+    if train and initializing and mask is None and too_small_for_batch_stats(x, -1):
       mask = jnp.ones((), bool)   # `init` on one example, as BatchNorm allows
     with module_errors(type(self).__name__):
       y, new = cond_lib.conditional_batch_norm(
