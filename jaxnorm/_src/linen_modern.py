@@ -567,7 +567,9 @@ def precise_batch_stats(
   of the model in inference mode, e.g. ``train=False``). Layer ``i``'s pass
   computes only what feeds layer ``i``, so the cost is that of one forward pass
   per layer over the depth up to it. A layer's mask (``mask=``) is honoured.
-  Layers under ``nn.scan``/``nn.vmap`` lifts are not supported.
+  Layers under ``nn.scan``/``nn.vmap`` lifts are not supported, and a layer
+  called several times per pass gets the moments of all its calls, the later
+  ones fed by earlier calls that still use its old statistics.
 
   Args:
     model: the linen module.
@@ -600,7 +602,7 @@ def precise_batch_stats(
   first = next(iter(batches), None)
   if first is None:
     raise ValueError("`batches` is empty; give at least one batch of inputs.")
-  layers = {}   # path -> (axis, epsilon, dtype), in call order
+  layers = []   # the BatchNorms' paths, in call order
 
   def inference_bn(context, x, stats):
     module = context.module
@@ -614,7 +616,8 @@ def precise_batch_stats(
   def discover(next_fun, args, kwargs, context):
     if not _is_batch_norm(context):
       return next_fun(*args, **kwargs)
-    layers.setdefault(context.module.path, context.module.axis)
+    if context.module.path not in layers:
+      layers.append(context.module.path)
     x, _ = _bn_call(args, kwargs)
     return inference_bn(context, x, {})
 
@@ -625,7 +628,7 @@ def precise_batch_stats(
     jax.eval_shape(run, variables, _as_args(first))
 
   new_stats = {}   # path -> {"mean", "var"}
-  for target, axis in layers.items():
+  for target in layers:
 
     def capture(vs, stats, args, target=target):
       captured = []
