@@ -164,3 +164,22 @@ def test_nnx_precise_batch_stats():
   with pytest.raises(ValueError, match=re.escape(
       "`model` (Linear) has no BatchNorm layer to recompute.") + "$"):
     jn.precise_batch_stats(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), [x])
+
+
+def test_linen_feature_axis_and_mask_of_the_layer():
+  # NCL input, features on axis 1, and a mask passed to the BatchNorm by the model.
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, mask):
+      return jl.BatchNorm(use_running_average=True, axis=1)(x, mask=mask)
+
+  x = np.moveaxis(_data(30).reshape(5, 6, 3), -1, 1)          # (5, 3, 6)
+  mask = np.broadcast_to(np.arange(6)[None, None, :] < 4, x.shape)
+  model = Net()
+  vs = model.init(jax.random.key(0), x, mask)
+  new = jl.precise_batch_stats(model, vs, [(x[:2], mask[:2]), (x[2:], mask[2:])])
+  kept = rm.f64(x)[:, :, :4]
+  chex.assert_trees_all_close(new["batch_stats"]["BatchNorm_0"]["mean"], kept.mean((0, 2)),
+                              rtol=1e-6)
+  chex.assert_trees_all_close(new["batch_stats"]["BatchNorm_0"]["var"], kept.var((0, 2)),
+                              rtol=1e-5)
