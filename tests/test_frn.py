@@ -60,6 +60,16 @@ def test_no_tlu_no_affine():
   assert float(jaxnorm.frn_init(C, learn_eps=True, eps_init=1e-3)["eps"]) == pytest.approx(1e-3)
 
 
+def test_invariant_to_the_scale_of_each_example_and_channel():
+  # FRN normalizes by each filter response's own RMS (Section 3): a positive
+  # rescale per example and channel leaves the output unchanged (up to eps).
+  x = _x((2, 4, 4, C))
+  p = _params()
+  c = jnp.array([10.0, 0.5])[:, None, None, None] * jnp.array([1.0, 100.0, 3.0])
+  chex.assert_trees_all_close(jaxnorm.frn(p, c * x, eps=1e-10), jaxnorm.frn(p, x, eps=1e-10),
+                              atol=1e-5)
+
+
 def test_gradients_match_float64_reference():
   x = _x((2, 3, C))
   p = _params(learn_eps=True)
