@@ -24,6 +24,24 @@ from jaxnorm._src.weight_norm import spectral_norm_init
 from jaxnorm._src.weight_norm import weight_norm
 from jaxnorm._src.weight_norm import weight_norm_data_init
 from jaxnorm._src.weight_norm import weight_norm_init
+from jaxnorm._src.conditional import adain
+from jaxnorm._src.conditional import adaln_zero
+from jaxnorm._src.conditional import adaln_zero_init
+from jaxnorm._src.conditional import conditional_batch_norm
+from jaxnorm._src.conditional import conditional_batch_norm_init
+from jaxnorm._src.conditional import film
+from jaxnorm._src.conditional import film_init
+from jaxnorm._src.dyt import dyt
+from jaxnorm._src.dyt import dyt_init
+from jaxnorm._src.frn import frn
+from jaxnorm._src.frn import frn_init
+from jaxnorm._src.qk_norm import qk_norm
+from jaxnorm._src.qk_norm import qk_norm_init
+from jaxnorm._src.weight_standardization import scaled_weight_standardization
+from jaxnorm._src.weight_standardization import weight_standardization
+from jaxnorm._src.precise_bn import precise_stats_init
+from jaxnorm._src.precise_bn import precise_stats_result
+from jaxnorm._src.precise_bn import precise_stats_update
 
 __version__ = "0.1.0"
 
@@ -47,6 +65,24 @@ __all__ = (
     "weight_norm",
     "weight_norm_data_init",
     "weight_norm_init",
+    "adain",
+    "adaln_zero",
+    "adaln_zero_init",
+    "conditional_batch_norm",
+    "conditional_batch_norm_init",
+    "film",
+    "film_init",
+    "dyt",
+    "dyt_init",
+    "frn",
+    "frn_init",
+    "qk_norm",
+    "qk_norm_init",
+    "scaled_weight_standardization",
+    "weight_standardization",
+    "precise_stats_init",
+    "precise_stats_result",
+    "precise_stats_update",
 )
 
 

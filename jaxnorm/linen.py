@@ -13,6 +13,17 @@ from jaxnorm._src.linen_wrappers import Dropout
 from jaxnorm._src.linen_wrappers import SpectralNorm
 from jaxnorm._src.linen_wrappers import WeightNorm
 from jaxnorm._src.linen_wrappers import weight_norm_data_init
+from jaxnorm._src.linen_modern import AdaIN
+from jaxnorm._src.linen_modern import AdaLNZero
+from jaxnorm._src.linen_modern import ConditionalBatchNorm
+from jaxnorm._src.linen_modern import DyT
+from jaxnorm._src.linen_modern import FiLM
+from jaxnorm._src.linen_modern import FilterResponseNorm
+from jaxnorm._src.linen_modern import QKNorm
+from jaxnorm._src.linen_modern import QKNormAttention
+from jaxnorm._src.linen_modern import StdConv
+from jaxnorm._src.linen_modern import WeightStandardization
+from jaxnorm._src.linen_modern import precise_batch_stats
 
 __all__ = (
     "BatchNorm",
@@ -25,4 +36,15 @@ __all__ = (
     "SpectralNorm",
     "WeightNorm",
     "weight_norm_data_init",
+    "AdaIN",
+    "AdaLNZero",
+    "ConditionalBatchNorm",
+    "DyT",
+    "FiLM",
+    "FilterResponseNorm",
+    "QKNorm",
+    "QKNormAttention",
+    "StdConv",
+    "WeightStandardization",
+    "precise_batch_stats",
 )

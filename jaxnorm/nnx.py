@@ -12,6 +12,17 @@ from jaxnorm._src.nnx_norm import RMSNorm
 from jaxnorm._src.nnx_wrappers import Dropout
 from jaxnorm._src.nnx_wrappers import SpectralNorm
 from jaxnorm._src.nnx_wrappers import WeightNorm
+from jaxnorm._src.nnx_modern import AdaIN
+from jaxnorm._src.nnx_modern import AdaLNZero
+from jaxnorm._src.nnx_modern import ConditionalBatchNorm
+from jaxnorm._src.nnx_modern import DyT
+from jaxnorm._src.nnx_modern import FiLM
+from jaxnorm._src.nnx_modern import FilterResponseNorm
+from jaxnorm._src.nnx_modern import QKNorm
+from jaxnorm._src.nnx_modern import QKNormAttention
+from jaxnorm._src.nnx_modern import StdConv
+from jaxnorm._src.nnx_modern import WeightStandardization
+from jaxnorm._src.nnx_modern import precise_batch_stats
 
 __all__ = (
     "BatchNorm",
@@ -23,4 +34,15 @@ __all__ = (
     "RMSNorm",
     "SpectralNorm",
     "WeightNorm",
+    "AdaIN",
+    "AdaLNZero",
+    "ConditionalBatchNorm",
+    "DyT",
+    "FiLM",
+    "FilterResponseNorm",
+    "QKNorm",
+    "QKNormAttention",
+    "StdConv",
+    "WeightStandardization",
+    "precise_batch_stats",
 )

@@ -1,0 +1,154 @@
+"""Precise batch-norm statistics: exact population moments over a dataset.
+
+A batch-norm layer trained with ``momentum=0.99`` keeps exponential moving
+averages of batch statistics taken while its weights were still changing, and
+small or unrepresentative batches make them noisy (Wu & Johnson, 2021,
+"Rethinking 'Batch' in BatchNorm", Section 3). Precise BN recomputes them once
+training is done: the mean and variance of each layer's inputs over the whole
+dataset, with the trained weights fixed.
+
+This module is the arithmetic, free of any framework: per batch, the count,
+mean and sum of squared deviations of each feature (computed on device, in
+float32 or wider, two passes over the batch); across batches, Chan, Golub &
+LeVeque's (1979) pairwise update in float64 on the host, which is exact
+whatever the batch sizes and order::
+
+  n = n_a + n_b,   delta = mean_b - mean_a,
+  mean = mean_a + delta * n_b / n,
+  M2 = M2_a + M2_b + delta**2 * n_a * n_b / n,     var = M2 / n  (or / (n - 1)).
+
+:func:`jaxnorm.linen.precise_batch_stats` and
+:func:`jaxnorm.nnx.precise_batch_stats` use it for every BatchNorm of a model.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from jaxnorm._src import checks
+
+
+def precise_stats_init(num_features: int | tuple[int, ...]) -> dict[str, np.ndarray]:
+  """An empty accumulator: ``{"count", "mean", "m2"}``, float64 NumPy of shape ``num_features``.
+
+  >>> import jaxnorm
+  >>> sorted(jaxnorm.precise_stats_init(3))
+  ['count', 'm2', 'mean']
+  """
+  if isinstance(num_features, int) and not isinstance(num_features, bool):
+    shape = (checks.check_positive_int("num_features", num_features),)
+  else:
+    shape = tuple(checks.check_positive_int("num_features", n) for n in num_features)
+  return {k: np.zeros(shape, np.float64) for k in ("count", "mean", "m2")}
+
+
+@functools.partial(jax.jit, static_argnames=("axis",))
+def batch_moments(
+    x: ArrayLike, *, axis: tuple[int, ...], mask: ArrayLike | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-feature ``(count, mean, M2)`` of one batch over every axis but ``axis``.
+
+  Two passes (the mean, then the squared deviations from it), in float32 or
+  wider; masked-out entries are replaced before any arithmetic, so NaN or inf
+  there reaches nothing. A feature without entries has count 0, mean 0, M2 0.
+  """
+  reduction = tuple(a for a in range(x.ndim) if a not in axis)
+  dt = jnp.promote_types(x.dtype, jnp.float32)
+  x = x.astype(dt)
+  if mask is None:
+    n = float(np.prod([x.shape[a] for a in reduction]))
+    count = jnp.full([x.shape[a] for a in axis], n, dt)
+    mean = jnp.mean(x, axis=reduction)
+    keep = jnp.expand_dims(mean, reduction)
+    m2 = jnp.sum(jnp.square(x - keep), axis=reduction)
+    return count, mean, m2
+  m = jnp.broadcast_to(mask, x.shape)
+  count = jnp.sum(m, axis=reduction, dtype=dt)
+  xs = jnp.where(m, x, 0)
+  mean = jnp.sum(xs, axis=reduction) / jnp.maximum(count, 1)
+  dev = jnp.where(m, x - jnp.expand_dims(mean, reduction), 0)
+  return count, mean, jnp.sum(jnp.square(dev), axis=reduction)
+
+
+def combine(acc: Mapping[str, np.ndarray], count, mean, m2) -> dict[str, np.ndarray]:
+  """Chan et al.'s update of ``acc`` with one batch's ``(count, mean, M2)``, float64."""
+  n_a, mean_a, m2_a = acc["count"], acc["mean"], acc["m2"]
+  n_b, mean_b, m2_b = (np.asarray(v, np.float64) for v in (count, mean, m2))
+  n = n_a + n_b
+  safe = np.where(n > 0, n, 1.0)
+  delta = mean_b - mean_a
+  return {
+      "count": n,
+      "mean": np.where(n > 0, mean_a + delta * (n_b / safe), mean_a),
+      "m2": m2_a + m2_b + np.square(delta) * (n_a * n_b / safe),
+  }
+
+
+def precise_stats_update(
+    acc: Mapping[str, np.ndarray],
+    x: ArrayLike,
+    *,
+    axis: int | tuple[int, ...] = -1,
+    mask: ArrayLike | None = None,
+) -> dict[str, np.ndarray]:
+  """Adds one batch of a batch-norm layer's inputs to the accumulator.
+
+  Args:
+    acc: from :func:`precise_stats_init` or a previous update.
+    x: the inputs of the layer on one batch; features along ``axis``.
+    axis: the feature axis or axes (as the layer's ``axis``).
+    mask: boolean, broadcastable to ``x``: entries left out.
+
+  Returns:
+    The new accumulator (float64 NumPy; not a traceable function).
+  """
+  checks.check_array("x", x, allow_complex=False)
+  axes = checks.normalize_axes("axis", axis, x.ndim)
+  shape = tuple(x.shape[a] for a in axes)
+  if tuple(acc["mean"].shape) != shape:
+    raise ValueError(
+        f"`x` has features of shape {shape} along axis {axis} but the "
+        f"accumulator has shape {tuple(acc['mean'].shape)}."
+    )
+  checks.check_mask(mask, x)
+  return combine(acc, *batch_moments(x, axis=axes, mask=mask))
+
+
+def precise_stats_result(
+    acc: Mapping[str, np.ndarray],
+    *,
+    unbiased: bool = False,
+    fallback: Mapping[str, ArrayLike] | None = None,
+    dtype=jnp.float32,
+) -> dict[str, jax.Array]:
+  """The population ``{"mean", "var"}`` of everything added, as batch-norm ``state``.
+
+  ``var = M2 / n`` (biased, as batch norm normalizes with), or ``M2 / (n - 1)``
+  with ``unbiased``. A feature that received no entries takes its value from
+  ``fallback`` (the old state) when given, else mean 0 and variance 1.
+
+  >>> import numpy as np, jaxnorm
+  >>> acc = jaxnorm.precise_stats_init(1)
+  >>> for batch in ([1.0, 2.0], [3.0], [4.0, 5.0, 6.0]):       # any sizes, any order
+  ...   acc = jaxnorm.precise_stats_update(acc, np.array(batch)[:, None])
+  >>> s = jaxnorm.precise_stats_result(acc)
+  >>> float(s["mean"][0]), round(float(s["var"][0]), 4)       # of 1..6
+  (3.5, 2.9167)
+  """
+  n = acc["count"]
+  if unbiased:
+    var = acc["m2"] / np.where(n > 1, n - 1, 1.0)
+    seen = n > 1
+  else:
+    var = acc["m2"] / np.where(n > 0, n, 1.0)
+    seen = n > 0
+  old_mean = np.zeros_like(n) if fallback is None else np.asarray(fallback["mean"], np.float64)
+  old_var = np.ones_like(n) if fallback is None else np.asarray(fallback["var"], np.float64)
+  return {"mean": jnp.asarray(np.where(seen, acc["mean"], old_mean), dtype),
+          "var": jnp.asarray(np.where(seen, var, old_var), dtype)}
