@@ -20,16 +20,19 @@ import os
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Iterator
+from collections.abc import Sequence
 from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib import ticker  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib import ticker
+from tqdm.auto import tqdm
 
 # --------------------------------------------------------------------------------------------------
 # Data
@@ -73,7 +76,7 @@ def load_digits_dataset(*, test_fraction: float = 0.2, split_seed: int = 0) -> D
   x = (digits.images.astype(np.float32) / 16.0)[..., None]
   y = digits.target.astype(np.int32)
   perm = np.random.default_rng(split_seed).permutation(len(y))
-  n_test = int(round(test_fraction * len(y)))
+  n_test = round(test_fraction * len(y))
   test, train = perm[:n_test], perm[n_test:]
   return Dataset("digits", x[train], y[train], x[test], y[test])
 
@@ -111,8 +114,9 @@ def _find(directory: str, stem: str) -> str:
     if os.path.exists(path):
       return path
   raise FileNotFoundError(f"No {stem}[.gz] in {directory!r}; --data expects the four MNIST / "
-                          "Fashion-MNIST IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-                          "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte), gzipped or not.")
+                          "Fashion-MNIST IDX files (train-images-idx3-ubyte, "
+                          "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+                          "t10k-labels-idx1-ubyte), gzipped or not.")
 
 
 def load_idx_dataset(directory: str) -> Dataset:
@@ -173,12 +177,13 @@ def make_parser(doc: str | None, *, epochs: int, quick_epochs: int, out: str,
   parser.add_argument("--seed", type=int, default=0, help="seed of initialization and batch order")
   parser.add_argument("--epochs", type=int, default=None,
                       help=f"training epochs (default {epochs}, or {quick_epochs} with --quick)")
-  parser.add_argument("--out", default=out, help="directory for the PNG plots and the markdown table")
+  parser.add_argument("--out", default=out,
+                      help="directory for the PNG plots and the markdown table")
   parser.add_argument("--quick", action="store_true",
                       help="a short run (seconds) for smoke tests and CI")
   parser.add_argument("--data", default=None, metavar="DIR",
-                      help="directory with MNIST / Fashion-MNIST IDX files; default: scikit-learn's "
-                           "8x8 digits")
+                      help="directory with MNIST / Fashion-MNIST IDX files; default: "
+                           "scikit-learn's 8x8 digits")
   parser.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
   if lr is not None:
     parser.add_argument("--lr", type=float, default=lr, help=f"SGD learning rate ({lr_for})")

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -21,8 +22,9 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-import _common as common
 import jaxnorm.linen as jl
+
+import _common as common
 
 ACTIVATIONS = {"relu": nn.relu, "sigmoid": nn.sigmoid, "tanh": nn.tanh}
 
@@ -103,7 +105,7 @@ def train(model: nn.Module, data: common.Dataset, args: argparse.Namespace, name
       with timer:
         state, loss = train_step(state, data.x_train[idx], data.y_train[idx])
         losses.append(float(loss))
-    hist.record(epoch, functools.partial(predict, state), data, train_loss=np.mean(losses))
+    hist.record(epoch, functools.partial(predict, state), data, train_loss=float(np.mean(losses)))
     if on_epoch:
       on_epoch(state, epoch)
   hist.seconds_per_step = timer.mean()

@@ -26,9 +26,10 @@ from typing import Any
 
 import jax
 
+import jaxnorm
+
 import _common as common
 import bn_vs_no_bn
-import jaxnorm
 import saturation
 import sigmoid_lenet
 

@@ -21,8 +21,9 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-import _common as common
 import jaxnorm.linen as jl
+
+import _common as common
 from _common import plt
 
 VARIANTS = {"none": (False, False), "dropout": (True, False), "BN": (False, True),
@@ -95,7 +96,7 @@ def train(model: nn.Module, data: common.Dataset, args: argparse.Namespace, name
       with timer:
         state, loss = train_step(state, data.x_train[idx], data.y_train[idx])
         losses.append(float(loss))
-    hist.record(epoch, functools.partial(predict, state), data, train_loss=np.mean(losses))
+    hist.record(epoch, functools.partial(predict, state), data, train_loss=float(np.mean(losses)))
   hist.seconds_per_step = timer.mean()
   return state, hist
 

@@ -29,8 +29,9 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-import _common as common
 import jaxnorm.linen as jl
+
+import _common as common
 
 
 def to_sequences(images: np.ndarray, pad_to: int | None = None, *, keep_min: float = 0.6,
@@ -123,7 +124,7 @@ def train(model: nn.Module, data: common.Dataset, args: argparse.Namespace, name
       with timer:
         state, loss = train_step(state, data.x_train[idx], data.y_train[idx])
         losses.append(float(loss))
-    hist.record(epoch, functools.partial(predict, state), data, train_loss=np.mean(losses))
+    hist.record(epoch, functools.partial(predict, state), data, train_loss=float(np.mean(losses)))
   hist.seconds_per_step = timer.mean()
   return state, hist
 
@@ -177,8 +178,8 @@ def run(args: argparse.Namespace, data: common.Dataset | None = None) -> dict[st
   table = common.summary_table(histories)
   table += ("\n\nLN model, one sequence at a time vs a batch of 8: max |difference| = "
             f"{results['batch_independent_max_diff']:.2g}; padded to 12 steps instead of "
-            f"{seq.x_test.shape[1]}: {results['padding_max_diff']:.2g}. BatchNorm on a batch of one "
-            f"in training mode: {results['bn_batch1']}")
+            f"{seq.x_test.shape[1]}: {results['padding_max_diff']:.2g}. BatchNorm on a batch of "
+            f"one in training mode: {results['bn_batch1']}")
   plot = common.plot_curves(histories, f"{args.out}/rnn_layer_norm.png", title)
   return common.result(title, table, histories, [plot], checks=results,
                        lengths=(int(lengths.min()), int(lengths.max())))

@@ -58,7 +58,7 @@ def sigmoid_inputs(state: experiment1.TrainState, x: jax.Array) -> jax.Array:
 
 
 def train_and_probe(data, args, marks, use_bn, name):
-  """Trains the sigmoid MLP; returns its sigmoid inputs at each epoch of ``marks``, and its history."""
+  """Trains the sigmoid MLP; returns its sigmoid inputs at the epochs of ``marks``, its history."""
   model = experiment1.MLP(num_classes=data.num_classes, use_bn=use_bn, activation="sigmoid")
   x_probe = jnp.asarray(data.x_train[:args.probe_size])
   preacts = {}

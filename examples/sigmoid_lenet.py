@@ -18,8 +18,9 @@ from typing import Any
 import flax.linen as nn
 import numpy as np
 
-import _common as common
 import jaxnorm.linen as jl
+
+import _common as common
 import bn_vs_no_bn as experiment1  # its SGD step and training loop
 
 
@@ -70,9 +71,9 @@ def run(args: argparse.Namespace, data: common.Dataset | None = None) -> dict[st
   title = f"Experiment 2: sigmoid LeNet, SGD lr={args.lr}, with vs without BN ({data.name})"
   bn1 = states["LeNet + BN"].params["bn_conv1"]
   gamma, beta = np.asarray(bn1["scale"]), np.asarray(bn1["bias"])
-  gb = common.markdown_table(["first BN layer (after conv1)"] + [f"ch {i}" for i in range(len(gamma))],
-                             [["gamma (scale)"] + [float(v) for v in gamma],
-                              ["beta (bias)"] + [float(v) for v in beta]])
+  gb = common.markdown_table(
+      ["first BN layer (after conv1)"] + [f"ch {i}" for i in range(len(gamma))],
+      [["gamma (scale)"] + [float(v) for v in gamma], ["beta (bias)"] + [float(v) for v in beta]])
   table = (common.summary_table(histories) + "\n\nLearned scale and bias of the first BN layer:\n\n"
            + gb)
   plot = common.plot_curves(histories, f"{args.out}/sigmoid_lenet.png", title)

@@ -11,6 +11,7 @@ and ``Dense`` + ``BatchNorm``. Plots the curves and reports the time per trainin
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,10 +19,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-import _common as common
-import bn_vs_no_bn as experiment1  # its SGD step and training loop
 import jaxnorm
 import jaxnorm.linen as jl
+
+import _common as common
+import bn_vs_no_bn as experiment1  # its SGD step and training loop
 
 
 class WNDense(nn.Module):
@@ -78,8 +80,9 @@ def run(args: argparse.Namespace, data: common.Dataset | None = None) -> dict[st
     if kind == "weight norm":
       # Data-dependent init: one forward pass that sets every layer's g and bias from a batch.
       x0 = jnp.asarray(data.x_train[:args.init_batch])
-      _, new = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False, data_init=True,
-                                                mutable=["params"]))(state.params, x0)
+      data_init = jax.jit(functools.partial(model.apply, train=False, data_init=True,
+                                            mutable=["params"]))
+      _, new = data_init({"params": state.params}, x0)
       state = experiment1.TrainState.create(apply_fn=model.apply, params=new["params"],
                                             tx=state.tx, batch_stats={})
       # Check: the first layer's pre-activations on the init batch are standardized.
@@ -90,7 +93,8 @@ def run(args: argparse.Namespace, data: common.Dataset | None = None) -> dict[st
                     "mean_std": float(z.std(0).mean())}
     _, hist = experiment1.train(model, data, args, kind, state=state)
     histories.append(hist)
-  title = f"Experiment 5: plain vs weight norm (data init) vs batch norm, SGD lr={args.lr} ({data.name})"
+  title = (f"Experiment 5: plain vs weight norm (data init) vs batch norm, SGD lr={args.lr} "
+           f"({data.name})")
   table = common.summary_table(histories)
   table += ("\n\nAfter the data-dependent init, first layer on the init batch: mean |mean| = "
             f"{init_stats['mean_abs_mean']:.2g}, mean std = {init_stats['mean_std']:.3g}.")

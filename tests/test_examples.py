@@ -152,7 +152,7 @@ def test_read_idx_roundtrip(tmp_path):
 def test_idx_data_option(tmp_path):
   # MNIST-format files made from the digits (uint8 pixels 0..255), half gzipped, half not.
   d = common.load_digits_dataset()
-  to_u8 = lambda x: np.round(x[..., 0] * 255).astype(np.uint8)  # noqa: E731
+  to_u8 = lambda x: np.round(x[..., 0] * 255).astype(np.uint8)
   _write_idx(str(tmp_path / "train-images-idx3-ubyte.gz"), to_u8(d.x_train))
   _write_idx(str(tmp_path / "train-labels-idx1-ubyte.gz"), d.y_train.astype(np.uint8))
   _write_idx(str(tmp_path / "t10k-images-idx3-ubyte"), to_u8(d.x_test))
@@ -175,7 +175,7 @@ def test_rnn_layer_norm(tmp_path):
   _assert_pngs(r["plots"])
   lo, hi = r["lengths"]
   assert lo < hi  # the sequences really have different lengths
-  # LN needs no batch: one sequence alone gives the same output as inside a batch; padding is masked.
+  # LN needs no batch: one sequence alone gives the same output as in a batch; padding is masked.
   assert r["checks"]["batch_independent_max_diff"] < 1e-5
   assert r["checks"]["padding_max_diff"] < 1e-5
   assert "ValueError" in r["checks"]["bn_batch1"]
