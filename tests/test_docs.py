@@ -68,7 +68,13 @@ def test_the_docs_have_python_blocks():
   assert sum(per_page.values()) >= 30, per_page
 
 
-@pytest.mark.parametrize("block_id,code", BLOCKS, ids=[b[0] for b in BLOCKS])
+def _marks(block_id: str) -> list[pytest.MarkDecorator]:
+  # The site's pages hold many examples, each compiling its own functions: slow as a group.
+  return [] if block_id.startswith("README.md") else [pytest.mark.slow]
+
+
+@pytest.mark.parametrize(
+    "block_id,code", [pytest.param(*b, id=b[0], marks=_marks(b[0])) for b in BLOCKS])
 def test_code_block_runs_alone(block_id, code):
   if re.search(r"^\s*(import torch|from torch)", code, re.M) or "interop.from_torch" in code:
     if importlib.util.find_spec("torch") is None:
