@@ -89,3 +89,14 @@ def test_code_block_runs_alone(block_id, code):
   else:
     linecache.cache[block_id] = (len(code), None, code.splitlines(True), block_id)  # tracebacks
     exec(compile(code, block_id, "exec"), namespace)
+
+
+def test_api_reference_lists_every_public_name():
+  # docs/api/jaxnorm.md names the functions in reading order; the module pages follow __all__.
+  import jaxnorm
+
+  listed = set(re.findall(r"^\s+- (\w+)$", (ROOT / "docs/api/jaxnorm.md").read_text(), re.M))
+  public = set(jaxnorm.__all__)
+  assert listed == public, f"missing {sorted(public - listed)}, extra {sorted(listed - public)}"
+  for name in ("linen", "nnx", "interop"):
+    assert f"::: jaxnorm.{name}\n" in (ROOT / f"docs/api/{name}.md").read_text()
