@@ -1,12 +1,14 @@
-"""Shared pieces of the examples: data, the normalization layers, training loops, plots, tables.
+"""Plumbing shared by the examples: data, command line, progress bars, evaluation, plots, tables.
 
-Every example imports its normalization layers through :data:`norm` below, so one place decides
-where they come from: ``jaxnorm.linen``. While a jaxnorm module is still a placeholder (``None``)
-the matching ``flax.linen`` module stands in, and :func:`norm_sources` says so.
+Nothing here knows about a model or a normalization layer: each example script defines its model
+with ``jaxnorm.linen``, its training step and its loop, and uses this module only for what every
+script needs the same way. The examples import it as ``import _common as common``, which works
+when a script is run as ``python examples/<script>.py`` (Python puts the script's directory on
+``sys.path``).
 
-Data: scikit-learn's ``load_digits`` (1,797 8x8 grey digits that ship with scikit-learn, nothing is
-downloaded) with a fixed train/test split, or MNIST / Fashion-MNIST IDX files from a directory
-(``--data DIR``).
+Data: scikit-learn's ``load_digits`` (1,797 8x8 grey digits that ship with scikit-learn, nothing
+is downloaded) with a fixed 1,438 / 359 train/test split, or MNIST / Fashion-MNIST IDX files from a
+directory (``--data DIR``).
 """
 
 from __future__ import annotations
@@ -18,49 +20,19 @@ import os
 import struct
 import sys
 import time
-import types
-from typing import Any, Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Iterator
+from collections.abc import Sequence
+from typing import Any
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-import jaxnorm.linen as _jaxnorm_linen  # noqa: E402
-
-# --------------------------------------------------------------------------------------------------
-# The normalization layers: ONE alias for every example.
-# --------------------------------------------------------------------------------------------------
-
-_NAMES = ("BatchNorm", "LayerNorm", "GroupNorm", "BatchRenorm", "Dropout", "WeightNorm")
-
-
-def _resolve() -> tuple[types.SimpleNamespace, dict[str, str]]:
-  layers, sources = {}, {}
-  for name in _NAMES:
-    cls = getattr(_jaxnorm_linen, name, None)
-    if cls is not None:
-      layers[name], sources[name] = cls, "jaxnorm.linen"
-    elif hasattr(nn, name):
-      layers[name], sources[name] = getattr(nn, name), "flax.linen (jaxnorm's is not there yet)"
-    else:
-      layers[name], sources[name] = None, "missing"
-  return types.SimpleNamespace(**layers), sources
-
-
-norm, _SOURCES = _resolve()
-
-
-def norm_sources() -> dict[str, str]:
-  """Where each layer of :data:`norm` comes from (``"jaxnorm.linen"`` when all is well)."""
-  return dict(_SOURCES)
-
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib import ticker
+from tqdm.auto import tqdm
 
 # --------------------------------------------------------------------------------------------------
 # Data
@@ -81,21 +53,22 @@ class Dataset:
   def num_classes(self) -> int:
     return int(max(self.y_train.max(), self.y_test.max())) + 1
 
-  @property
-  def image_shape(self) -> tuple[int, ...]:
-    return self.x_train.shape[1:]
-
-  def subset(self, n_train: int | None, n_test: int | None) -> "Dataset":
+  def subset(self, n_train: int | None, n_test: int | None) -> Dataset:
     """The first ``n_train`` / ``n_test`` examples (``None`` keeps all)."""
     return Dataset(self.name, self.x_train[:n_train], self.y_train[:n_train],
                    self.x_test[:n_test], self.y_test[:n_test])
+
+  def scaled(self, factor: float) -> Dataset:
+    """The same images multiplied by ``factor`` (labels unchanged)."""
+    return Dataset(self.name, self.x_train * factor, self.y_train, self.x_test * factor,
+                   self.y_test)
 
 
 def load_digits_dataset(*, test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
   """scikit-learn's 8x8 digits, scaled to [0, 1], with a fixed shuffled train/test split.
 
   The split depends only on ``split_seed`` (not on a run's ``--seed``), so every run and every
-  example sees the same 1,437 training and 360 test images.
+  example sees the same images: ``round(0.2 * 1797) = 359`` for testing, 1,438 for training.
   """
   from sklearn.datasets import load_digits
 
@@ -103,7 +76,7 @@ def load_digits_dataset(*, test_fraction: float = 0.2, split_seed: int = 0) -> D
   x = (digits.images.astype(np.float32) / 16.0)[..., None]
   y = digits.target.astype(np.int32)
   perm = np.random.default_rng(split_seed).permutation(len(y))
-  n_test = int(round(test_fraction * len(y)))
+  n_test = round(test_fraction * len(y))
   test, train = perm[:n_test], perm[n_test:]
   return Dataset("digits", x[train], y[train], x[test], y[test])
 
@@ -115,7 +88,7 @@ def read_idx(path: str) -> np.ndarray:
   0x0C = int32, 0x0D = float32, 0x0E = float64), the number of dimensions, then each dimension
   as a big-endian uint32; the data follow, big-endian.
   """
-  opener = gzip.open if path.endswith(".gz") else open
+  opener: Callable[..., Any] = gzip.open if path.endswith(".gz") else open
   with opener(path, "rb") as f:
     raw = f.read()
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
@@ -141,16 +114,17 @@ def _find(directory: str, stem: str) -> str:
     if os.path.exists(path):
       return path
   raise FileNotFoundError(f"No {stem}[.gz] in {directory!r}; --data expects the four MNIST / "
-                          "Fashion-MNIST IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-                          "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte), gzipped or not.")
+                          "Fashion-MNIST IDX files (train-images-idx3-ubyte, "
+                          "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+                          "t10k-labels-idx1-ubyte), gzipped or not.")
 
 
 def load_idx_dataset(directory: str) -> Dataset:
   """MNIST or Fashion-MNIST from the user's own IDX files in ``directory``."""
-  def images(stem):
+  def images(stem: str) -> np.ndarray:
     return (read_idx(_find(directory, stem)).astype(np.float32) / 255.0)[..., None]
 
-  def labels(stem):
+  def labels(stem: str) -> np.ndarray:
     return read_idx(_find(directory, stem)).astype(np.int32)
 
   return Dataset(os.path.basename(os.path.normpath(directory)) or "idx",
@@ -163,12 +137,32 @@ def load_data(data_dir: str | None) -> Dataset:
   return load_idx_dataset(data_dir) if data_dir else load_digits_dataset()
 
 
+def experiment_data(args: argparse.Namespace, data: Dataset | None = None, *,
+                    quick_subset: bool = True) -> Dataset:
+  """``data`` when given (the demo loads it once for all experiments), else --data's data set.
+
+  With ``quick_subset`` and --quick, IDX data (MNIST-sized) is cut to its first 2,000 training and
+  1,000 test images; the digits stay whole.
+  """
+  data = data if data is not None else load_data(args.data)
+  if quick_subset and args.quick and data.name != "digits":
+    data = data.subset(2000, 1000)
+  return data
+
+
+def batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+  """Shuffled index batches of one epoch; the last incomplete batch is dropped."""
+  perm = rng.permutation(n)
+  for i in range(0, n - batch_size + 1, batch_size):
+    yield perm[i:i + batch_size]
+
+
 # --------------------------------------------------------------------------------------------------
-# Command line
+# Command line and progress
 # --------------------------------------------------------------------------------------------------
 
 
-def make_parser(doc: str, *, epochs: int, quick_epochs: int, out: str,
+def make_parser(doc: str | None, *, epochs: int, quick_epochs: int, out: str,
                 lr: float | None = None, lr_for: str = "both models",
                 batch_size: int | None = None) -> argparse.ArgumentParser:
   """The options every example shares: --seed, --epochs, --out, --quick, --data, --no-progress.
@@ -178,17 +172,18 @@ def make_parser(doc: str, *, epochs: int, quick_epochs: int, out: str,
   ``--batch-size``; ``epochs`` and ``quick_epochs`` are the defaults of ``--epochs`` without and
   with ``--quick`` (see :func:`parse`).
   """
-  parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+  parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0],
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument("--seed", type=int, default=0, help="seed of initialization and batch order")
   parser.add_argument("--epochs", type=int, default=None,
                       help=f"training epochs (default {epochs}, or {quick_epochs} with --quick)")
-  parser.add_argument("--out", default=out, help="directory for the PNG plots and the markdown table")
+  parser.add_argument("--out", default=out,
+                      help="directory for the PNG plots and the markdown table")
   parser.add_argument("--quick", action="store_true",
                       help="a short run (seconds) for smoke tests and CI")
   parser.add_argument("--data", default=None, metavar="DIR",
-                      help="directory with MNIST / Fashion-MNIST IDX files; default: scikit-learn's "
-                           "8x8 digits")
+                      help="directory with MNIST / Fashion-MNIST IDX files; default: "
+                           "scikit-learn's 8x8 digits")
   parser.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
   if lr is not None:
     parser.add_argument("--lr", type=float, default=lr, help=f"SGD learning rate ({lr_for})")
@@ -207,48 +202,58 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpar
   return args
 
 
-def experiment_data(args: argparse.Namespace, data: Dataset | None = None, *,
-                    quick_subset: bool = True) -> Dataset:
-  """``data`` when given (the demo loads it once for all experiments), else --data's data set.
+def epochs(args: argparse.Namespace, *, desc: str) -> Iterable[int]:
+  """``1, ..., args.epochs`` with a tqdm bar (shown on a terminal unless --no-progress)."""
+  return tqdm(range(1, args.epochs + 1), desc=desc, leave=False,
+              disable=args.no_progress or not sys.stderr.isatty())
 
-  With ``quick_subset`` and --quick, IDX data (MNIST-sized) is cut to its first 2,000 training and
-  1,000 test images; the digits stay whole.
+
+class StepTimer:
+  """Wall time of the training steps run inside ``with timer:``, without the first (compiling) one.
+
+  The block must wait for its result (``float(loss)`` does), or it times the dispatch only.
   """
-  data = data if data is not None else load_data(args.data)
-  if quick_subset and args.quick and data.name != "digits":
-    data = data.subset(2000, 1000)
-  return data
 
+  def __init__(self) -> None:
+    self._seconds: list[float] = []
+    self._t0 = 0.0
 
-def run_experiment(build_parser: Callable[[], argparse.ArgumentParser],
-                   run: Callable[[argparse.Namespace], dict],
-                   argv: Sequence[str] | None) -> dict:
-  """An experiment script's ``main``: parses ``argv``, calls ``run(args)``, prints the result's
-  section (:func:`section`) and the layers' sources, writes the section to ``--out/summary.md``.
-  Returns ``run``'s result."""
-  args = parse(build_parser(), argv)
-  result = run(args)
-  print(f"{section(result)}\n\n{sources_line()}")
-  write_text(os.path.join(args.out, "summary.md"), section(result))
-  return result
+  def __enter__(self) -> StepTimer:
+    self._t0 = time.perf_counter()
+    return self
 
+  def __exit__(self, *exc: object) -> None:
+    self._seconds.append(time.perf_counter() - self._t0)
 
-def progress(iterable, *, desc: str, disable: bool = False, **kwargs):
-  """A tqdm bar, shown only on a terminal."""
-  return tqdm(iterable, desc=desc, leave=False, disable=disable or not sys.stderr.isatty(), **kwargs)
+  def mean(self) -> float:
+    """Mean seconds per step, the first step left out; NaN with fewer than two steps."""
+    return float(np.mean(self._seconds[1:])) if len(self._seconds) > 1 else float("nan")
 
 
 # --------------------------------------------------------------------------------------------------
-# Training
+# Evaluation and the record of a run
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class TrainState:
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  key: jax.Array
+def evaluate(predict: Callable[[np.ndarray], Any], x: np.ndarray, y: np.ndarray, *,
+             batch_size: int = 512) -> tuple[float, float]:
+  """Mean cross-entropy and accuracy of ``predict(x) -> logits`` over ``(x, y)``.
+
+  ``x`` goes through in chunks of ``batch_size``, the last one padded with zeros, so a jitted
+  ``predict`` compiles once; the padding is left out of the loss and the accuracy.
+  """
+  total_loss, correct = 0.0, 0
+  for i in range(0, len(y), batch_size):
+    xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+    n = len(yb)
+    if n < batch_size:
+      xb = np.concatenate([xb, np.zeros((batch_size - n,) + xb.shape[1:], xb.dtype)])
+    logits = np.asarray(predict(xb), np.float64)[:n]
+    log_probs = logits - logits.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    total_loss -= float(log_probs[np.arange(n), yb].sum())
+    correct += int((logits.argmax(-1) == yb).sum())
+  return total_loss / len(y), correct / len(y)
 
 
 @dataclasses.dataclass
@@ -256,225 +261,113 @@ class History:
   """Per-epoch curves of one run (epoch 0 is before training)."""
 
   name: str
-  epochs: list = dataclasses.field(default_factory=list)
-  train_loss: list = dataclasses.field(default_factory=list)
-  train_acc: list = dataclasses.field(default_factory=list)
-  test_acc: list = dataclasses.field(default_factory=list)
-  step_losses: list = dataclasses.field(default_factory=list)
+  epochs: list[int] = dataclasses.field(default_factory=list)
+  train_loss: list[float] = dataclasses.field(default_factory=list)
+  train_acc: list[float] = dataclasses.field(default_factory=list)
+  test_acc: list[float] = dataclasses.field(default_factory=list)
+  step_losses: list[float] = dataclasses.field(default_factory=list)
   seconds_per_step: float = float("nan")
 
+  def record(self, epoch: int, predict: Callable[[np.ndarray], Any], data: Dataset,
+             train_loss: float | None = None) -> None:
+    """Appends ``epoch``'s train/test accuracy of ``predict`` (inference mode) to the curves.
 
-def variables_of(state: TrainState) -> dict:
-  variables = {"params": state.params}
-  if state.batch_stats:
-    variables["batch_stats"] = state.batch_stats
-  return variables
-
-
-def init_state(model: nn.Module, x0: np.ndarray, tx: optax.GradientTransformation,
-               seed: int) -> TrainState:
-  """Initializes ``model`` on the example batch ``x0`` (its call is ``model(x, train=...)``)."""
-  key = jax.random.PRNGKey(seed)
-  key, init_key, drop_key = jax.random.split(key, 3)
-  # Under jit, init compiles once instead of dispatching (and compiling) every op one by one.
-  init = jax.jit(lambda rngs, x: model.init(rngs, x, train=False))
-  variables = init({"params": init_key, "dropout": drop_key}, jnp.asarray(x0))
-  params = variables["params"]
-  return TrainState(params, variables.get("batch_stats", {}), tx.init(params), key)
-
-
-def cross_entropy(logits, labels):
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation) -> Callable:
-  """A jit-compiled SGD step: (params, batch_stats, opt_state, x, y, key) -> (..., loss)."""
-
-  @jax.jit
-  def step(params, batch_stats, opt_state, x, y, key):
-    def loss_fn(p):
-      variables = {"params": p, "batch_stats": batch_stats}
-      logits, updates = model.apply(variables, x, train=True, rngs={"dropout": key},
-                                    mutable=["batch_stats"])
-      return cross_entropy(logits, y), updates.get("batch_stats", batch_stats)
-
-    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), new_stats, opt_state, loss
-
-  return step
-
-
-def make_eval(model: nn.Module, batch_size: int = 512) -> Callable:
-  """Returns ``evaluate(state, x, y) -> (loss, accuracy)`` in inference mode.
-
-  Every chunk is padded to ``batch_size`` so the evaluation compiles once.
-  """
-
-  @jax.jit
-  def _eval(variables, x, y, valid):
-    logits = model.apply(variables, x, train=False)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    return (losses * valid).sum(), ((logits.argmax(-1) == y) * valid).sum()
-
-  def evaluate(state: TrainState, x, y):
-    total_loss, correct = 0.0, 0
-    for i in range(0, len(y), batch_size):
-      xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-      n = len(yb)
-      valid = np.arange(batch_size) < n
-      if n < batch_size:
-        xb = np.concatenate([xb, np.zeros((batch_size - n,) + xb.shape[1:], xb.dtype)])
-        yb = np.concatenate([yb, np.zeros((batch_size - n,), yb.dtype)])
-      loss, c = _eval(variables_of(state), jnp.asarray(xb), jnp.asarray(yb), jnp.asarray(valid))
-      total_loss += float(loss)
-      correct += int(c)
-    return total_loss / len(y), correct / len(y)
-
-  return evaluate
-
-
-def batches(n: int, batch_size: int, rng: np.random.Generator):
-  """Shuffled index batches of one epoch; the last incomplete batch is dropped."""
-  perm = rng.permutation(n)
-  for i in range(0, n - batch_size + 1, batch_size):
-    yield perm[i:i + batch_size]
-
-
-def fit(model: nn.Module, data: Dataset, *, name: str, epochs: int, batch_size: int,
-        tx: optax.GradientTransformation, seed: int, callback: Callable | None = None,
-        quiet: bool = False, state: TrainState | None = None) -> tuple[TrainState, History]:
-  """Trains ``model`` on ``data`` and records per-epoch curves.
-
-  ``callback(state, epoch)`` runs before training (epoch 0) and after every epoch. The batch order
-  depends on ``seed`` only, so two models trained with the same seed see the same batches.
-  """
-  if state is None:
-    state = init_state(model, data.x_train[:batch_size], tx, seed)
-  step = make_train_step(model, tx)
-  evaluate = make_eval(model)
-  rng = np.random.default_rng(seed)
-  hist = History(name)
-
-  def record(epoch, train_loss):
-    _, train_acc = evaluate(state, data.x_train, data.y_train)
-    _, test_acc = evaluate(state, data.x_test, data.y_test)
-    if train_loss is None:
-      train_loss, _ = evaluate(state, data.x_train, data.y_train)
-    hist.epochs.append(epoch)
-    hist.train_loss.append(float(train_loss))
-    hist.train_acc.append(train_acc)
-    hist.test_acc.append(test_acc)
-    if callback is not None:
-      callback(state, epoch)
-
-  record(0, None)
-  n_steps, t_steps = 0, 0.0
-  for epoch in progress(range(1, epochs + 1), desc=name, disable=quiet):
-    losses = []
-    for idx in batches(len(data.y_train), batch_size, rng):
-      key, sub = jax.random.split(state.key)
-      t0 = time.perf_counter()
-      params, stats, opt_state, loss = step(state.params, state.batch_stats, state.opt_state,
-                                            jnp.asarray(data.x_train[idx]),
-                                            jnp.asarray(data.y_train[idx]), sub)
-      loss = float(loss)  # waits for the step
-      if n_steps > 0 or epoch > 1:  # the first step compiles
-        t_steps += time.perf_counter() - t0
-      n_steps += 1
-      state = TrainState(params, stats, opt_state, key)
-      losses.append(loss)
-    hist.step_losses.extend(losses)
-    record(epoch, np.mean(losses) if losses else float("nan"))
-  if n_steps > 1:
-    hist.seconds_per_step = t_steps / (n_steps - 1)
-  return state, hist
-
-
-def fit_from_args(model: nn.Module, data: Dataset, args: argparse.Namespace, *, name: str,
-                  **overrides) -> tuple[TrainState, History]:
-  """:func:`fit` with the run's options: --epochs, --batch-size, SGD at --lr, --seed, and
-  --no-progress; keyword arguments (``batch_size=``, ``tx=``, ``callback=``, ``state=``...) override
-  them or add to them."""
-  kwargs = dict(epochs=args.epochs, batch_size=getattr(args, "batch_size", None),
-                tx=optax.sgd(args.lr), seed=args.seed, quiet=args.no_progress)
-  kwargs.update(overrides)
-  return fit(model, data, name=name, **kwargs)
+    ``train_loss`` is the mean loss of the epoch's training steps; without it (epoch 0) the loss
+    on the training set is computed.
+    """
+    loss, train_acc = evaluate(predict, data.x_train, data.y_train)
+    _, test_acc = evaluate(predict, data.x_test, data.y_test)
+    self.epochs.append(epoch)
+    self.train_loss.append(float(loss if train_loss is None else train_loss))
+    self.train_acc.append(train_acc)
+    self.test_acc.append(test_acc)
 
 
 # --------------------------------------------------------------------------------------------------
-# Reporting
+# Plots
 # --------------------------------------------------------------------------------------------------
+
+
+def log_axis(ax: Any, axis: str = "y") -> None:
+  """A log scale labelled 0.1, 0.2, 0.5, 1, 2... in plain numbers, minor ticks unlabelled."""
+  target = ax.yaxis if axis == "y" else ax.xaxis
+  (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+  target.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+  target.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+  target.set_minor_formatter(ticker.NullFormatter())
+
+
+def integer_ticks(ax: Any) -> None:
+  """Only whole numbers on the x axis (epochs)."""
+  ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+
+
+def legend_below(fig: Any, ax: Any, ncol: int | None = None) -> None:
+  """One legend for the figure, under the panels, so it never covers a curve."""
+  handles, labels = ax.get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=ncol or len(labels), frameon=False)
 
 
 def plot_curves(histories: Sequence[History], path: str, title: str) -> str:
-  """Training loss and test accuracy per epoch, side by side, one line per run."""
-  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.4))
+  """Training loss (log scale) and test accuracy per epoch, side by side, one line per run."""
+  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.8))
   for h in histories:
     ax_loss.plot(h.epochs[1:], h.train_loss[1:], marker=".", label=h.name)
     ax_acc.plot(h.epochs, h.test_acc, marker=".", label=h.name)
   ax_loss.set(title="training loss", xlabel="epoch", ylabel="cross-entropy (mean over epoch)")
-  ax_loss.set_yscale("log")
+  log_axis(ax_loss)
   ax_acc.set(title="test accuracy", xlabel="epoch", ylabel="accuracy", ylim=(0, 1.02))
   for ax in (ax_loss, ax_acc):
-    ax.legend()
+    integer_ticks(ax)
     ax.grid(alpha=0.3)
+  return finish(fig, ax_acc, title, path)
+
+
+def finish(fig: Any, legend_ax: Any, title: str, path: str, *, ncol: int | None = None) -> str:
+  """Adds the title and the legend below the panels, saves ``fig`` to ``path`` and closes it."""
   fig.suptitle(title)
-  fig.tight_layout()
-  return save(fig, path)
-
-
-def save(fig, path: str) -> str:
+  legend_below(fig, legend_ax, ncol)
+  rows = -(-len(legend_ax.get_legend_handles_labels()[1]) // (ncol or 10**6))
+  fig.tight_layout(rect=(0, 0.04 + 0.05 * rows, 1, 1))
   fig.savefig(path, dpi=80)
   plt.close(fig)
   return path
 
 
+# --------------------------------------------------------------------------------------------------
+# Tables and results
+# --------------------------------------------------------------------------------------------------
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   """A GitHub markdown table; floats get 4 significant digits."""
-  def fmt(v):
-    if isinstance(v, float):
-      return f"{v:.4g}"
-    return str(v)
+  def fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
   lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
   lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
   return "\n".join(lines)
 
 
-def summary_rows(histories: Sequence[History]) -> list[list[Any]]:
-  return [[h.name, h.train_loss[-1], h.train_acc[-1], h.test_acc[-1],
-           h.seconds_per_step * 1e3] for h in histories]
-
-
-SUMMARY_HEADERS = ("model", "final train loss", "train acc", "test acc", "ms / step")
-
-
 def summary_table(histories: Sequence[History]) -> str:
-  """The markdown table of :data:`SUMMARY_HEADERS`, one row per run."""
-  return markdown_table(SUMMARY_HEADERS, summary_rows(histories))
+  """Final train loss, train and test accuracy and ms per step, one row per run."""
+  return markdown_table(
+      ("model", "final train loss", "train acc", "test acc", "ms / step"),
+      [[h.name, h.train_loss[-1], h.train_acc[-1], h.test_acc[-1], h.seconds_per_step * 1e3]
+       for h in histories])
 
 
-def experiment_result(title: str, table: str, histories: Sequence[History], plots: Sequence[str],
-           **extra) -> dict:
+def result(title: str, table: str, histories: Sequence[History], plots: Sequence[str],
+           **extra: Any) -> dict[str, Any]:
   """What an experiment's ``run`` returns: its title, markdown table, histories by run name, plot
   paths, and any experiment-specific entries."""
   return {"title": title, "table": table, "histories": {h.name: h for h in histories},
           "plots": list(plots), **extra}
 
 
-def curves_result(args: argparse.Namespace, filename: str, title: str,
-                  histories: Sequence[History], *, table: str | None = None, **extra) -> dict:
-  """Plots the curves of ``histories`` to ``--out/filename`` (:func:`plot_curves`) and returns the
-  :func:`experiment_result` with that plot; the table defaults to :func:`summary_table`."""
-  plot = plot_curves(histories, os.path.join(args.out, filename), title)
-  return experiment_result(title, summary_table(histories) if table is None else table,
-                           histories, [plot], **extra)
-
-
-def section(result: dict) -> str:
+def section(res: dict[str, Any]) -> str:
   """A result's markdown section: its title as a heading, then its table."""
-  return f"## {result['title']}\n\n{result['table']}"
+  return f"## {res['title']}\n\n{res['table']}"
 
 
 def write_text(path: str, text: str) -> str:
@@ -483,10 +376,13 @@ def write_text(path: str, text: str) -> str:
   return path
 
 
-def sources_line() -> str:
-  src = norm_sources()
-  stand_ins = {k: v for k, v in src.items() if v != "jaxnorm.linen"}
-  if not stand_ins:
-    return "normalization layers: jaxnorm.linen"
-  return "normalization layers: jaxnorm.linen, except " + ", ".join(
-      f"{k} from {v}" for k, v in stand_ins.items())
+def main(build_parser: Callable[[], argparse.ArgumentParser],
+         run: Callable[[argparse.Namespace], dict[str, Any]],
+         argv: Sequence[str] | None) -> dict[str, Any]:
+  """An experiment script's ``main``: parses ``argv``, calls ``run(args)``, prints its section and
+  writes it to ``--out/summary.md``. Returns ``run``'s result."""
+  args = parse(build_parser(), argv)
+  res = run(args)
+  print(section(res))
+  write_text(os.path.join(args.out, "summary.md"), section(res))
+  return res

@@ -9,8 +9,8 @@
 Writes ``bn_vs_no_bn.png``, ``sigmoid_lenet.png``, ``saturation.png`` and ``summary.md`` to
 ``--out`` and prints the tables.
 
-  python examples/demo.py --out out/demo            # a few minutes on a laptop CPU
-  python examples/demo.py --quick --out out/demo    # under a minute
+  python examples/demo.py --out out/demo            # about a minute on a 2-core CPU
+  python examples/demo.py --quick --out out/demo    # 4 epochs
 """
 
 from __future__ import annotations
@@ -20,24 +20,27 @@ import os
 import platform
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
 
 import jax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as common  # noqa: E402
-import bn_vs_no_bn  # noqa: E402
-import saturation  # noqa: E402
-import sigmoid_lenet  # noqa: E402
+import jaxnorm
+
+import _common as common
+import bn_vs_no_bn
+import saturation
+import sigmoid_lenet
 
 EXPERIMENTS = (bn_vs_no_bn, sigmoid_lenet, saturation)
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
   return common.make_parser(__doc__, epochs=10, quick_epochs=4, out="out/demo")
 
 
-def experiment_args(module, args) -> argparse.Namespace:
+def experiment_args(module: ModuleType, args: argparse.Namespace) -> argparse.Namespace:
   """The experiment's own defaults (learning rate, batch size...) with the demo's shared options."""
   shared = ["--seed", str(args.seed), "--epochs", str(args.epochs), "--out", args.out]
   shared += ["--quick"] * args.quick + ["--no-progress"] * args.no_progress
@@ -45,7 +48,7 @@ def experiment_args(module, args) -> argparse.Namespace:
   return common.parse(module.build_parser(), shared)
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = common.parse(build_parser(), argv)
   data = common.load_data(args.data)
   results, sections = {}, []
@@ -63,14 +66,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
   header = (f"# jaxnorm demo\n\nCommand: `{command.strip()}`; data: {data.name} "
             f"({len(data.y_train)} train / {len(data.y_test)} test images); "
             f"{args.epochs} epochs; seed {args.seed}; total {total:.0f} s on "
-            f"{platform.machine()} ({jax.default_backend()}, jax {jax.__version__}).\n"
-            f"{common.sources_line()}.\n")
+            f"{platform.machine()} ({jax.default_backend()}, jax {jax.__version__}, "
+            f"jaxnorm {jaxnorm.__version__}).\n")
   plots = "\n".join(f"![{os.path.basename(p)}]({os.path.basename(p)})"
                     for r in results.values() for p in r["plots"])
   summary = header + "\n" + "\n\n".join(sections) + "\n\n" + plots
   path = common.write_text(os.path.join(args.out, "summary.md"), summary)
-  print(f"{common.sources_line()}\nwrote {path} and "
-        + ", ".join(p for r in results.values() for p in r["plots"]))
+  print(f"wrote {path} and " + ", ".join(p for r in results.values() for p in r["plots"]))
   return results
 
 

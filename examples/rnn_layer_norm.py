@@ -17,18 +17,21 @@ with a ValueError. The script checks both facts and prints them.
 
 from __future__ import annotations
 
-import os
-import sys
-from typing import Sequence
+import argparse
+import functools
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from flax.training import train_state
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as common  # noqa: E402
-from _common import norm  # noqa: E402
+import jaxnorm.linen as jl
+
+import _common as common
 
 
 def to_sequences(images: np.ndarray, pad_to: int | None = None, *, keep_min: float = 0.6,
@@ -67,7 +70,7 @@ class ElmanCell(nn.Module):
     z = nn.Dense(self.hidden, use_bias=not self.use_ln, name="wx")(x)
     z = z + nn.Dense(self.hidden, use_bias=False, name="uh")(h)
     if self.use_ln:
-      z = norm.LayerNorm(name="ln")(z)
+      z = jl.LayerNorm(name="ln")(z)
     h_new = jnp.tanh(z)
     return jnp.where(valid[:, None], h_new, h), None
 
@@ -90,7 +93,43 @@ class RowRNN(nn.Module):
     return nn.Dense(self.num_classes, name="out")(h)
 
 
-def build_parser():
+@jax.jit
+def train_step(state: train_state.TrainState, x: jax.Array, y: jax.Array
+               ) -> tuple[train_state.TrainState, jax.Array]:
+  def loss_fn(params):
+    logits = state.apply_fn({"params": params}, x, train=True)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  return state.apply_gradients(grads=grads), loss
+
+
+@jax.jit
+def predict(state: train_state.TrainState, x: jax.Array) -> jax.Array:
+  return state.apply_fn({"params": state.params}, x, train=False)
+
+
+def train(model: nn.Module, data: common.Dataset, args: argparse.Namespace, name: str
+          ) -> tuple[train_state.TrainState, common.History]:
+  """SGD at --lr, one sequence per step (batch size 1), for --epochs."""
+  _, init_key, _ = jax.random.split(jax.random.PRNGKey(args.seed), 3)
+  params = jax.jit(lambda x: model.init(init_key, x, train=False))(data.x_train[:1])["params"]
+  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(args.lr))
+  rng = np.random.default_rng(args.seed)
+  hist, timer = common.History(name), common.StepTimer()
+  hist.record(0, functools.partial(predict, state), data)
+  for epoch in common.epochs(args, desc=name):
+    losses = []
+    for idx in common.batches(len(data.y_train), 1, rng):
+      with timer:
+        state, loss = train_step(state, data.x_train[idx], data.y_train[idx])
+        losses.append(float(loss))
+    hist.record(epoch, functools.partial(predict, state), data, train_loss=float(np.mean(losses)))
+  hist.seconds_per_step = timer.mean()
+  return state, hist
+
+
+def build_parser() -> argparse.ArgumentParser:
   parser = common.make_parser(__doc__, epochs=5, quick_epochs=2, out="out/rnn_layer_norm", lr=0.05)
   parser.add_argument("--hidden", type=int, default=64)
   parser.add_argument("--train-size", type=int, default=None,
@@ -98,14 +137,14 @@ def build_parser():
   return parser
 
 
-def checks(model, params, seqs) -> dict:
+def checks(model: nn.Module, params: Any, seqs: np.ndarray) -> dict[str, Any]:
   """Batch independence, padding invariance (LN model), and BN's collapse at batch size 1."""
   apply = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
   one_by_one = np.concatenate([np.asarray(apply(params, seqs[i:i + 1])) for i in range(8)])
   batched = np.asarray(apply(params, seqs[:8]))
   longer = np.concatenate([seqs[:8], np.zeros((8, 4, seqs.shape[-1]), seqs.dtype)], axis=1)
   padded = np.asarray(apply(params, longer))
-  bn = norm.BatchNorm(use_running_average=False)
+  bn = jl.BatchNorm(use_running_average=False)
   z = jax.random.normal(jax.random.PRNGKey(0), (1, 16))
   try:
     bn_vars = bn.init(jax.random.PRNGKey(1), z)
@@ -118,7 +157,7 @@ def checks(model, params, seqs) -> dict:
           "bn_batch1": bn_batch1}
 
 
-def run(args, data: common.Dataset | None = None) -> dict:
+def run(args: argparse.Namespace, data: common.Dataset | None = None) -> dict[str, Any]:
   data = common.experiment_data(args, data, quick_subset=False)
   n_train = args.train_size or (400 if args.quick else None)
   n_test = 1000 if data.name != "digits" else None
@@ -130,7 +169,7 @@ def run(args, data: common.Dataset | None = None) -> dict:
   for use_ln in (False, True):
     name = "RNN + LN" if use_ln else "RNN"
     model = RowRNN(num_classes=data.num_classes, hidden=args.hidden, use_ln=use_ln)
-    state, hist = common.fit_from_args(model, seq, args, name=name, batch_size=1)
+    state, hist = train(model, seq, args, name)
     histories.append(hist)
     if use_ln:
       results = checks(model, state.params, seq.x_test)
@@ -139,14 +178,15 @@ def run(args, data: common.Dataset | None = None) -> dict:
   table = common.summary_table(histories)
   table += ("\n\nLN model, one sequence at a time vs a batch of 8: max |difference| = "
             f"{results['batch_independent_max_diff']:.2g}; padded to 12 steps instead of "
-            f"{seq.x_test.shape[1]}: {results['padding_max_diff']:.2g}. BatchNorm on a batch of one "
-            f"in training mode: {results['bn_batch1']}")
-  return common.curves_result(args, "rnn_layer_norm.png", title, histories, table=table,
-                              checks=results, lengths=(int(lengths.min()), int(lengths.max())))
+            f"{seq.x_test.shape[1]}: {results['padding_max_diff']:.2g}. BatchNorm on a batch of "
+            f"one in training mode: {results['bn_batch1']}")
+  plot = common.plot_curves(histories, f"{args.out}/rnn_layer_norm.png", title)
+  return common.result(title, table, histories, [plot], checks=results,
+                       lengths=(int(lengths.min()), int(lengths.max())))
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-  return common.run_experiment(build_parser, run, argv)
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  return common.main(build_parser, run, argv)
 
 
 if __name__ == "__main__":

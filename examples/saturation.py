@@ -13,28 +13,27 @@ runs the control with inputs scaled to [0, 1], where neither model saturates.
 
 from __future__ import annotations
 
-import os
-import sys
-from typing import Sequence
+import argparse
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as common  # noqa: E402
-from _common import plt  # noqa: E402
-from bn_vs_no_bn import MLP  # noqa: E402
+import _common as common
+import bn_vs_no_bn as experiment1  # the MLP (with jaxnorm.linen.BatchNorm), its step and loop
+from _common import plt
 
 SATURATION = 4.0
 
 
-def build_parser():
-  parser = common.make_parser(__doc__, epochs=20, quick_epochs=4, out="out/saturation", lr=0.5)
+def build_parser() -> argparse.ArgumentParser:
+  parser = common.make_parser(__doc__, epochs=20, quick_epochs=4, out="out/saturation", lr=0.5,
+                              batch_size=64)
   parser.add_argument("--input-scale", type=float, default=None,
                       help="multiply the [0, 1] images by this (default: 16 for the digits, their "
                            "raw range; 255 for IDX data)")
-  parser.add_argument("--batch-size", type=int, default=64)
   parser.add_argument("--probe-size", type=int, default=256,
                       help="training images whose pre-activations are collected")
   return parser
@@ -45,41 +44,36 @@ def checkpoints(epochs: int) -> list[int]:
   return sorted({0, max(1, epochs // 3), max(1, (2 * epochs) // 3), epochs})
 
 
-def make_probe(model):
-  """Returns every sigmoid input on a batch, in training mode, as one flat array."""
+@jax.jit
+def sigmoid_inputs(state: experiment1.TrainState, x: jax.Array) -> jax.Array:
+  """Every sigmoid input on the batch ``x``, in training mode, as one flat array.
 
-  @jax.jit
-  def probe(params, batch_stats, x):
-    _, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                             mutable=["batch_stats", "intermediates"])
-    leaves = jax.tree_util.tree_leaves(updates["intermediates"])
-    return jnp.concatenate([leaf.ravel() for leaf in leaves])
-
-  return probe
-
-
-def scaled(data: common.Dataset, scale: float) -> common.Dataset:
-  return common.Dataset(data.name, data.x_train * scale, data.y_train, data.x_test * scale,
-                        data.y_test)
+  The MLP sows each activation's input into ``intermediates``; the ``batch_stats`` update of this
+  call is thrown away, so probing does not change the model.
+  """
+  _, updates = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, x,
+                              train=True, mutable=["batch_stats", "intermediates"])
+  leaves = jax.tree_util.tree_leaves(updates["intermediates"])
+  return jnp.concatenate([leaf.ravel() for leaf in leaves])
 
 
 def train_and_probe(data, args, marks, use_bn, name):
-  model = MLP(num_classes=data.num_classes, use_bn=use_bn, activation="sigmoid")
-  probe = make_probe(model)
+  """Trains the sigmoid MLP; returns its sigmoid inputs at the epochs of ``marks``, its history."""
+  model = experiment1.MLP(num_classes=data.num_classes, use_bn=use_bn, activation="sigmoid")
   x_probe = jnp.asarray(data.x_train[:args.probe_size])
   preacts = {}
 
-  def callback(state, epoch):
+  def probe(state, epoch):
     if epoch in marks:
-      preacts[epoch] = np.asarray(probe(state.params, state.batch_stats, x_probe))
+      preacts[epoch] = np.asarray(sigmoid_inputs(state, x_probe))
 
-  _, hist = common.fit_from_args(model, data, args, name=name, callback=callback)
+  _, hist = experiment1.train(model, data, args, name, on_epoch=probe)
   return preacts, hist
 
 
 def plot_histograms(preacts, fractions, marks, title, path) -> str:
   """Histograms of the first two runs' sigmoid inputs (rows) at each checkpoint (columns)."""
-  shown = [n for n in preacts][:2]
+  shown = list(preacts)[:2]
   fig, axes = plt.subplots(2, len(marks), figsize=(3.0 * len(marks), 5.2), sharex=True)
   axes = np.asarray(axes).reshape(2, len(marks))
   for row, name in enumerate(shown):
@@ -98,10 +92,12 @@ def plot_histograms(preacts, fractions, marks, title, path) -> str:
       ax.legend(fontsize=7, loc="upper left")
   fig.suptitle(title + "; dashed: |z| = 4")
   fig.tight_layout()
-  return common.save(fig, path)
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  return path
 
 
-def run(args, data: common.Dataset | None = None) -> dict:
+def run(args: argparse.Namespace, data: common.Dataset | None = None) -> dict[str, Any]:
   """Trains both MLPs; returns the saturated fractions per checkpoint, the plot and a table."""
   data = common.experiment_data(args, data)
   scale = args.input_scale or (16.0 if data.name == "digits" else 255.0)
@@ -112,24 +108,22 @@ def run(args, data: common.Dataset | None = None) -> dict:
   preacts, histories, fractions, rows = {}, [], {}, []
   for s, use_bn in runs:
     name = ("MLP + BN" if use_bn else "MLP") + ("" if s == scale else f", inputs x{s:g}")
-    preacts[name], hist = train_and_probe(scaled(data, s), args, marks, use_bn, name)
+    preacts[name], hist = train_and_probe(data.scaled(s), args, marks, use_bn, name)
     histories.append(hist)
     fractions[name] = {e: float(np.mean(np.abs(z) > SATURATION)) for e, z in preacts[name].items()}
     rows.append([name, f"{s:g}"] + [100 * fractions[name][e] for e in marks] + [hist.test_acc[-1]])
 
   title = (f"Experiment 3: inputs of the sigmoids (MLP, SGD lr={args.lr}, "
            f"{data.name} x{scale:g})")
-  plot = plot_histograms(preacts, fractions, marks, title,
-                         os.path.join(args.out, "saturation.png"))
+  plot = plot_histograms(preacts, fractions, marks, title, f"{args.out}/saturation.png")
   table = common.markdown_table(
       ["model", "input scale"] + [f"% saturated, epoch {e}" for e in marks] + ["final test acc"],
       rows)
-  return common.experiment_result(title, table, histories, [plot], fractions=fractions,
-                                  checkpoints=marks)
+  return common.result(title, table, histories, [plot], fractions=fractions, checkpoints=marks)
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-  return common.run_experiment(build_parser, run, argv)
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  return common.main(build_parser, run, argv)
 
 
 if __name__ == "__main__":

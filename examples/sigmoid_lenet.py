@@ -11,16 +11,17 @@ scale (gamma) and bias (beta) of the first BN layer are printed.
 
 from __future__ import annotations
 
-import os
-import sys
-from typing import Sequence
+import argparse
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as common  # noqa: E402
-from _common import norm  # noqa: E402
+import jaxnorm.linen as jl
+
+import _common as common
+import bn_vs_no_bn as experiment1  # its SGD step and training loop
 
 
 class LeNet(nn.Module):
@@ -36,7 +37,7 @@ class LeNet(nn.Module):
 
   def _norm_act(self, x, train, name):
     if self.use_bn:
-      x = norm.BatchNorm(use_running_average=not train, momentum=0.9, name=f"bn_{name}")(x)
+      x = jl.BatchNorm(use_running_average=not train, momentum=0.9, name=f"bn_{name}")(x)
     self.sow("intermediates", f"preact_{name}", x)
     return nn.sigmoid(x)
 
@@ -53,34 +54,34 @@ class LeNet(nn.Module):
     return nn.Dense(self.num_classes, name="out")(x)
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
   return common.make_parser(__doc__, epochs=20, quick_epochs=4, out="out/sigmoid_lenet", lr=1.0,
                             batch_size=64)
 
 
-def run(args, data: common.Dataset | None = None) -> dict:
+def run(args: argparse.Namespace, data: common.Dataset | None = None) -> dict[str, Any]:
   """Trains both LeNets; returns histories, plot, table and the first BN layer's gamma and beta."""
   data = common.experiment_data(args, data)
   histories, states = [], {}
   for use_bn in (False, True):
     name = "LeNet + BN" if use_bn else "LeNet"
     model = LeNet(num_classes=data.num_classes, use_bn=use_bn)
-    states[name], hist = common.fit_from_args(model, data, args, name=name)
+    states[name], hist = experiment1.train(model, data, args, name)
     histories.append(hist)
   title = f"Experiment 2: sigmoid LeNet, SGD lr={args.lr}, with vs without BN ({data.name})"
   bn1 = states["LeNet + BN"].params["bn_conv1"]
   gamma, beta = np.asarray(bn1["scale"]), np.asarray(bn1["bias"])
-  gb = common.markdown_table(["first BN layer (after conv1)"] + [f"ch {i}" for i in range(len(gamma))],
-                             [["gamma (scale)"] + [float(v) for v in gamma],
-                              ["beta (bias)"] + [float(v) for v in beta]])
+  gb = common.markdown_table(
+      ["first BN layer (after conv1)"] + [f"ch {i}" for i in range(len(gamma))],
+      [["gamma (scale)"] + [float(v) for v in gamma], ["beta (bias)"] + [float(v) for v in beta]])
   table = (common.summary_table(histories) + "\n\nLearned scale and bias of the first BN layer:\n\n"
            + gb)
-  return common.curves_result(args, "sigmoid_lenet.png", title, histories, table=table,
-                              gamma=gamma, beta=beta)
+  plot = common.plot_curves(histories, f"{args.out}/sigmoid_lenet.png", title)
+  return common.result(title, table, histories, [plot], gamma=gamma, beta=beta)
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-  return common.run_experiment(build_parser, run, argv)
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  return common.main(build_parser, run, argv)
 
 
 if __name__ == "__main__":

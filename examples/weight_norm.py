@@ -10,20 +10,20 @@ and ``Dense`` + ``BatchNorm``. Plots the curves and reports the time per trainin
 
 from __future__ import annotations
 
-import os
-import sys
-from typing import Sequence
+import argparse
+import functools
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
 import jaxnorm
+import jaxnorm.linen as jl
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as common  # noqa: E402
-from _common import norm  # noqa: E402
+import _common as common
+import bn_vs_no_bn as experiment1  # its SGD step and training loop
 
 
 class WNDense(nn.Module):
@@ -57,50 +57,53 @@ class MLP(nn.Module):
         x = WNDense(width)(x, data_init)
       elif self.kind == "batch norm":
         x = nn.Dense(width, use_bias=False)(x)
-        x = norm.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        x = jl.BatchNorm(use_running_average=not train, momentum=0.9)(x)
       else:
         x = nn.Dense(width)(x)
       x = nn.relu(x)
     return nn.Dense(self.num_classes)(x)
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
   parser = common.make_parser(__doc__, epochs=20, quick_epochs=4, out="out/weight_norm", lr=0.1,
                               lr_for="all models", batch_size=64)
   parser.add_argument("--init-batch", type=int, default=256, help="examples for the data init")
   return parser
 
 
-def run(args, data: common.Dataset | None = None) -> dict:
+def run(args: argparse.Namespace, data: common.Dataset | None = None) -> dict[str, Any]:
   data = common.experiment_data(args, data)
-  tx = optax.sgd(args.lr)
   histories, init_stats = [], {}
   for kind in ("plain", "weight norm", "batch norm"):
     model = MLP(num_classes=data.num_classes, kind=kind)
-    state = common.init_state(model, data.x_train[:args.batch_size], tx, args.seed)
+    state = experiment1.create_state(model, data.x_train[:args.batch_size], args.lr, args.seed)
     if kind == "weight norm":
+      # Data-dependent init: one forward pass that sets every layer's g and bias from a batch.
       x0 = jnp.asarray(data.x_train[:args.init_batch])
-      _, new = jax.jit(lambda p: model.apply({"params": p}, x0, train=False, data_init=True,
-                                             mutable=["params"]))(state.params)
-      state = common.TrainState(new["params"], {}, tx.init(new["params"]), state.key)
+      data_init = jax.jit(functools.partial(model.apply, train=False, data_init=True,
+                                            mutable=["params"]))
+      _, new = data_init({"params": state.params}, x0)
+      state = experiment1.TrainState.create(apply_fn=model.apply, params=new["params"],
+                                            tx=state.tx, batch_stats={})
       # Check: the first layer's pre-activations on the init batch are standardized.
-      z = x0.reshape(len(x0), -1) @ jaxnorm.weight_norm(
-          {"v": new["params"]["WNDense_0"]["v"], "g": new["params"]["WNDense_0"]["g"]}
-      ) + new["params"]["WNDense_0"]["bias"]
+      first = new["params"]["WNDense_0"]
+      z = x0.reshape(len(x0), -1) @ jaxnorm.weight_norm({"v": first["v"], "g": first["g"]})
+      z = z + first["bias"]
       init_stats = {"mean_abs_mean": float(jnp.abs(z.mean(0)).mean()),
                     "mean_std": float(z.std(0).mean())}
-    _, hist = common.fit_from_args(model, data, args, name=kind, tx=tx, state=state)
+    _, hist = experiment1.train(model, data, args, kind, state=state)
     histories.append(hist)
-  title = f"Experiment 5: plain vs weight norm (data init) vs batch norm, SGD lr={args.lr} ({data.name})"
+  title = (f"Experiment 5: plain vs weight norm (data init) vs batch norm, SGD lr={args.lr} "
+           f"({data.name})")
   table = common.summary_table(histories)
   table += ("\n\nAfter the data-dependent init, first layer on the init batch: mean |mean| = "
             f"{init_stats['mean_abs_mean']:.2g}, mean std = {init_stats['mean_std']:.3g}.")
-  return common.curves_result(args, "weight_norm.png", title, histories, table=table,
-                              init_stats=init_stats)
+  plot = common.plot_curves(histories, f"{args.out}/weight_norm.png", title)
+  return common.result(title, table, histories, [plot], init_stats=init_stats)
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-  return common.run_experiment(build_parser, run, argv)
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  return common.main(build_parser, run, argv)
 
 
 if __name__ == "__main__":
