@@ -156,17 +156,7 @@ def test_nnx_module_under_sharded_jit_equals_unsharded(mesh2):
   _assert_sharded_equals_unsharded(layer, mesh2, x, w, params, P("d", "m"), P("m"))
 
 
-# JAX raises it for an op whose output sharding it cannot infer (no public name yet).
-_SHARDING_TYPE_ERROR = getattr(jax._src.core, "ShardingTypeError", Exception)
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param("batch_norm", marks=pytest.mark.xfail(
-        strict=True, raises=_SHARDING_TYPE_ERROR,
-        reason="the core's ghost/block reshape of a batch-sharded x needs an out_sharding under "
-               "Explicit axes (ShardingTypeError); known gap, reported to the lead")),
-    "layer_norm",
-])
+@pytest.mark.parametrize("name", ["batch_norm", "layer_norm"])
 def test_explicit_mesh_axes_equal_unsharded(name):
   # jax.make_mesh's default axis type is Explicit: shardings are part of the types,
   # and every op must say how its result is sharded. The layers must still work.

@@ -56,7 +56,7 @@ def _normalize(params, x, *, axis, feature_axes, eps, mask, axis_name,
   # Up to 8 blocks per row: their frames are local to each shard of a
   # feature-sharded row (tensor parallelism up to 8 ways), so sharded jit
   # needs no all-reduce; more would slow the per-row merge.
-  blocks = mom_lib.num_blocks(x.shape, reduction, max_blocks=8)
+  blocks = mom_lib.blocks_for(x, reduction, max_blocks=8)
   return norm_lib.normalize_batch(
       x, axes=reduction, scale=s.scale, bias=s.bias, eps=eps, mask=mask,
       axis_name=axis_name, axis_index_groups=axis_index_groups,

@@ -131,6 +131,32 @@ def num_blocks(shape: tuple[int, ...], axes: tuple[int, ...],
   return b
 
 
+def _shards_along(x, axis: int) -> int:
+  """Devices ``x`` is split over along ``axis``, where its type says so
+  (meshes with Explicit axes); 1 otherwise."""
+  try:
+    sharding = jax.typeof(x).sharding
+    entry = sharding.spec[axis] if axis < len(sharding.spec) else None
+    if entry is None:
+      return 1
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return math.prod(sharding.mesh.shape[n] for n in names)
+  except (AttributeError, TypeError, KeyError):
+    return 1
+
+
+def blocks_for(x, axes: tuple[int, ...], max_blocks: int = _MAX_BLOCKS) -> int:
+  """:func:`num_blocks` for ``x``, made a multiple of the shards of its first
+  reduced axis when the type of ``x`` names them (Explicit mesh axes), so that
+  every block lies on one device."""
+  blocks = num_blocks(x.shape, axes, max_blocks)
+  if axes:
+    shards = _shards_along(x, axes[0])
+    if shards > 1 and blocks % shards and x.shape[axes[0]] % shards == 0:
+      blocks = shards
+  return blocks
+
+
 def block_view(shape: tuple[int, ...], axes: tuple[int, ...], blocks: int) -> View:
   """Splits the first reduction axis into ``(blocks, size // blocks)``."""
   if blocks == 1 or not axes:
@@ -421,7 +447,7 @@ def moments(
     mean = jnp.zeros(shape, stat_dtype(x.dtype))
     var = jnp.zeros(shape, real_dtype(x.dtype))
   else:
-    view = block_view(x.shape, axes, num_blocks(x.shape, axes))
+    view = block_view(x.shape, axes, blocks_for(x, axes))
     xv = x.reshape(view.shape)
     mv = None if mask is None else jnp.broadcast_to(mask, x.shape).reshape(view.shape)
     mom = block_moments(xv, view, mask=mv, axis_name=axis_name,

@@ -107,7 +107,7 @@ def normalize_batch(
     rms: RMS statistics (no centering).
     pool: pool the statistics over groups of this many consecutive channels
       of the last axis (group norm).
-    blocks: blocks along ``axes[0]`` (default: :func:`moments.num_blocks`).
+    blocks: blocks along ``axes[0]`` (default: :func:`moments.blocks_for`).
     ghost: each block is normalized with its own statistics.
     renorm: ``(running_mean, running_var, r_max, d_max)`` for batch renorm,
       the running statistics broadcastable against ``x``.
@@ -116,7 +116,7 @@ def normalize_batch(
     :class:`Batch`; the statistics are in ``stat_dtype(x.dtype)``.
   """
   if blocks is None:
-    blocks = mom_lib.num_blocks(x.shape, axes)
+    blocks = mom_lib.blocks_for(x, axes)
   groups = None if axis_index_groups is None else tuple(
       tuple(int(i) for i in g) for g in axis_index_groups)
   view = mom_lib.block_view(tuple(x.shape), tuple(axes), int(blocks))
