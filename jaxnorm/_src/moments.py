@@ -311,6 +311,12 @@ def _all_gather(x, axis_name, axis_index_groups):
       and all(a in manual for a in names)):
     # Inside shard_map (vmap and pmap axes are not mesh axes).
     return _all_gather_invariant(x, axis_name)
+  if len(names) > 1 and axis_index_groups is None:
+    # One axis at a time (vmap's all_gather takes one name): the same set of
+    # statistics, in the same order, on every device.
+    for name in reversed(names):
+      x = lax.all_gather(x, name)
+    return jax.tree.map(lambda v: v.reshape((-1,) + v.shape[len(names):]), x)
   return lax.all_gather(x, axis_name, axis_index_groups=axis_index_groups)
 
 

@@ -99,7 +99,7 @@ def weight_norm(wn: Mapping, *, axis=-1, eps=0.0, dtype=None) -> jax.Array:
   _check_wn(wn)
   v = wn["v"]
   checks.check_array("wn['v']", v, allow_complex=False)
-  checks.check_at_least("eps", eps, 0.0)
+  checks.check_at_least("eps", eps, 0)
   feature = _feature_axes(axis, v.ndim)
   reduction = tuple(a for a in range(v.ndim) if a not in feature)
   feature_shape = tuple(v.shape[a] for a in feature)
