@@ -23,6 +23,8 @@ Modes (they combine; with neither flag the single-shape tables below run):
 * ``--sweep`` (``sweep.py``): every layer and pass at small, cache-sized and
   large shapes, float32 and bfloat16, with a summary of the rows where jaxnorm
   is slower than Flax.
+* ``--hlo`` (``hlo.py``): the sweep's cases counted in the optimized HLO
+  (launched operations, full-size intermediates, barriers, loops), no timing.
 * ``--models`` (``models.py``): full jitted training steps of a ResNet-18
   (BatchNorm), a pre-LN transformer (LayerNorm, RMSNorm) and a UNet block
   (GroupNorm): step time, compile time and temporary memory.
@@ -58,6 +60,8 @@ def _parse_args(argv=None):
   p.add_argument("--sweep", action="store_true", help="the shape sweep (sweep.py)")
   p.add_argument("--models", action="store_true",
                  help="training steps of three small models (models.py)")
+  p.add_argument("--hlo", action="store_true",
+                 help="the sweep's cases as counts from the optimized HLO, no timing (hlo.py)")
   p.add_argument("--compiles", type=int, default=None,
                  help="--models: fresh compiles per library for the compile time")
   p.add_argument("--dtypes", default="f32,bf16", help="--sweep: comma-separated f32,bf16")
@@ -362,6 +366,16 @@ def _models(args, repeats, out):
              + "\n".join(models.fmt_row(r) for r in rows) + "\n")
 
 
+def _hlo(args, out):
+  import hlo  # noqa: PLC0415  (imports jax: after the allocator re-exec)
+  dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+  rows = hlo.run(args.quick, dtypes, args.only)
+  if rows:
+    libs = list(rows[0]["stats"])
+    out.append("### Optimized HLO of the sweep's cases\n\n" + hlo.header(libs) + "\n"
+               + "\n".join(hlo.fmt_row(r, libs) for r in rows) + "\n")
+
+
 def main():
   args = ARGS
   print(f"jaxnorm from {os.path.dirname(jaxnorm.__file__)}")
@@ -370,7 +384,9 @@ def main():
     _sweep(args, args.repeats or (5 if args.quick else 31), out)
   if args.models:
     _models(args, args.repeats or (3 if args.quick else 11), out)
-  if not (args.sweep or args.models):
+  if args.hlo:
+    _hlo(args, out)
+  if not (args.sweep or args.models or args.hlo):
     repeats = args.repeats or (10 if args.quick else 20)
     _single_shape(args, repeats, timing.environment_line(repeats, "interleaved runs"), out)
   if args.out:
