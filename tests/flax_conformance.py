@@ -51,22 +51,27 @@ SELECTION = (
 )
 
 # Tests expected to fail, per mode, with the reason (README, "Differences from
-# Flax"). Keys are (test class, name prefix).
+# Flax"). Keys are (test class, test name); a name ending in "*" is a prefix.
 _INEXACT_REFERENCE = (
     "compares with a float32 one-line formula that is itself off by up to "
-    "0.037 from float64 at this offset; jaxnorm is within 1e-7 of float64")
+    "0.037 from float64 at this input offset; jaxnorm is within 1e-6 of "
+    "float64 there")
 _CROSS_LIBRARY = (
     "compares a linen module with an nnx module bit for bit; with only one "
     "side substituted, two different exact algorithms round differently")
 EXPECTED_FAILURES = {
     "both": {
-        ("NormalizationTest", "test_layer_norm"): _INEXACT_REFERENCE,
-        ("NormalizationTest", "test_instance_norm"): _INEXACT_REFERENCE,
+        # use_fast_variance=False at an offset of 1e6
+        ("NormalizationTest", "test_layer_norm4"): _INEXACT_REFERENCE,
+        # use_fast_variance=False at an offset of 1e4
+        ("NormalizationTest", "test_instance_norm3"): _INEXACT_REFERENCE,
     },
 }
-for _mode in ("linen", "nnx"):
-  EXPECTED_FAILURES[_mode] = dict(EXPECTED_FAILURES["both"])
-  EXPECTED_FAILURES[_mode][("TestLinenConsistency", "test_")] = _CROSS_LIBRARY
+# The two tests above are linen tests: with only nnx substituted they run
+# Flax's own linen modules.
+EXPECTED_FAILURES["linen"] = dict(EXPECTED_FAILURES["both"])
+EXPECTED_FAILURES["linen"][("TestLinenConsistency", "*")] = _CROSS_LIBRARY
+EXPECTED_FAILURES["nnx"] = {("TestLinenConsistency", "*"): _CROSS_LIBRARY}
 
 
 def substitute(mode: str) -> None:
@@ -119,8 +124,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 def _expected(mode: str, cls: str, name: str) -> str | None:
-  for (want_cls, prefix), reason in EXPECTED_FAILURES.get(mode, {}).items():
-    if cls == want_cls and name.startswith(prefix):
+  for (want_cls, want), reason in EXPECTED_FAILURES.get(mode, {}).items():
+    matches = (name.startswith(want[:-1]) if want.endswith("*")
+               else name == want)
+    if cls == want_cls and matches:
       return reason
   return None
 

@@ -222,6 +222,22 @@ def check_group_reduction_axes(module_name: str, x: Any,
         f"{reduction_axes!r} for `x` of shape {tuple(x.shape)}.")
 
 
+def check_dropout_rate(module_name: str, rate: Any) -> None:
+  """A concrete dropout ``rate`` must be in [0, 1] (1 gives zeros, as in Flax)."""
+  if isinstance(rate, jax.core.Tracer):
+    return
+  try:
+    r = float(rate)
+  except (TypeError, ValueError):
+    raise TypeError(
+        f"{module_name}: `rate` must be a number in [0, 1], got "
+        f"{rate!r}.") from None
+  if not 0.0 <= r <= 1.0:
+    raise ValueError(
+        f"{module_name}: `rate` is the probability of dropping a unit and must "
+        f"be in [0, 1], got {rate}.")
+
+
 def shape_tuple(num_features: int | Sequence[int]) -> tuple[int, ...]:
   """``num_features`` (an int or a tuple of ints) as a shape."""
   if isinstance(num_features, int) and not isinstance(num_features, bool):
