@@ -232,6 +232,17 @@ def test_instance_norm_on_rank_two_input_gives_flax_result(call):
   with pytest.warns(UserWarning, match=_full(_NO_SPATIAL)):
     y = call(lambda v, x: jl.InstanceNorm().apply(v, x), v, x)
   chex.assert_trees_all_close(y, nn.InstanceNorm().apply(v, x), atol=1e-6)
+  # Each value is its own group: a mask has nothing to select. Flax gives NaN
+  # (0/0) at masked-out entries, ours gives bias there too, in linen and nnx.
+  mask = jnp.array([True, False, True, False])
+  with pytest.warns(UserWarning, match=_full(_NO_SPATIAL)):
+    y_nnx = ours(x, mask=mask)
+    y_linen = jl.InstanceNorm().apply(v, x, mask=mask)
+  chex.assert_trees_all_close(y_nnx, jnp.broadcast_to(ours.bias[...], (3, 4)),
+                              atol=1e-6)
+  chex.assert_trees_all_close(
+      y_linen, jnp.broadcast_to(v["params"]["bias"], (3, 4)), atol=1e-6)
+  assert np.isnan(np.asarray(theirs(x, mask=mask))[:, 1]).all()
 
 
 def test_ghost_batch_norm_initialized_on_one_example():

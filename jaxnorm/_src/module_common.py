@@ -161,6 +161,10 @@ def instance_norm_view(module_name: str, x: Any, feature_axes: tuple[int, ...],
   is a feature axis), Flax normalizes each value with itself and returns
   ``bias``; a singleton spatial axis gives the core the same computation.
   ``undo`` maps the core's output back to the shape of ``x``.
+
+  Each value is then its own statistics group, so a ``mask`` has nothing to
+  select and is dropped: every entry gives ``bias`` (Flax gives NaN, 0/0, at
+  masked-out entries; README, "Differences from Flax").
   """
   if any(a not in feature_axes for a in range(1, x.ndim)):
     return x, feature_axes, mask, lambda y: y
@@ -172,10 +176,11 @@ def instance_norm_view(module_name: str, x: Any, feature_axes: tuple[int, ...],
         "`bias` (as in Flax). Give `x` a spatial axis, e.g. "
         "`x[:, None]`, or use LayerNorm/BatchNorm for (batch, features) "
         "inputs.", UserWarning, stacklevel=4)
-  x1 = jnp.expand_dims(x, 1)
   if mask is not None:
-    mask = jnp.expand_dims(jnp.broadcast_to(mask, x.shape), 1)
-  return x1, tuple(a + 1 for a in feature_axes), mask, lambda y: y[:, 0]
+    with module_errors(module_name):
+      checks.check_mask(mask, x)
+  return (jnp.expand_dims(x, 1), tuple(a + 1 for a in feature_axes), None,
+          lambda y: y[:, 0])
 
 
 def resolve_groups(module_name: str, num_features: int, num_groups: int | None,
