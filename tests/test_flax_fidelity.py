@@ -376,6 +376,28 @@ def test_errors_name_module_arguments(lib):
         getattr(jn, name)(3, **kwargs, rngs=nnx.Rngs(0))(x)
 
 
+# ------------------------------------------ where Flax's test reference is off
+
+
+@pytest.mark.parametrize("name,shape,offset,axes", [
+    ("LayerNorm", (2, 3, 4), 1e6, (-1,)),
+    ("InstanceNorm", (2, 3, 4, 5), 1e4, (1, 2)),
+])
+def test_exact_where_a_float32_one_liner_is_not(name, shape, offset, axes):
+  """Flax's test_layer_norm / test_instance_norm with use_fast_variance=False
+  compare with a float32 one-liner; float64 is the reference here."""
+  x = _rand(shape, offset=offset)
+  y, _ = getattr(jl, name)(use_bias=False, use_scale=False,
+                           epsilon=1e-5).init_with_output(jax.random.key(1), x)
+  x64 = np.asarray(x, np.float64)
+  ref = ((x64 - x64.mean(axes, keepdims=True))
+         / np.sqrt(x64.var(axes, keepdims=True) + 1e-5))
+  np.testing.assert_allclose(y, ref, atol=1e-6)
+  one_liner = (x - x.mean(axes, keepdims=True)) * jax.lax.rsqrt(
+      x.var(axes, keepdims=True) + 1e-5)
+  assert np.abs(np.asarray(one_liner, np.float64) - ref).max() > 1e-4
+
+
 # -------------------------------------------------- nnx SpectralNorm in place
 
 
