@@ -58,7 +58,7 @@ _INEXACT_REFERENCE = (
     "more than the test's tolerance; jaxnorm is within 5e-7 of float64 there")
 _CROSS_LIBRARY = (
     "compares a linen module with an nnx module bit for bit; with only one "
-    "side substituted, two different exact algorithms round differently")
+    "side substituted, two different implementations round differently")
 EXPECTED_FAILURES = {
     "both": {
         # use_fast_variance=False at an offset of 1e6
@@ -194,15 +194,22 @@ def main(argv=None) -> int:
       counts.update(c)
       print(f"  {cls:28s} passed {c['passed']:3d}  failed {c['failed']:3d}"
             f"  skipped {c['skipped']:3d}")
+      expected = collections.defaultdict(list)
       for name, outcome in results[cls]:
         if outcome == "passed":
           continue
         reason = _expected(mode, cls, name) if outcome == "failed" else None
-        if outcome == "failed" and reason is None:
+        if reason is not None:
+          expected[reason].append(name)
+          continue
+        if outcome == "failed":
           unexpected += 1
-        tag = "expected: " + reason if reason else "UNEXPECTED" if (
-            outcome == "failed") else "skipped"
+        tag = "UNEXPECTED" if outcome == "failed" else "skipped"
         print(f"      {outcome:7s} {name} ({tag})")
+      for reason, names in expected.items():
+        listed = ", ".join(sorted(names)) if len(names) <= 4 else (
+            f"{len(names)} tests")
+        print(f"      expected failures: {listed}: {reason}")
     print(f"  total: passed {counts['passed']}, failed {counts['failed']}, "
           f"skipped {counts['skipped']}")
   print(f"\nunexpected failures: {unexpected}")
