@@ -262,6 +262,7 @@ def test_errors_name_module_and_argument():
 _EXTRA_ARGS = {
     "BatchNorm": {"virtual_batch_size": None},
     "BatchRenorm": {"r_max": 3.0, "d_max": 5.0},
+    "SpectralNorm": {"in_place": True},
 }
 
 
