@@ -398,6 +398,17 @@ def test_exact_where_a_float32_one_liner_is_not(name, shape, offset, axes):
   assert np.abs(np.asarray(one_liner, np.float64) - ref).max() > 1e-4
 
 
+@pytest.mark.parametrize("name", ["LayerNorm", "RMSNorm"])
+def test_axis_errors_name_the_module_argument(name):
+  x = jnp.ones((4, 3))
+  msg = (f"{name}: `reduction_axes`=2 is out of range for an input with 2 "
+         "dimensions; expected values in [-2, 1].")
+  with _raises(ValueError, msg):
+    getattr(jl, name)(reduction_axes=2).init(jax.random.key(0), x)
+  with _raises(ValueError, msg):
+    getattr(jn, name)(3, reduction_axes=2, rngs=nnx.Rngs(0))(x)
+
+
 # -------------------------------------------------- nnx SpectralNorm in place
 
 

@@ -202,6 +202,7 @@ class LayerNorm(nn.LayerNorm):
     """Normalizes ``x``; ``mask`` selects the entries in the statistics."""
     name = type(self).__name__
     common.check_hyperparameters(name, epsilon=self.epsilon)
+    common.check_axes(name, x, reduction_axes=self.reduction_axes)
     feature_shape = common.feature_shape_of(name, x, self.feature_axes,
                                             "feature_axes")
     params = _declare_affine(self, feature_shape, self.use_scale, self.use_bias)
@@ -225,6 +226,7 @@ class RMSNorm(nn.RMSNorm):
     """Normalizes ``x``; ``mask`` selects the entries in the statistics."""
     name = type(self).__name__
     common.check_hyperparameters(name, epsilon=self.epsilon)
+    common.check_axes(name, x, reduction_axes=self.reduction_axes)
     feature_shape = common.feature_shape_of(name, x, self.feature_axes,
                                             "feature_axes")
     params = {}

@@ -82,6 +82,15 @@ def feature_shape_of(module_name: str, x: Any, axes: Any,
   return tuple(x.shape[a] for a in axes)
 
 
+def check_axes(module_name: str, x: Any, **axes: Any) -> None:
+  """Checks axis arguments under the module's names (``reduction_axes``,
+  ``feature_axes``), where the core would name its own (``axis``)."""
+  with module_errors(module_name):
+    checks.check_array("x", x)
+    for arg, value in axes.items():
+      checks.normalize_axes(arg, value, x.ndim)
+
+
 def values_per_feature(x: Any, feature_axes: Any) -> int:
   """How many entries of ``x`` each feature's batch statistics see."""
   axes = checks.normalize_axes("axis", feature_axes, x.ndim)

@@ -388,6 +388,8 @@ class LayerNorm(nnx.LayerNorm):
     name = type(self).__name__
     common.check_hyperparameters(name, epsilon=self.epsilon)
     x, scale, bias = _promote(self, (x, _value(self.scale), _value(self.bias)))
+    common.check_axes(name, x, reduction_axes=self.reduction_axes,
+                      feature_axes=self.feature_axes)
     with common.module_errors(name):
       return jaxnorm.layer_norm(
           _params(scale, bias), x, axis=self.reduction_axes,
@@ -454,6 +456,8 @@ class RMSNorm(nnx.RMSNorm):
     name = type(self).__name__
     common.check_hyperparameters(name, epsilon=self.epsilon)
     x, scale = _promote(self, (x, _value(self.scale)))
+    common.check_axes(name, x, reduction_axes=self.reduction_axes,
+                      feature_axes=self.feature_axes)
     with common.module_errors(name):
       return jaxnorm.rms_norm(
           _params(scale), x, axis=self.reduction_axes,
