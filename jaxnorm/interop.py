@@ -84,7 +84,9 @@ def from_torch(state_dict, *, prefix: str = ""):
   ``state`` is always a dict; for ``LayerNorm``, ``GroupNorm`` and batch norm
   with ``track_running_stats=False`` it is empty (``{}``). Values become JAX
   arrays of the same dtype (float64 ones need ``jax_enable_x64``, otherwise
-  JAX stores them as float32, and ``num_batches_tracked`` becomes int32).
+  JAX stores them as float32, and ``num_batches_tracked`` becomes int32: a
+  count beyond the int32 range is then an error rather than a wrapped
+  value; with ``jax_enable_x64`` it is kept as int64).
   The running variance stays PyTorch's (unbiased-updated) running variance;
   both :func:`jaxnorm.batch_norm` and :func:`torch_batch_norm` use it as is
   at inference.
@@ -99,7 +101,8 @@ def from_torch(state_dict, *, prefix: str = ""):
     ``(params, state)``.
 
   Raises:
-    ValueError: a key that is not one of the above.
+    ValueError: a key that is not one of the above, or an integer value
+      beyond int32 without ``jax_enable_x64``.
   """
   if not isinstance(state_dict, Mapping):
     raise TypeError(
@@ -122,7 +125,21 @@ def from_torch(state_dict, *, prefix: str = ""):
     )
   params, state = {}, {}
   for torch_key, value in items.items():
-    array = jnp.asarray(_to_numpy(prefix + torch_key, value))
+    host = _to_numpy(prefix + torch_key, value)
+    # Without x64, JAX stores int64 as int32 and wraps larger counts around.
+    stored = jax.dtypes.canonicalize_dtype(host.dtype)
+    if host.dtype.kind in "iu" and stored != host.dtype and host.size:
+      info = np.iinfo(stored)
+      low, high = host.min(), host.max()
+      if low < info.min or high > info.max:
+        raise ValueError(
+            f"`state_dict['{prefix + torch_key}']` holds "
+            f"{high if high > info.max else low}, outside the {stored} range "
+            f"[{info.min}, {info.max}] that JAX uses without 64-bit mode, where "
+            "it would wrap around; enable it with "
+            "`jax.config.update('jax_enable_x64', True)` to keep the value."
+        )
+    array = jnp.asarray(host)
     if torch_key in _PARAM_KEYS:
       params[_PARAM_KEYS[torch_key]] = array
     else:

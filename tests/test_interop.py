@@ -278,3 +278,43 @@ def test_importing_interop_does_not_import_torch():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        check=True)
   assert out.stdout.strip() == "False"
+
+
+# from_torch: counts beyond int32 (issue 12). Keep this block last.
+
+_BIG_COUNT = 2**31 + 5  # a BatchNorm trained for more than 2**31 steps
+
+
+def test_from_torch_count_beyond_int32_without_x64_is_an_error():
+  sd = torch.nn.BatchNorm1d(2).state_dict()
+  sd["num_batches_tracked"].fill_(_BIG_COUNT)
+  msg = ("`state_dict['bn.num_batches_tracked']` holds 2147483653, outside the int32 "
+         "range [-2147483648, 2147483647] that JAX uses without 64-bit mode, where it "
+         "would wrap around; enable it with `jax.config.update('jax_enable_x64', "
+         "True)` to keep the value.")
+  with pytest.raises(ValueError) as err:
+    interop.from_torch({"bn." + k: v for k, v in sd.items()}, prefix="bn.")
+  assert str(err.value) == msg
+  # A negative count out of range too, and from NumPy.
+  msg = msg.replace("bn.num_batches_tracked", "num_batches_tracked").replace(
+      "holds 2147483653", f"holds {-_BIG_COUNT}")
+  with pytest.raises(ValueError) as err:
+    interop.from_torch({"num_batches_tracked": np.array(-_BIG_COUNT, np.int64)})
+  assert str(err.value) == msg
+
+
+def test_from_torch_count_within_int32_is_kept_without_x64():
+  _, state = interop.from_torch({"num_batches_tracked": torch.tensor(2**31 - 1)})
+  assert state["num_batches_tracked"].dtype == jnp.int32
+  assert int(state["num_batches_tracked"]) == 2**31 - 1
+
+
+def test_from_torch_count_beyond_int32_is_kept_with_x64():
+  sd = torch.nn.BatchNorm1d(2).state_dict()
+  sd["num_batches_tracked"].fill_(_BIG_COUNT)
+  with jax.enable_x64(True):
+    params, state = interop.from_torch(sd)
+    assert state["num_batches_tracked"].dtype == jnp.int64
+    assert int(state["num_batches_tracked"]) == _BIG_COUNT
+    # And back to PyTorch unchanged.
+    assert int(interop.to_torch(params, state)["num_batches_tracked"]) == _BIG_COUNT

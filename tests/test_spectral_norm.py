@@ -113,15 +113,15 @@ def test_bad_arguments():
   state = jaxnorm.spectral_norm_init(w, jax.random.key(0))
   msg = ("`w` must have at least 2 dimensions (a matrix, or a kernel whose last "
          "axis is the output), got shape (4,) with 1.")
-  with pytest.raises(ValueError, match=re.escape(msg)):
+  with pytest.raises(ValueError, match="^" + re.escape(msg) + "$"):
     jaxnorm.spectral_norm(jnp.ones(4), state)
   msg = "`n_steps` must be a positive int, got 0."
-  with pytest.raises(ValueError, match=re.escape(msg)):
+  with pytest.raises(ValueError, match="^" + re.escape(msg) + "$"):
     jaxnorm.spectral_norm(w, state, n_steps=0)
   msg = "`state['u']` must have shape (5,) (the last axis of `w`), got (4,)."
-  with pytest.raises(ValueError, match=re.escape(msg)):
+  with pytest.raises(ValueError, match="^" + re.escape(msg) + "$"):
     jaxnorm.spectral_norm(jnp.ones((3, 5)), state)
   msg = ("`state` must be a dict with keys 'u' and 'sigma' built with "
          "`spectral_norm_init`, got dict with keys ['v'].")
-  with pytest.raises(TypeError, match=re.escape(msg)):
+  with pytest.raises(TypeError, match="^" + re.escape(msg) + "$"):
     jaxnorm.spectral_norm(w, {"v": 1})

@@ -162,19 +162,19 @@ def test_jit_and_vmap():
 def test_bad_arguments():
   v = jnp.ones((4, 3))
   msg = "`wn['g']` must have shape (3,) (the shape of `wn['v']` along `axis`=-1), got (4,)."
-  with pytest.raises(ValueError, match=re.escape(msg)):
+  with pytest.raises(ValueError, match="^" + re.escape(msg) + "$"):
     jaxnorm.weight_norm({"v": v, "g": jnp.ones(4)})
   msg = ("`wn` must be a dict with key 'v' (and optionally 'g'), built with "
          "`weight_norm_init`; got dict with keys ['w'].")
-  with pytest.raises(TypeError, match=re.escape(msg)):
+  with pytest.raises(TypeError, match="^" + re.escape(msg) + "$"):
     jaxnorm.weight_norm({"w": v})
   msg = "`axis`=2 is out of range for an input with 2 dimensions; expected values in [-2, 1]."
-  with pytest.raises(ValueError, match=re.escape(msg)):
+  with pytest.raises(ValueError, match="^" + re.escape(msg) + "$"):
     jaxnorm.weight_norm_init(v, axis=2)
   msg = ("`t` has 5 features on its last axis but `wn['g']` has shape (3,); `t` "
          "must be the layer's output with the features last.")
-  with pytest.raises(ValueError, match=re.escape(msg)):
+  with pytest.raises(ValueError, match="^" + re.escape(msg) + "$"):
     jaxnorm.weight_norm_data_init(jaxnorm.weight_norm_init(v), jnp.ones((2, 5)))
   msg = "`eps` must be >= 0, got -1.0."
-  with pytest.raises(ValueError, match=re.escape(msg)):
+  with pytest.raises(ValueError, match="^" + re.escape(msg) + "$"):
     jaxnorm.weight_norm({"v": v}, eps=-1.0)
