@@ -238,15 +238,9 @@ def check_group_reduction_axes(module_name: str, x: Any,
 
 def check_dropout_rate(module_name: str, rate: Any) -> None:
   """A concrete dropout ``rate`` must be in [0, 1] (1 gives zeros, as in Flax)."""
-  if isinstance(rate, jax.core.Tracer):
-    return
-  try:
-    r = float(rate)
-  except (TypeError, ValueError):
-    raise TypeError(
-        f"{module_name}: `rate` must be a number in [0, 1], got "
-        f"{rate!r}.") from None
-  if not 0.0 <= r <= 1.0:
+  with module_errors(module_name):
+    r = checks.check_real_scalar("rate", rate)
+  if r is not None and not 0.0 <= r <= 1.0:
     raise ValueError(
         f"{module_name}: `rate` is the probability of dropping a unit and must "
         f"be in [0, 1], got {rate}.")
