@@ -15,8 +15,9 @@ feature axis           1 (NCHW, ``(N, C, L)``)     -1 (NHWC)
 =====================  ==========================  ==============================
 
 :func:`from_torch` and :func:`to_torch` convert state dicts (exactly, both
-ways); :func:`torch_batch_norm` runs batch norm with PyTorch's update rule on
-top of :func:`jaxnorm.batch_norm`. Because every parameter is per channel,
+ways); :func:`torch_batch_norm` runs batch norm with PyTorch's update rule through
+the same core as :func:`jaxnorm.batch_norm` (one statistics routine, one
+running-average update). Because every parameter is per channel,
 nothing needs transposing to move between NCHW and NHWC: pass ``axis=1`` to
 :func:`jaxnorm.batch_norm` for NCHW inputs, or move the channels last with
 :func:`nchw_to_nhwc` (needed for :func:`jaxnorm.group_norm` and
@@ -40,6 +41,7 @@ import numpy as np
 
 from jaxnorm._src import batch_norm as batch_norm_lib
 from jaxnorm._src import checks
+from jaxnorm._src import normalize
 
 __all__ = (
     "from_torch",
@@ -244,64 +246,52 @@ def torch_batch_norm(params, state, x, *, train: bool, momentum=0.1, eps=1e-5,
   Returns:
     ``(y, new_state)``.
   """
+  train = checks.check_train("train", train)
   if not isinstance(state, Mapping):
     raise TypeError(
         "`state` must be a dict with keys 'mean', 'var' and optionally "
         f"'num_batches_tracked' (or empty), got {type(state).__name__}."
     )
-  unknown = sorted(set(state) - {"mean", "var", "num_batches_tracked"})
+  keys = ("mean", "var", "num_batches_tracked")
+  unknown = sorted(set(state) - set(keys))
   if unknown:
     raise ValueError(
         f"`state` has unexpected keys {unknown}; expected keys among "
-        "['mean', 'num_batches_tracked', 'var']."
+        f"{sorted(keys)}."
     )
   if momentum is not None:
     checks.check_momentum(momentum)
   tracking = "mean" in state or "var" in state
-  if not train and tracking:
-    stats = {k: state[k] for k in ("mean", "var") if k in state}
-    y, _ = batch_norm_lib.batch_norm(params, stats, x, train=False, axis=axis,
-                                     eps=eps, mask=mask, dtype=dtype)
-    return y, state
-
-  checks.check_array("x", x)
-  if x.ndim < 1:
-    raise ValueError("`x` must have at least 1 dimension, got a scalar.")
-  feature_axes = checks.normalize_axes("axis", axis, x.ndim)
-  feature_shape = tuple(x.shape[a] for a in feature_axes)
-  # momentum=0 makes the returned state the batch's own (biased) statistics.
-  zeros = {"mean": jnp.zeros(feature_shape, jnp.float32),
-           "var": jnp.zeros(feature_shape, jnp.float32)}
-  if tracking:
-    zeros = {k: jnp.zeros_like(state[k]) for k in ("mean", "var") if k in state}
-  y, batch = batch_norm_lib.batch_norm(params, zeros, x, train=True, axis=axis,
-                                       momentum=0.0, eps=eps, mask=mask, dtype=dtype)
-  if not tracking:
-    return y, state
-
-  reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
-  if mask is None:
-    n = jnp.asarray(math.prod(x.shape[a] for a in reduction_axes), jnp.float32)
-  else:
-    n = jnp.sum(jnp.broadcast_to(mask, x.shape), axis=reduction_axes,
-                dtype=jnp.float32)
-  correction = jnp.where(n > 1, n / jnp.maximum(n - 1, 1), 1.0)
-
   count = state.get("num_batches_tracked")
-  count = jnp.asarray(0 if count is None else count)
-  if not jnp.issubdtype(count.dtype, jnp.integer):
+  if count is not None and not jnp.issubdtype(jnp.asarray(count).dtype, jnp.integer):
     raise TypeError(
         "`state['num_batches_tracked']` must be an integer array, got dtype "
-        f"{count.dtype}."
+        f"{jnp.asarray(count).dtype}."
     )
-  new_count = count + 1
-  if momentum is None:
-    factor = 1.0 / new_count.astype(jnp.float32)
-  else:
-    factor = momentum
-  new_state = dict(state)
-  for key, value in (("mean", batch["mean"]), ("var", batch["var"] * correction)):
-    old = state[key]
-    new_state[key] = ((1 - factor) * old + factor * value).astype(old.dtype)
-  new_state["num_batches_tracked"] = new_count
-  return y, new_state
+  if not train and tracking:
+    return batch_norm_lib.batch_norm(params, state, x, train=False, axis=axis,
+                                     eps=eps, mask=mask, dtype=dtype)
+  stats_state = ({k: state[k] for k in ("mean", "var")} if tracking else
+                 None)
+  x = jnp.asarray(x) if isinstance(x, np.ndarray) else x
+  s = batch_norm_lib._setup(params, stats_state or _no_state(x, axis), x, axis, eps,
+                            mask, dtype)
+  if s.x.size == 0:
+    return jnp.zeros(s.x.shape, s.out_dtype), state
+  st = batch_norm_lib.batch_statistics(s, eps=eps, mask=mask)
+  if not tracking:
+    return st.y, state
+  # A missing num_batches_tracked counts as 0, and the new state has it.
+  state = {"num_batches_tracked": jnp.zeros((), jnp.int32), **state}
+  new_state = normalize.update_running(
+      state, st.mean, st.var, momentum=None if momentum is None else 1 - momentum,
+      count=st.count, selected=st.selected, unbiased=True,
+      cumulative=momentum is None)
+  return st.y, new_state
+
+
+def _no_state(x, axis):
+  """Placeholder running averages, for checking a state-less call."""
+  checks.check_array("x", x)
+  shape = tuple(x.shape[a] for a in checks.normalize_axes("axis", axis, max(x.ndim, 1)))
+  return {"mean": jnp.zeros(shape, jnp.float32), "var": jnp.zeros(shape, jnp.float32)}

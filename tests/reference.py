@@ -36,19 +36,32 @@ def _channels_last_2d(x, axis):
 # Batch normalization (Ioffe & Szegedy 2015, Algorithm 1).
 
 
-def batch_norm_train(x, scale=None, bias=None, *, axis=-1, eps=1e-5):
-  """Algorithm 1 over the mini-batch of every position but the feature axis.
+def batch_norm_train(x, scale=None, bias=None, *, axis=-1, eps=1e-5, mask=None, xp=np):
+  """Algorithm 1 over the mini-batch of every position but the feature axis (or axes).
 
-  Returns ``(y, mu_B, sigma2_B)`` with the biased variance ``sigma2_B``.
+  Returns ``(y, mu_B, sigma2_B)`` with the biased variance ``sigma2_B`` and the
+  statistics of the features' shape. ``mask`` (broadcastable to ``x``) keeps
+  only the selected entries in the mini-batch (masked-out values are never
+  read). ``xp=np`` computes in float64; ``xp=jax.numpy`` gives the same
+  two-pass formula in the input's dtype, for autodiff references.
   """
-  x2, undo = _channels_last_2d(f64(x), axis)
-  m = x2.shape[0]
-  mu = x2.sum(axis=0) / m                              # mini-batch mean
-  sigma2 = ((x2 - mu) ** 2).sum(axis=0) / m            # mini-batch variance
-  xhat = (x2 - mu) / np.sqrt(sigma2 + eps)             # normalize
-  gamma = np.ones_like(mu) if scale is None else f64(scale)
-  beta = np.zeros_like(mu) if bias is None else f64(bias)
-  return undo(gamma * xhat + beta), mu, sigma2         # scale and shift
+  if xp is np:
+    x = f64(x)
+  feat = (axis,) if isinstance(axis, int) else tuple(axis)
+  feat = tuple(a % x.ndim for a in feat)
+  red = tuple(a for a in range(x.ndim) if a not in feat)
+  bshape = tuple(x.shape[a] if a in feat else 1 for a in range(x.ndim))
+  keep = xp.ones(x.shape, bool) if mask is None else xp.broadcast_to(xp.asarray(mask), x.shape)
+  m = xp.sum(keep, axis=red, keepdims=True).astype(x.dtype)          # mini-batch size
+  mu = xp.sum(xp.where(keep, x, 0), axis=red, keepdims=True) / m     # mini-batch mean
+  sigma2 = xp.sum(xp.where(keep, (x - mu) ** 2, 0), axis=red, keepdims=True) / m
+  y = (x - mu) / xp.sqrt(sigma2 + eps)                               # normalize
+  if scale is not None:                                              # scale and shift
+    y = y * xp.reshape(f64(scale) if xp is np else scale, bshape)
+  if bias is not None:
+    y = y + xp.reshape(f64(bias) if xp is np else bias, bshape)
+  return y, xp.reshape(mu, mu.shape[:0] + tuple(x.shape[a] for a in feat)), xp.reshape(
+      sigma2, tuple(x.shape[a] for a in feat))
 
 
 def batch_norm_infer(x, mean, var, scale=None, bias=None, *, axis=-1, eps=1e-5):

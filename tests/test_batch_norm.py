@@ -3,6 +3,8 @@
 Ghost batch norm and batch renorm are tested in test_batch_renorm.py.
 """
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -349,3 +351,62 @@ def test_complex_input():
   chex.assert_trees_all_close(new_state["var"], var, atol=1e-5)
   assert not jnp.iscomplexobj(new_state["var"])
   chex.assert_trees_all_close(y, (ref.f64(x) - mu) / np.sqrt(var + 1e-5), atol=1e-5)
+
+
+def test_ghost_chunk_without_selected_entries_adds_nothing_to_running_averages():
+  """An empty chunk (whole, or for one feature) is left out of the chunks' mean."""
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((8, 3)) * 2 + 1, jnp.float32)
+  mask = np.ones((8, 3), bool)
+  mask[4:, :] = False           # chunk 2 empty for every feature
+  mask[0:4, 0] = False          # and chunk 1 empty for feature 0 alone
+  params, state = jaxnorm.batch_norm_init(3)
+  state = {"mean": jnp.full(3, 5.0), "var": jnp.full(3, 7.0)}
+  _, new = jaxnorm.batch_norm(params, state, x, train=True, virtual_batch_size=4,
+                              mask=jnp.asarray(mask), momentum=0.5)
+  x64 = ref.f64(x)
+  mu1, var1 = x64[:4].mean(0), x64[:4].var(0)
+  want_mean = np.where([False, True, True], 0.5 * 5.0 + 0.5 * mu1, 5.0)
+  want_var = np.where([False, True, True], 0.5 * 7.0 + 0.5 * var1, 7.0)
+  np.testing.assert_allclose(np.asarray(new["mean"]), want_mean, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(new["var"]), want_var, rtol=1e-6)
+
+
+def test_ghost_chunks_each_get_their_own_statistics_and_closed_form_gradient():
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.standard_normal((12, 2, 3)) + 1e4, jnp.float32)
+  params = {"scale": jnp.asarray([1.0, 2.0, 3.0]), "bias": jnp.asarray([0.0, 1.0, -1.0])}
+  _, state = jaxnorm.batch_norm_init(3)
+  ct = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+  f = lambda p, x: jaxnorm.batch_norm(p, state, x, train=True, virtual_batch_size=4)[0]
+  y = jax.jit(f)(params, x)
+  for i in range(0, 12, 4):
+    y_ref, _, _ = ref.batch_norm_train(x[i:i + 4], params["scale"], params["bias"])
+    np.testing.assert_allclose(np.asarray(y[i:i + 4]), y_ref, atol=2e-5)
+  got = jax.grad(lambda p, x: jnp.sum(f(p, x) * ct), (0, 1))(params, x)
+  x64 = ref.f64(x) - 1e4
+  for i in range(0, 12, 4):
+    dx = ref.batch_norm_input_grad(x64[i:i + 4], ref.f64(ct)[i:i + 4], params["scale"])
+    np.testing.assert_allclose(np.asarray(got[1][i:i + 4]), dx, atol=1e-4)
+
+
+def test_unknown_state_keys_are_rejected():
+  params, state = jaxnorm.batch_norm_init(3)
+  with pytest.raises(ValueError, match="^" + re.escape(
+      "`state` has unexpected keys ['count']; expected keys among ['mean', "
+      "'num_batches_tracked', 'var'].") + "$"):
+    jaxnorm.batch_norm(params, {**state, "count": jnp.zeros(3)}, jnp.ones((4, 3)), train=True)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_zero_size_batch_gives_empty_output_and_keeps_state(train):
+  params, state = jaxnorm.batch_norm_init(3)
+  y, new = jaxnorm.batch_norm(params, state, jnp.zeros((0, 3)), train=train)
+  assert y.shape == (0, 3) and y.dtype == jnp.float32
+  assert new is state
+
+
+def test_batch_renorm_rejects_complex_input():
+  params, state = jaxnorm.batch_norm_init(3)
+  with pytest.raises(TypeError, match="^`x` must be real for batch_renorm, got dtype complex64"):
+    jaxnorm.batch_renorm(params, state, jnp.ones((4, 3), jnp.complex64), train=True)

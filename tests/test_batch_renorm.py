@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import jaxnorm
+import reference as ref
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -81,14 +82,9 @@ def _frozen_renorm_loss(x, params, state, g, r, d, *, axis, eps):
   return float((g * y).sum())
 
 
-def bn_ref(params, x, *, axis=-1, eps=1e-5):
-  """Train-mode batch norm output and biased batch statistics, float64."""
-  x = np.asarray(x, np.float64)
-  red, shape = _axes(x, axis)
-  mu = x.mean(axis=red, keepdims=True)
-  var = ((x - mu) ** 2).mean(axis=red, keepdims=True)
-  y = (x - mu) / np.sqrt(var + eps) * np.asarray(params["scale"], np.float64).reshape(
-      shape) + np.asarray(params["bias"], np.float64).reshape(shape)
+def _bn_ref(params, x, *, axis=-1, eps=1e-5):
+  """Train-mode batch norm (tests/reference.py): y and the biased batch statistics."""
+  y, mu, var = ref.batch_norm_train(x, params["scale"], params["bias"], axis=axis, eps=eps)
   return y, mu.ravel(), var.ravel()
 
 
@@ -109,7 +105,7 @@ def _case(shape, axis, seed=0):
   _, bshape = _axes(np.empty(shape), axis)
   x = (rng.normal(size=shape) * rng.uniform(0.5, 2, c).reshape(bshape)
        + rng.normal(size=c).reshape(bshape) * 3).astype(np.float32)
-  _, mu_b, var_b = bn_ref({"scale": np.ones(c), "bias": np.zeros(c)}, x, axis=axis)
+  _, mu_b, var_b = _bn_ref({"scale": np.ones(c), "bias": np.zeros(c)}, x, axis=axis)
   var = var_b / np.array([0.05, 0.5, 1.0, 2.0, 30.0])
   mean = mu_b - np.array([-8.0, -1.0, 0.0, 2.0, 7.0]) * np.sqrt(var)
   params = {"scale": jnp.asarray(rng.uniform(0.5, 2, c), jnp.float32),
@@ -154,7 +150,7 @@ def test_batch_renorm_matches_ioffe_2017(run, shape, axis):
   np.testing.assert_allclose(y, y_ref, atol=1e-4, rtol=1e-5)
   chex.assert_trees_all_close(new_state, state_ref, **TOL)
   # Renorm's output really differs from batch norm's here.
-  y_bn, _, _ = bn_ref(params, x, axis=axis)
+  y_bn, _, _ = _bn_ref(params, x, axis=axis)
   assert np.abs(y_ref - y_bn).max() > 1.0
 
 
@@ -249,7 +245,7 @@ def test_ghost_batch_norm_normalizes_each_chunk_on_its_own(run, shape, axis, k):
   x, params, state = _case(shape, axis)
   y, new_state = run(jaxnorm.batch_norm, params, state, x, train=True, axis=axis,
                      virtual_batch_size=k, momentum=0.9)
-  chunks = [bn_ref(params, x[i:i + k], axis=axis) for i in range(0, shape[0], k)]
+  chunks = [_bn_ref(params, x[i:i + k], axis=axis) for i in range(0, shape[0], k)]
   np.testing.assert_allclose(y, np.concatenate([c[0] for c in chunks]), atol=1e-4,
                              rtol=1e-5)
   expected_state = {

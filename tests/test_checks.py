@@ -225,12 +225,7 @@ CASES = {
                                     TypeError,
                                     "`num_features` must be an int or a tuple of ints, "
                                     "got True."),
-}
 
-# Bad inputs whose checks exist in checks.py but are not yet called by the
-# layers (issue 12, item 5): strict xfail, so each turns into a failure, to
-# be moved into CASES, as soon as its layer calls the check.
-PENDING = {
     "bn_train_string": _case(_bn(train="no"), TypeError,
                              "`train` must be a Python bool, got str 'no'."),
     "bn_virtual_batch_one": _case(
@@ -248,33 +243,23 @@ PENDING = {
         "normalized values."),
 }
 
-ALL_CASES = {**CASES, **{name: pytest.param(name, marks=pytest.mark.xfail(
-    strict=True, reason="the layer does not call this check yet")) for name in PENDING}}
 
-
-def _get(name: str) -> Case:
-  return CASES.get(name) or PENDING[name]
-
-
-@pytest.mark.parametrize("name", [ALL_CASES[k] if k in PENDING else k
-                                  for k in sorted(ALL_CASES)])
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input_raises_full_message(name):
-  case = _get(name)
+  case = CASES[name]
   with pytest.raises(case.error, match=full_message(case.message) + "$"):
     case.fn(*case.args)
 
 
-@pytest.mark.parametrize("name", [ALL_CASES[k] if k in PENDING else k
-                                  for k in sorted(ALL_CASES)])
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_errors_are_raised_at_trace_time_under_jit(name):
   # The arrays are arguments, hence tracers: a check that needed their values
   # would fail here with a tracer error instead of the message.
-  case = _get(name)
+  case = CASES[name]
   with pytest.raises(case.error, match=full_message(case.message) + "$"):
     jax.jit(case.fn)(*case.args)
 
 
-@pytest.mark.xfail(strict=True, reason="batch_norm does not call check_train yet")
 def test_traced_train_is_a_clear_error():
   message = ("`train` must be a Python bool known at trace time, because it selects "
              "the code path, but it is a traced value of dtype bool and shape (); "

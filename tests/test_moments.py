@@ -1,6 +1,7 @@
 """Tests of `jaxnorm.moments` and of the shared `shifted_moments`/`normalize` steps."""
 
 import chex
+import numpy as np
 import jax
 import jax.numpy as jnp
 import pytest
@@ -89,15 +90,19 @@ def test_check_grads():
                 modes=["fwd", "rev"])
 
 
-def test_shifted_moments_and_normalize_compose_to_the_textbook_formula():
-  x = 1e4 + jax.random.normal(jax.random.key(0), (16, 3))
-  m = moments_lib.shifted_moments(x, (0,))
-  chex.assert_trees_all_close(moments_lib.full_mean(m)[0], ref.mean_var(x, 0)[0], rtol=1e-7)
-  y = moments_lib.normalize(x, m, eps=1e-5, scale=jnp.full((1, 3), 2.0),
-                            bias=jnp.full((1, 3), -1.0))
-  chex.assert_trees_all_close(y, 2.0 * ref.batch_norm_train(x)[0] - 1.0, atol=1e-4)
-  rms = moments_lib.shifted_moments(x, (1,), rms=True)
-  assert rms.shift is None and rms.mean is None
+def test_block_moments_compose_to_the_textbook_formula():
+  """Blocks in their own frames, merged, give the float64 statistics; RMS gives mean squares."""
+  x = 1e4 + jax.random.normal(jax.random.key(0), (64, 3))
+  view = moments_lib.block_view(x.shape, (0,), 4)
+  m = moments_lib.block_moments(x.reshape(view.shape), view)
+  assert m.shift.shape == (4, 1, 3) and m.var.shape == (1, 1, 3)
+  mean, var = ref.mean_var(x, 0)
+  chex.assert_trees_all_close(m.mean[0, 0], mean, rtol=1e-7)
+  chex.assert_trees_all_close(m.var[0, 0], var, rtol=1e-6)
+  chex.assert_trees_all_close(m.count[0, 0], np.full(3, 64.0))
+  view1 = moments_lib.block_view(x.shape, (1,), 1)
+  rms = moments_lib.block_moments(x, view1, rms=True)
+  assert rms.shift is None and rms.mean_off is None
   chex.assert_trees_all_close(rms.var[:, 0], (ref.f64(x) ** 2).mean(axis=1), rtol=1e-6)
 
 
@@ -106,3 +111,96 @@ def test_vmap_and_jit_agree():
   mean, var = jax.jit(jax.vmap(lambda x: jaxnorm.moments(x, 0)))(x)
   for i in range(4):
     chex.assert_trees_all_close((mean[i], var[i]), ref.mean_var(x[i], 0), atol=1e-5)
+
+
+# Exact on any data: the adversarial grid of the "one exact core" issue. Each
+# column of `x` has its own offset (0 to 1e7); the float64 reference is taken on
+# the same float32 values. Targets: variance relative error <= 1e-6, mean error
+# <= 1e-6 standard deviations (beyond the float32 spacing of the mean itself),
+# output error <= 1e-5 of the output's magnitude (at least 1).
+
+OFFSETS = np.array([0.0, 1e3, 1e5, 1e7], np.float32)
+
+
+def adversarial(kind, n, seed=0):
+  """float32 data of shape (n, 4): offsets per column, plus one kind of trouble."""
+  rng = np.random.default_rng(seed)
+  if kind == "student_t2":
+    z = rng.standard_t(2, (n, 4))
+  else:
+    z = rng.standard_normal((n, 4))
+  x = (z + OFFSETS).astype(np.float32)
+  big = {"outlier_1e3_first": 1e3, "outlier_1e6_last": 1e6,
+         "outlier_1e3_random": 1e3, "outlier_1e6_random": 1e6}.get(kind)
+  if big is not None:
+    pos = {"first": 0, "last": n - 1}.get(kind.rsplit("_", 1)[1], int(rng.integers(n)))
+    x[pos] = OFFSETS + np.float32(big)
+  return x
+
+
+KINDS = ("gaussian", "student_t2", "outlier_1e3_first", "outlier_1e6_last",
+         "outlier_1e3_random", "outlier_1e6_random")
+
+
+def assert_exact_stats(mean, var, x, mask=None):
+  x64 = ref.f64(x)
+  if mask is not None:
+    m64, v64 = ref.masked_channel_moments(x64, mask)
+  else:
+    m64, v64 = x64.mean(0), x64.var(0)
+  mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
+  np.testing.assert_array_less(np.abs(var - v64), 1e-6 * v64 + 1e-30)
+  spacing = np.spacing(np.abs(m64).astype(np.float32)).astype(np.float64)
+  np.testing.assert_array_less(np.abs(mean - m64), 1e-6 * np.sqrt(v64) + spacing)
+
+
+def assert_exact_output(y, y64):
+  y, y64 = np.asarray(y, np.float64), np.asarray(y64, np.float64)
+  np.testing.assert_array_less(np.abs(y - y64), 1e-5 * np.maximum(1.0, np.abs(y64)))
+
+
+@pytest.mark.parametrize("n", [2, 3, 17, 1000, 2**16])
+def test_moments_exact_on_adversarial_data(n):
+  f = jax.jit(lambda x: jaxnorm.moments(x, 0))
+  for kind in KINDS:
+    x = adversarial(kind, n)
+    assert_exact_stats(*f(x), x)
+
+
+@pytest.mark.parametrize("n", [3, 1000, 2**16])
+def test_moments_exact_with_nan_padding(n):
+  f = jax.jit(lambda x, m: jaxnorm.moments(x, 0, mask=m))
+  rng = np.random.default_rng(1)
+  for kind in KINDS:
+    x = adversarial(kind, n)
+    mask = rng.random((n, 4)) < 0.7
+    mask[:2] = True                       # at least two selected per column
+    padded = np.where(mask, x, np.nan).astype(np.float32)
+    assert_exact_stats(*f(padded, mask), x, mask)
+
+
+@pytest.mark.parametrize("n", [17, 2**16])
+def test_batch_norm_output_exact_on_adversarial_data(n):
+  params, state = jaxnorm.batch_norm_init(4)
+  f = jax.jit(lambda x: jaxnorm.batch_norm(params, state, x, train=True, momentum=0.0))
+  for kind in KINDS:
+    x = adversarial(kind, n)
+    y, new = f(x)
+    y64, m64, v64 = ref.batch_norm_train(x)
+    assert_exact_output(y, y64)
+    assert_exact_stats(new["mean"], new["var"], x)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [2**20, 2**24])
+def test_moments_exact_at_millions_of_values(n):
+  f = jax.jit(lambda x: jaxnorm.moments(x, 0))
+  for kind in ("gaussian", "outlier_1e3_first", "outlier_1e6_random", "student_t2"):
+    x = adversarial(kind, n)[:, :2] if n > 2**22 else adversarial(kind, n)
+    assert_exact_stats(*f(x), x)
+
+
+def test_zero_size_input_gives_an_empty_result():
+  mean, var = jaxnorm.moments(jnp.zeros((0, 3)), 0)
+  assert mean.shape == (3,) and var.shape == (3,)
+  np.testing.assert_array_equal(np.asarray(var), 0.0)

@@ -4,6 +4,8 @@ Each test shards an input eight ways with `jax.shard_map` and compares to the
 single-device result on the whole array.
 """
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -127,3 +129,80 @@ def test_batch_norm_inference_under_shard_map_needs_no_collective(mesh):
                                                       params["scale"], params["bias"]),
                               atol=1e-5, rtol=1e-5)
   chex.assert_trees_all_equal(new_state, state)
+
+
+def test_statistics_exact_on_eight_devices_with_outliers_and_offsets(mesh):
+  """Per-device offsets 1e5 apart, an outlier at device 0's first sample, NaN padding."""
+  rng = np.random.default_rng(7)
+  n_local = 64
+  x = rng.standard_normal((N_DEV, n_local, 4))
+  x += 1e5 * np.arange(N_DEV)[:, None, None]          # each device its own mean
+  x[0, 0] = 1e3                                       # outlier where a shift would sit
+  x[3] = rng.standard_t(2, (n_local, 4)) + 7e4       # heavy tails on one device
+  x = x.reshape(N_DEV * n_local, 4).astype(np.float32)
+  mask = rng.random(x.shape) < 0.8
+  mask[:2] = True
+  mask[5 * n_local:6 * n_local, 1] = False            # device 5 selects nothing in column 1
+  params, state = jaxnorm.batch_norm_init(4)
+
+  def f(x, mask):
+    y, new = jaxnorm.batch_norm(params, state, x, train=True, momentum=0.0, axis_name="b",
+                                mask=mask)
+    return y, new["mean"], new["var"]
+
+  run = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("b"), P("b")),
+                              out_specs=(P("b"), P(), P())))
+  padded = np.where(mask, x, np.nan).astype(np.float32)
+  y, mean, var = run(_put(mesh, padded, P("b")), _put(mesh, mask, P("b")))
+  m64, v64 = ref.masked_channel_moments(x, mask)
+  np.testing.assert_array_less(np.abs(np.asarray(var, np.float64) - v64), 1e-6 * v64)
+  np.testing.assert_array_less(np.abs(np.asarray(mean, np.float64) - m64),
+                               1e-6 * np.sqrt(v64) + np.spacing(np.float32(np.abs(m64))))
+  y64 = (ref.f64(x) - m64) / np.sqrt(v64 + 1e-5)
+  sel = mask
+  err = np.abs(np.asarray(y, np.float64) - y64)[sel]
+  np.testing.assert_array_less(err, 1e-5 * np.maximum(1.0, np.abs(y64[sel])))
+
+
+@pytest.mark.parametrize("k", [2, 8])
+def test_ghost_batch_norm_with_axis_name_equals_one_device_with_the_same_chunks(mesh, k):
+  """Chunks are formed within each device's batch: layout-invariant results."""
+  x, params, state = _data((N_DEV * 8, 2, 3), seed=3)
+  x = x + 1e4 * (jnp.arange(N_DEV * 8) // 8)[:, None, None]    # per-device offsets
+  mask = jnp.asarray(np.random.default_rng(8).random((N_DEV * 8, 1, 1)) < 0.7)
+  mask = mask.at[16:24].set(False)                    # device 2's chunks are all empty
+
+  def ghost(x, mask, axis_name=None):
+    return jaxnorm.batch_norm(params, state, x, train=True, virtual_batch_size=k, mask=mask,
+                              axis_name=axis_name, momentum=0.5)
+
+  sharded = jax.jit(jax.shard_map(lambda x, m: ghost(x, m, "b"), mesh=mesh,
+                                  in_specs=(P("b"), P("b")), out_specs=(P("b"), P())))
+  y, new = sharded(_put(mesh, x, P("b")), _put(mesh, mask, P("b")))
+  y1, new1 = jax.jit(ghost)(x, mask)
+  sel = np.broadcast_to(np.asarray(mask), x.shape)
+  np.testing.assert_allclose(np.asarray(y)[sel], np.asarray(y1)[sel], atol=2e-5)
+  chex.assert_trees_all_close(new, new1, rtol=1e-5)
+  # And against float64: the mean of the non-empty chunks' statistics.
+  xs = ref.f64(x).reshape(-1, k, 2, 3)
+  ms = np.broadcast_to(np.asarray(mask), x.shape).reshape(-1, k, 2, 3)
+  means, vars_ = [], []
+  for c in range(xs.shape[0]):
+    if ms[c].any():
+      vals = xs[c][ms[c]].reshape(-1, 3)
+      means.append(vals.mean(0))
+      vars_.append(vals.var(0))
+  np.testing.assert_allclose(np.asarray(new["mean"]), 0.5 * np.mean(means, 0), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(new["var"]), 0.5 + 0.5 * np.mean(vars_, 0), rtol=1e-5)
+
+
+def test_ghost_batch_norm_with_axis_name_rejects_chunks_across_devices(mesh):
+  x, params, state = _data((N_DEV * 4, 3))
+  f = jax.shard_map(lambda x: jaxnorm.batch_norm(params, state, x, train=True,
+                                                 virtual_batch_size=8, axis_name="b"),
+                    mesh=mesh, in_specs=P("b"), out_specs=(P("b"), P()))
+  message = ("`virtual_batch_size`=8 must divide the batch size on each device, but `x` has "
+             "4 examples along axis 0 on this device. Chunks are formed within each device's "
+             "batch, so that the result equals one device on the gathered batch.")
+  with pytest.raises(ValueError, match="^" + re.escape(message)):
+    jax.jit(f)(_put(mesh, x, P("b")))

@@ -6,20 +6,25 @@ Batch norm (Ioffe & Szegedy, 2015, Algorithm 1): over a mini-batch ``B``,
 Inference uses running averages instead of the batch statistics:
 ``state <- momentum * state + (1 - momentum) * batch`` (Flax/Keras convention;
 PyTorch's ``momentum=0.1`` is our ``0.9``, see :mod:`jaxnorm.interop`).
+
+Every train-mode variant (plain, ghost, renorm, PyTorch's) goes through
+:func:`batch_statistics`, which calls the one core entry
+:func:`jaxnorm._src.normalize.normalize_batch`; the running averages go
+through :func:`jaxnorm._src.normalize.update_running`.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxnorm._src import fused_norm
 from jaxnorm._src import checks
-from jaxnorm._src import moments as moments_lib
-
+from jaxnorm._src import layer_setup
+from jaxnorm._src import normalize as norm_lib
 
 def batch_norm_init(
     num_features,
@@ -28,7 +33,7 @@ def batch_norm_init(
     use_scale: bool = True,
     use_bias: bool = True,
     state_dtype=jnp.float32,
-):
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
   """Returns ``(params, state)`` for :func:`batch_norm`.
 
   ``params = {"scale": ones, "bias": zeros}`` (each only if enabled) of shape
@@ -41,135 +46,23 @@ def batch_norm_init(
   >>> sorted(params), sorted(state), params["scale"].shape
   (['bias', 'scale'], ['mean', 'var'], (3,))
   """
-  shape = _feature_shape_arg(num_features)
-  params = affine_init(shape, dtype=dtype, use_scale=use_scale, use_bias=use_bias)
+  shape = layer_setup.feature_shape(num_features)
+  checks.check_float_dtype("state_dtype", state_dtype)
+  params = layer_setup.affine_init(shape, dtype=dtype, use_scale=use_scale,
+                                   use_bias=use_bias)
   state = {"mean": jnp.zeros(shape, state_dtype), "var": jnp.ones(shape, state_dtype)}
   return params, state
 
 
-def affine_init(shape, *, dtype, use_scale, use_bias) -> dict:
-  """``{"scale": ones, "bias": zeros}`` of ``shape``, each key only if used."""
-  params = {}
-  if use_scale:
-    params["scale"] = jnp.ones(shape, dtype)
-  if use_bias:
-    params["bias"] = jnp.zeros(shape, dtype)
-  return params
-
-
-def _feature_shape_arg(num_features) -> tuple[int, ...]:
-  if isinstance(num_features, int) and not isinstance(num_features, bool):
-    shape = (num_features,)
-  else:
-    try:
-      shape = tuple(int(n) for n in num_features)
-    except TypeError:
-      raise TypeError(
-          "`num_features` must be an int or a tuple of ints, got "
-          f"{num_features!r}."
-      ) from None
-  if any(n <= 0 for n in shape):
-    raise ValueError(f"`num_features` must be positive, got {num_features!r}.")
-  return shape
-
-
-def _bn_setup(params, state, x, axis, eps, momentum, mask, where_name):
-  checks.check_array("x", x)
-  if x.ndim < 1:
-    raise ValueError("`x` must have at least 1 dimension, got a scalar.")
+def _setup(params, state, x, axis, eps, mask, dtype):
+  x = layer_setup.input_array(x)
   feature_axes = checks.normalize_axes("axis", axis, x.ndim)
   reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
-  feature_shape = tuple(x.shape[a] for a in feature_axes)
-  where = f"along axis {axis}"
-  params = checks.check_params(params, feature_shape, ("scale", "bias"), where)
-  checks.check_state(state, feature_shape, where)
-  checks.check_eps(eps)
-  checks.check_momentum(momentum)
-  checks.check_mask(mask, x)
-  bshape = tuple(x.shape[a] if a in feature_axes else 1 for a in range(x.ndim))
-  return params, feature_axes, reduction_axes, feature_shape, bshape
-
-
-def _reshape(v, bshape):
-  return None if v is None else jnp.reshape(v, bshape)
-
-
-def _update_state(state, batch_mean, batch_var, momentum, selected=None):
-  """``momentum * state + (1 - momentum) * batch``, keeping the state's dtype.
-
-  Features where ``selected`` (boolean, the features' shape) is False keep
-  their state: a mask that leaves a feature no entries gives no statistics
-  to average in.
-  """
-  new = dict(state)
-  for key, batch in (("mean", batch_mean), ("var", batch_var)):
-    old = state[key]
-    dt = jnp.result_type(old.dtype, batch.dtype) if jnp.iscomplexobj(batch) else old.dtype
-    updated = (momentum * old + (1 - momentum) * batch).astype(dt)
-    new[key] = updated if selected is None else jnp.where(selected, updated, old.astype(dt))
-  return new
-
-
-def _any_selected(mask, x, reduction_axes, axis_name, axis_index_groups):
-  """Per feature: whether the mask selects any entry (on any device); None
-  without a mask."""
-  if mask is None:
-    return None
-  count = jnp.sum(jnp.broadcast_to(mask, x.shape), axis=reduction_axes, dtype=jnp.int32)
-  if axis_name is not None:
-    count = lax.psum(count, axis_name, axis_index_groups=axis_index_groups)
-  return count > 0
-
-
-def _ghost_split(x, mask, batch_axis, k):
-  """Reshapes the batch axis ``N`` into ``(N // k, k)`` (chunks of k)."""
-  n = x.shape[batch_axis]
-  k = checks.check_positive_int("virtual_batch_size", k)
-  if n % k:
-    raise ValueError(
-        f"`virtual_batch_size`={k} must divide the batch size, but `x` has "
-        f"{n} examples along axis {batch_axis}."
-    )
-  shape = x.shape[:batch_axis] + (n // k, k) + x.shape[batch_axis + 1:]
-  xg = x.reshape(shape)
-  mg = None
-  if mask is not None:
-    mg = jnp.broadcast_to(mask, x.shape).reshape(shape)
-  return xg, mg
-
-
-def _batch_moments(x, mask, feature_axes, reduction_axes, virtual_batch_size,
-                   axis_name, axis_index_groups):
-  """Batch moments; with ghost batches, per-chunk moments on a reshaped x.
-
-  Returns ``(moments, x_view, mask_view, unsplit, batch_mean, batch_var)``
-  where ``x_view``/``mask_view`` are the arrays the moments broadcast against,
-  ``unsplit`` maps a normalized ``x_view`` back to ``x``'s shape, and
-  ``batch_mean``/``batch_var`` have the features' shape.
-  """
-  if virtual_batch_size is None:
-    m = moments_lib.shifted_moments(
-        x, reduction_axes, mask=mask, axis_name=axis_name,
-        axis_index_groups=axis_index_groups)
-    mean = jnp.squeeze(moments_lib.full_mean(m), reduction_axes)
-    var = jnp.squeeze(m.var, reduction_axes)
-    return m, x, mask, lambda y: y, mean, var, None
-  batch_axis = reduction_axes[0]
-  xg, mg = _ghost_split(x, mask, batch_axis, virtual_batch_size)
-  # In the split view, the chunk axis sits at `batch_axis` and every axis after
-  # it moves one place to the right.
-  shift_up = lambda a: a if a < batch_axis else a + 1
-  g_reduction = tuple(shift_up(a) for a in reduction_axes if a != batch_axis)
-  g_reduction = tuple(sorted(g_reduction + (batch_axis + 1,)))
-  m = moments_lib.shifted_moments(
-      xg, g_reduction, mask=mg, axis_name=axis_name,
-      axis_index_groups=axis_index_groups)
-  chunk_mean = moments_lib.full_mean(m)
-  # The running averages take the mean of the chunks' statistics.
-  mean = jnp.squeeze(jnp.mean(chunk_mean, axis=batch_axis, keepdims=True), g_reduction + (batch_axis,))
-  var = jnp.squeeze(jnp.mean(m.var, axis=batch_axis, keepdims=True), g_reduction + (batch_axis,))
-  unsplit = lambda y: y.reshape(x.shape)
-  return m, xg, mg, unsplit, mean, var, batch_axis
+  s = layer_setup.setup(params, x, feature_axes=feature_axes,
+                        reduction_axes=reduction_axes, allowed=("scale", "bias"),
+                        where=f"along axis {axis}", eps=eps, mask=mask, dtype=dtype)
+  checks.check_state(state, s.feature_shape, f"along axis {axis}")
+  return s
 
 
 def values_per_feature(x, reduction_axes, virtual_batch_size=None) -> int:
@@ -192,10 +85,96 @@ def _check_train_batch(x, reduction_axes, axis_name, mask, virtual_batch_size):
     )
 
 
+def _check_ghost(x, reduction_axes, virtual_batch_size, axis_name):
+  if not reduction_axes:
+    raise ValueError(
+        "`virtual_batch_size` needs a batch axis, but `axis` leaves `x` of shape "
+        f"{tuple(x.shape)} no axis to reduce over."
+    )
+  k = checks.check_virtual_batch_size(
+      virtual_batch_size, values_per_example=values_per_feature(x, reduction_axes[1:]))
+  n = x.shape[reduction_axes[0]]
+  if n % k:
+    if axis_name is None:
+      checks.check_virtual_batch_size(k, batch_size=n, batch_axis=reduction_axes[0])
+    raise ValueError(
+        f"`virtual_batch_size`={k} must divide the batch size on each device, but "
+        f"`x` has {n} examples along axis {reduction_axes[0]} on this device. Chunks "
+        "are formed within each device's batch, so that the result equals one "
+        "device on the gathered batch."
+    )
+  return k
+
+
+class Statistics(NamedTuple):
+  """Train-mode output and batch statistics, with the features' shape.
+
+  ``selected`` (``None`` without a mask) is False for features the mask leaves
+  without entries on every device; ``count`` is the number of values behind
+  each feature's statistics (all devices).
+  """
+
+  y: jax.Array
+  mean: jax.Array
+  var: jax.Array
+  count: jax.Array
+  selected: jax.Array | None
+
+
+def batch_statistics(
+    s: layer_setup.Setup,
+    *,
+    eps,
+    axis_name=None,
+    axis_index_groups=None,
+    mask=None,
+    virtual_batch_size: int | None = None,
+    renorm: tuple | None = None,
+) -> Statistics:
+  """Normalizes ``s.x`` with its batch statistics and returns them.
+
+  Ghost batch norm (``virtual_batch_size``) normalizes each chunk of the batch
+  axis with its own statistics and returns the mean over the non-empty chunks
+  (of every device). Chunks never span devices: with ``axis_name`` they are
+  formed within each device's batch, so the result equals one device on the
+  gathered batch, and normalizing needs no communication.
+  """
+  x = s.x
+  red = s.reduction_axes
+  if virtual_batch_size is not None:
+    k = _check_ghost(x, red, virtual_batch_size, axis_name)
+  _check_train_batch(x, red, axis_name, mask, virtual_batch_size)
+  if virtual_batch_size is None:
+    out = norm_lib.normalize_batch(
+        x, axes=red, scale=s.scale, bias=s.bias, eps=eps, mask=mask,
+        axis_name=axis_name, axis_index_groups=axis_index_groups,
+        dtype=s.out_dtype, renorm=renorm)
+    selected = None if mask is None else out.count > 0
+    return Statistics(out.y, out.mean, out.var, out.count, selected)
+
+  out = norm_lib.normalize_batch(
+      x, axes=red, scale=s.scale, bias=s.bias, eps=eps, mask=mask,
+      dtype=s.out_dtype, blocks=x.shape[red[0]] // k, ghost=True)
+  # Running averages: the mean of the non-empty chunks' statistics.
+  nonempty = out.count > 0
+  real = out.var.dtype
+  sums = (jnp.sum(jnp.where(nonempty, out.mean, 0), axis=0),
+          jnp.sum(jnp.where(nonempty, out.var, 0), axis=0),
+          jnp.sum(nonempty, axis=0, dtype=real),
+          jnp.sum(out.count, axis=0))
+  if axis_name is not None:
+    sums = lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
+  mean_sum, var_sum, chunks, count = sums
+  per = 1 / jnp.maximum(chunks, 1)
+  selected = None if mask is None else chunks > 0
+  return Statistics(out.y, mean_sum * per.astype(mean_sum.dtype), var_sum * per,
+                    count, selected)
+
+
 def batch_norm(
     params,
     state,
-    x: jax.Array,
+    x: jax.typing.ArrayLike,
     *,
     train: bool,
     axis=-1,
@@ -203,10 +182,10 @@ def batch_norm(
     eps=1e-5,
     axis_name=None,
     axis_index_groups=None,
-    mask: jax.Array | None = None,
+    mask: jax.typing.ArrayLike | None = None,
     virtual_batch_size: int | None = None,
     dtype=None,
-):
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Batch normalization (Ioffe & Szegedy, 2015).
 
   ``y = (x - mean) / sqrt(var + eps) * scale + bias`` with, per feature,
@@ -217,12 +196,19 @@ def batch_norm(
   * ``train=False``: ``state["mean"]`` and ``state["var"]``; the returned state
     is ``state`` itself.
 
+  The statistics are exact on any data (see :mod:`jaxnorm._src.moments`):
+  float32 results within about 1e-7 (variance, relative) of float64 for large
+  offsets, outliers and heavy tails. Under ``axis_name`` the forward pass needs
+  one collective (an all-gather of four numbers per feature) and the backward
+  pass one all-reduce.
+
   Args:
     params: ``{"scale": (C,), "bias": (C,)}``; a missing key turns that term
       off. ``C`` is ``x.shape[axis]`` (a tuple of sizes for several axes).
     state: ``{"mean": (C,), "var": (C,)}``, float32.
     x: input of any rank >= 1, floating point (or complex).
-    train: use batch statistics and update the running averages.
+    train: use batch statistics and update the running averages; a Python
+      bool (it selects the code path, so it cannot be traced).
     axis: the feature axis (int or tuple of ints); ``axis=1`` is NCHW.
     momentum: decay of the running averages, in [0, 1].
     eps: added to the variance, > 0.
@@ -230,17 +216,20 @@ def batch_norm(
       statistics over the global batch.
     axis_index_groups: subgroups of devices for ``axis_name``.
     mask: boolean, broadcastable to ``x``; ``False`` entries are left out of
-      the statistics (and so of the running averages). A feature the mask
-      leaves without entries (on every device) keeps its running averages.
+      the statistics, of the running averages and of every derivative, even
+      when they hold NaN or inf. A feature the mask leaves without entries (on
+      every device) keeps its running averages.
     virtual_batch_size: ghost batch norm (Hoffer et al., 2017): normalize each
       chunk of this many examples of the batch axis (the first non-feature
-      axis) with its own statistics; the running averages take the mean of
-      the chunks' statistics.
+      axis) with its own statistics; the running averages take the mean of the
+      non-empty chunks' statistics. With ``axis_name`` the chunks are formed
+      within each device's batch (it must divide it), so the result equals one
+      device on the gathered batch.
     dtype: output dtype; by default that of ``x``, ``scale`` and ``bias``
       promoted together (as in Flax).
 
   Returns:
-    ``(y, new_state)``.
+    ``(y, new_state)``. A zero-size ``x`` gives an empty ``y`` and ``state``.
 
   >>> import jax.numpy as jnp, numpy as np, jaxnorm
   >>> params, state = jaxnorm.batch_norm_init(2)
@@ -251,47 +240,30 @@ def batch_norm(
   >>> np.asarray(state["mean"], float).round(3).tolist(), np.asarray(state["var"], float).round(3).tolist()
   ([0.2, 2.0], [1.0, 10.9])
   """
-  params, feature_axes, reduction_axes, _, bshape = _bn_setup(
-      params, state, x, axis, eps, momentum, mask, "batch_norm")
-  scale = _reshape(params.get("scale"), bshape)
-  bias = _reshape(params.get("bias"), bshape)
-  out_dtype = checks.result_dtype(x, params, dtype)
-
+  train = checks.check_train("train", train)
+  s = _setup(params, state, x, axis, eps, mask, dtype)
+  checks.check_momentum(momentum)
+  if s.x.size == 0:
+    return layer_setup.empty_output(s), state
   if not train:
-    m = moments_lib.Moments(
-        shift=jnp.reshape(state["mean"], bshape).astype(moments_lib.stat_dtype(x.dtype)),
-        mean=None,
-        var=jnp.reshape(state["var"], bshape))
-    y = moments_lib.normalize(x, m, eps=eps, scale=scale, bias=bias, dtype=out_dtype)
-    return y, state
+    return _inference(s, state, eps, mask), state
+  st = batch_statistics(s, eps=eps, axis_name=axis_name,
+                        axis_index_groups=axis_index_groups, mask=mask,
+                        virtual_batch_size=virtual_batch_size)
+  return st.y, norm_lib.update_running(state, st.mean, st.var, momentum=momentum,
+                                       selected=st.selected)
 
-  if virtual_batch_size is not None:
-    checks.check_positive_int("virtual_batch_size", virtual_batch_size)
-  _check_train_batch(x, reduction_axes, axis_name, mask, virtual_batch_size)
-  selected = _any_selected(mask, x, reduction_axes, axis_name, axis_index_groups)
-  if virtual_batch_size is None and fused_norm.supported(x):
-    # Same moments and normalize step, with a closed-form derivative.
-    y, mean, var = fused_norm.normalize_with_batch_stats(
-        x, scale, bias, axes=reduction_axes, eps=eps, mask=mask,
-        axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=out_dtype)
-    mean = jnp.squeeze(mean, reduction_axes)
-    var = jnp.squeeze(var, reduction_axes)
-    return y, _update_state(state, mean, var, momentum, selected)
-  m, xv, _, unsplit, mean, var, chunk_axis = _batch_moments(
-      x, mask, feature_axes, reduction_axes, virtual_batch_size, axis_name,
-      axis_index_groups)
-  if chunk_axis is not None:
-    scale = None if scale is None else jnp.expand_dims(scale, chunk_axis)
-    bias = None if bias is None else jnp.expand_dims(bias, chunk_axis)
-  y = unsplit(moments_lib.normalize(xv, m, eps=eps, scale=scale, bias=bias,
-                                    dtype=out_dtype))
-  return y, _update_state(state, mean, var, momentum, selected)
+
+def _inference(s, state, eps, mask):
+  return norm_lib.normalize_with(
+      s.x, jnp.reshape(state["mean"], s.bshape), jnp.reshape(state["var"], s.bshape),
+      eps=eps, scale=s.scale, bias=s.bias, mask=mask, dtype=s.out_dtype)
 
 
 def batch_renorm(
     params,
     state,
-    x: jax.Array,
+    x: jax.typing.ArrayLike,
     *,
     train: bool,
     r_max=3.0,
@@ -301,9 +273,9 @@ def batch_renorm(
     eps=1e-5,
     axis_name=None,
     axis_index_groups=None,
-    mask: jax.Array | None = None,
+    mask: jax.typing.ArrayLike | None = None,
     dtype=None,
-):
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Batch renormalization (Ioffe, 2017).
 
   In train mode, with batch statistics ``mu_B``, ``sigma_B = sqrt(var_B + eps)``
@@ -316,33 +288,31 @@ def batch_renorm(
   and the running averages are updated as in :func:`batch_norm` (the variance,
   not the standard deviation, is averaged). With ``r_max=1, d_max=0`` this is
   batch norm. ``r_max`` and ``d_max`` may be traced values, so a schedule can
-  ramp them up during training. Inference mode is batch norm's.
+  ramp them up during training. Inference mode is batch norm's. The batch
+  statistics and the closed-form derivative are batch norm's (``r`` and ``d``
+  are constants for differentiation). ``x`` must be real.
 
   Arguments and returns are those of :func:`batch_norm`.
   """
-  if not train:
-    return batch_norm(params, state, x, train=False, axis=axis, momentum=momentum,
-                      eps=eps, mask=mask, dtype=dtype)
-  params, feature_axes, reduction_axes, _, bshape = _bn_setup(
-      params, state, x, axis, eps, momentum, mask, "batch_renorm")
+  train = checks.check_train("train", train)
+  s = _setup(params, state, x, axis, eps, mask, dtype)
+  checks.check_momentum(momentum)
+  if not jnp.issubdtype(s.x.dtype, jnp.floating):
+    raise TypeError(
+        f"`x` must be real for batch_renorm, got dtype {s.x.dtype}; the "
+        "clipped corrections r and d are defined for real statistics. Use "
+        "batch_norm for complex inputs."
+    )
   for name, value, low in (("r_max", r_max, 1.0), ("d_max", d_max, 0.0)):
-    if checks._is_concrete_number(value) and not float(value) >= low:
-      raise ValueError(f"`{name}` must be >= {low}, got {value}.")
-  _check_train_batch(x, reduction_axes, axis_name, mask, None)
-  scale = _reshape(params.get("scale"), bshape)
-  bias = _reshape(params.get("bias"), bshape)
-  out_dtype = checks.result_dtype(x, params, dtype)
-
-  m, _, _, _, mean, var, _ = _batch_moments(
-      x, mask, feature_axes, reduction_axes, None, axis_name, axis_index_groups)
-  real = jnp.finfo(moments_lib.stat_dtype(x.dtype)).dtype
-  sigma_b = jnp.sqrt(var.astype(real) + eps)
-  sigma = jnp.sqrt(state["var"].astype(real) + eps)
-  r_max = jnp.asarray(r_max, real)
-  d_max = jnp.asarray(d_max, real)
-  r = lax.stop_gradient(jnp.clip(sigma_b / sigma, 1 / r_max, r_max))
-  d = lax.stop_gradient(jnp.clip((mean - state["mean"]) / sigma, -d_max, d_max))
-  y = moments_lib.normalize(x, m, eps=eps, scale=scale, bias=bias, dtype=out_dtype,
-                            r=jnp.reshape(r, bshape), d=jnp.reshape(d, bshape))
-  selected = _any_selected(mask, x, reduction_axes, axis_name, axis_index_groups)
-  return y, _update_state(state, mean, var, momentum, selected)
+    checks.check_at_least(name, value, low)
+  if s.x.size == 0:
+    return layer_setup.empty_output(s), state
+  if not train:
+    return _inference(s, state, eps, mask), state
+  renorm = (jnp.reshape(state["mean"], s.bshape), jnp.reshape(state["var"], s.bshape),
+            r_max, d_max)
+  st = batch_statistics(s, eps=eps, axis_name=axis_name,
+                        axis_index_groups=axis_index_groups, mask=mask,
+                        renorm=renorm)
+  return st.y, norm_lib.update_running(state, st.mean, st.var, momentum=momentum,
+                                       selected=st.selected)

@@ -12,15 +12,26 @@ import jax
 import jax.numpy as jnp
 
 from jaxnorm._src import checks
-from jaxnorm._src.fused_norm import normalize_over
-from jaxnorm._src.layer_norm import layer_norm_init
+from jaxnorm._src import layer_setup
+from jaxnorm._src import normalize as norm_lib
 
 
 def group_norm_init(num_features, *, dtype=jnp.float32, use_scale: bool = True,
-                    use_bias: bool = True):
+                    use_bias: bool = True) -> dict[str, jax.Array]:
   """Returns ``{"scale": ones(C), "bias": zeros(C)}`` for group and instance norm."""
-  return layer_norm_init(num_features, dtype=dtype, use_scale=use_scale,
-                         use_bias=use_bias)
+  return layer_setup.affine_init(layer_setup.feature_shape(num_features), dtype=dtype,
+                                 use_scale=use_scale, use_bias=use_bias)
+
+
+def _normalize(s, axes, *, eps, mask, pool, axis_name, axis_index_groups):
+  if s.x.size == 0:
+    return layer_setup.empty_output(s)
+  # One block per example: the frame of each (example, group) comes from its
+  # own values (see moments.py).
+  return norm_lib.normalize_batch(
+      s.x, axes=axes, scale=s.scale, bias=s.bias, eps=eps, mask=mask, pool=pool,
+      axis_name=axis_name, axis_index_groups=axis_index_groups,
+      dtype=s.out_dtype, blocks=1).y
 
 
 def _resolve_groups(num_groups, group_size, channels):
@@ -49,17 +60,17 @@ def _resolve_groups(num_groups, group_size, channels):
 
 def group_norm(
     params,
-    x: jax.Array,
+    x: jax.typing.ArrayLike,
     *,
     num_groups: int | None = 32,
     group_size: int | None = None,
     eps=1e-6,
-    mask: jax.Array | None = None,
+    mask: jax.typing.ArrayLike | None = None,
     reduction_axes=None,
     axis_name=None,
     axis_index_groups=None,
     dtype=None,
-):
+) -> jax.Array:
   """Group normalization (Wu & He, 2018), channels last.
 
   ``x`` has shape ``(N, ..., C)``; the channels split into ``G = num_groups``
@@ -87,7 +98,7 @@ def group_norm(
   >>> np.asarray(y, float).round(3).tolist()
   [[-1.0, 1.0, -1.0, 1.0]]
   """
-  checks.check_array("x", x)
+  x = layer_setup.input_array(x)
   if num_groups is not None and group_size is not None:
     # Flax's GroupNorm takes group_size only when num_groups is None.
     raise ValueError(
@@ -107,37 +118,27 @@ def group_norm(
       )
   channels = x.shape[-1]
   groups = _resolve_groups(num_groups, group_size, channels)
-  params = checks.check_params(params, (channels,), ("scale", "bias"),
-                               "along the last axis")
-  checks.check_eps(eps)
-  checks.check_mask(mask, x)
-
+  s = layer_setup.setup(params, x, feature_axes=(x.ndim - 1,), reduction_axes=reduction,
+                        allowed=("scale", "bias"), where="along the last axis",
+                        eps=eps, mask=mask, dtype=dtype)
   # Per-channel sums over the other reduction axes, pooled over each group's
-  # channels, all in x's own (N, ..., C) layout: no grouped reshape of x, and
-  # two-stage sums (more accurate than one long sum over the group).
+  # channels, all in x's own (N, ..., C) layout: no grouped reshape of x.
   axes = tuple(a for a in reduction if a != x.ndim - 1)
-  bshape = (1,) * (x.ndim - 1) + (channels,)
-  scale = params.get("scale")
-  bias = params.get("bias")
-  return normalize_over(
-      x, axes, eps=eps, mask=mask, pool=channels // groups,
-      scale=None if scale is None else scale.reshape(bshape),
-      bias=None if bias is None else bias.reshape(bshape),
-      axis_name=axis_name, axis_index_groups=axis_index_groups,
-      dtype=checks.result_dtype(x, params, dtype))
+  return _normalize(s, axes, eps=eps, mask=mask, pool=channels // groups,
+                    axis_name=axis_name, axis_index_groups=axis_index_groups)
 
 
 def instance_norm(
     params,
-    x: jax.Array,
+    x: jax.typing.ArrayLike,
     *,
     eps=1e-6,
-    mask: jax.Array | None = None,
+    mask: jax.typing.ArrayLike | None = None,
     axis=-1,
     axis_name=None,
     axis_index_groups=None,
     dtype=None,
-):
+) -> jax.Array:
   """Instance normalization (Ulyanov, Vedaldi & Lempitsky, 2016).
 
   ``x`` has shape ``(N, spatial..., C)`` (channels on ``axis``, default last);
@@ -150,23 +151,14 @@ def instance_norm(
   >>> np.asarray(jaxnorm.instance_norm(jaxnorm.group_norm_init(1), x), float).round(3).ravel().tolist()
   [-1.0, 1.0]
   """
-  checks.check_array("x", x)
-  checks.check_min_rank("x", x, 3, "batch, at least one spatial axis, channels")
+  x = layer_setup.input_array(x, min_ndim=3,
+                              what="batch, at least one spatial axis, channels")
   features = checks.normalize_axes("axis", axis, x.ndim)
   if 0 in features:
     raise ValueError("`axis` must not include axis 0, the batch axis.")
   reduction = tuple(a for a in range(1, x.ndim) if a not in features)
-  feature_shape = tuple(x.shape[a] for a in features)
-  params = checks.check_params(params, feature_shape, ("scale", "bias"),
-                               f"along axis {axis}")
-  checks.check_eps(eps)
-  checks.check_mask(mask, x)
-  bshape = tuple(x.shape[a] if a in features else 1 for a in range(x.ndim))
-  scale = params.get("scale")
-  bias = params.get("bias")
-  return normalize_over(
-      x, reduction, eps=eps, mask=mask,
-      scale=None if scale is None else scale.reshape(bshape),
-      bias=None if bias is None else bias.reshape(bshape),
-      axis_name=axis_name, axis_index_groups=axis_index_groups,
-      dtype=checks.result_dtype(x, params, dtype))
+  s = layer_setup.setup(params, x, feature_axes=features, reduction_axes=reduction,
+                        allowed=("scale", "bias"), where=f"along axis {axis}",
+                        eps=eps, mask=mask, dtype=dtype)
+  return _normalize(s, reduction, eps=eps, mask=mask, pool=1, axis_name=axis_name,
+                    axis_index_groups=axis_index_groups)

@@ -11,58 +11,71 @@ import jax
 import jax.numpy as jnp
 
 from jaxnorm._src import checks
-from jaxnorm._src import fused_norm
-from jaxnorm._src.batch_norm import _feature_shape_arg, affine_init
+from jaxnorm._src import layer_setup
+from jaxnorm._src import moments as mom_lib
+from jaxnorm._src import normalize as norm_lib
 
 
 def layer_norm_init(num_features, *, dtype=jnp.float32, use_scale: bool = True,
-                    use_bias: bool = True):
+                    use_bias: bool = True,
+                    zero_centered_scale: bool = False) -> dict[str, jax.Array]:
   """Returns ``{"scale": ones, "bias": zeros}`` of shape ``num_features``.
 
   ``num_features`` is an int, or a tuple: the shape of ``x`` along the feature
-  axes (for instance ``(H, C)`` with ``axis=(-2, -1)``).
+  axes (for instance ``(H, C)`` with ``axis=(-2, -1)``). With
+  ``zero_centered_scale=True`` the scale starts at zeros and
+  :func:`layer_norm` applies it as ``1 + scale`` (Gemma, Transformer Engine's
+  ``zero_centered_gamma``): weight decay then pulls the scale toward 1.
   """
-  return affine_init(_feature_shape_arg(num_features), dtype=dtype,
-                     use_scale=use_scale, use_bias=use_bias)
+  return layer_setup.affine_init(layer_setup.feature_shape(num_features), dtype=dtype,
+                                 use_scale=use_scale, use_bias=use_bias,
+                                 zero_centered_scale=zero_centered_scale)
 
 
-def rms_norm_init(num_features, *, dtype=jnp.float32):
-  """Returns ``{"scale": ones}`` of shape ``num_features``."""
-  return {"scale": jnp.ones(_feature_shape_arg(num_features), dtype)}
+def rms_norm_init(num_features, *, dtype=jnp.float32,
+                  zero_centered_scale: bool = False) -> dict[str, jax.Array]:
+  """Returns ``{"scale": ones}`` of shape ``num_features`` (zeros with
+  ``zero_centered_scale=True``, applied as ``1 + scale``)."""
+  return layer_setup.affine_init(layer_setup.feature_shape(num_features), dtype=dtype,
+                                 use_bias=False, zero_centered_scale=zero_centered_scale)
 
 
-def _setup(params, x, axis, feature_axes, eps, mask, allowed):
-  checks.check_array("x", x)
-  if x.ndim < 1:
-    raise ValueError("`x` must have at least 1 dimension, got a scalar.")
+def _normalize(params, x, *, axis, feature_axes, eps, mask, axis_name,
+               axis_index_groups, dtype, zero_centered_scale, rms):
+  x = layer_setup.input_array(x)
   reduction = checks.normalize_axes("axis", axis, x.ndim)
   features = reduction if feature_axes is None else checks.normalize_axes(
       "feature_axes", feature_axes, x.ndim)
-  feature_shape = tuple(x.shape[a] for a in features)
   where = f"along axis {axis if feature_axes is None else feature_axes}"
-  params = checks.check_params(params, feature_shape, allowed, where)
-  checks.check_eps(eps)
-  checks.check_mask(mask, x)
-  bshape = tuple(x.shape[a] if a in features else 1 for a in range(x.ndim))
-  scale = params.get("scale")
-  bias = params.get("bias")
-  scale = None if scale is None else jnp.reshape(scale, bshape)
-  bias = None if bias is None else jnp.reshape(bias, bshape)
-  return params, reduction, scale, bias
+  s = layer_setup.setup(params, x, feature_axes=features, reduction_axes=reduction,
+                        allowed=("scale",) if rms else ("scale", "bias"), where=where,
+                        eps=eps, mask=mask, dtype=dtype,
+                        zero_centered_scale=zero_centered_scale)
+  if x.size == 0:
+    return layer_setup.empty_output(s)
+  # Up to 8 blocks per row: their frames are local to each shard of a
+  # feature-sharded row (tensor parallelism up to 8 ways), so sharded jit
+  # needs no all-reduce; more would slow the per-row merge.
+  blocks = mom_lib.num_blocks(x.shape, reduction, max_blocks=8)
+  return norm_lib.normalize_batch(
+      x, axes=reduction, scale=s.scale, bias=s.bias, eps=eps, mask=mask,
+      axis_name=axis_name, axis_index_groups=axis_index_groups,
+      dtype=s.out_dtype, rms=rms, blocks=blocks).y
 
 
 def layer_norm(
     params,
-    x: jax.Array,
+    x: jax.typing.ArrayLike,
     *,
     axis=-1,
     eps=1e-6,
-    mask: jax.Array | None = None,
+    mask: jax.typing.ArrayLike | None = None,
     feature_axes=None,
     axis_name=None,
     axis_index_groups=None,
     dtype=None,
-):
+    zero_centered_scale: bool = False,
+) -> jax.Array:
   """Layer normalization (Ba, Kiros & Hinton, 2016).
 
   ``y = (x - mean) / sqrt(var + eps) * scale + bias``, with the mean and biased
@@ -81,6 +94,11 @@ def layer_norm(
       features sharded across devices).
     axis_index_groups: groups for ``axis_name``.
     dtype: output dtype (default: ``x``, ``scale`` and ``bias`` promoted).
+    zero_centered_scale: apply the scale as ``1 + scale`` (params from
+      ``layer_norm_init(..., zero_centered_scale=True)``).
+
+  The statistics are exact (see :mod:`jaxnorm._src.moments`); with
+  ``axis_name`` they need one all-gather of four numbers per row.
 
   >>> import jax.numpy as jnp, numpy as np, jaxnorm
   >>> params = jaxnorm.layer_norm_init(4)
@@ -88,26 +106,25 @@ def layer_norm(
   >>> np.asarray(y, float).round(3).tolist()
   [[-1.342, -0.447, 0.447, 1.342]]
   """
-  params, reduction, scale, bias = _setup(
-      params, x, axis, feature_axes, eps, mask, ("scale", "bias"))
-  return fused_norm.normalize_over(
-      x, reduction, scale=scale, bias=bias, eps=eps, mask=mask,
-      axis_name=axis_name, axis_index_groups=axis_index_groups,
-      dtype=checks.result_dtype(x, params, dtype))
+  return _normalize(params, x, axis=axis, feature_axes=feature_axes, eps=eps,
+                    mask=mask, axis_name=axis_name,
+                    axis_index_groups=axis_index_groups, dtype=dtype,
+                    zero_centered_scale=zero_centered_scale, rms=False)
 
 
 def rms_norm(
     params,
-    x: jax.Array,
+    x: jax.typing.ArrayLike,
     *,
     axis=-1,
     eps=1e-6,
-    mask: jax.Array | None = None,
+    mask: jax.typing.ArrayLike | None = None,
     feature_axes=None,
     axis_name=None,
     axis_index_groups=None,
     dtype=None,
-):
+    zero_centered_scale: bool = False,
+) -> jax.Array:
   """RMS normalization (Zhang & Sennrich, 2019).
 
   ``y = x / sqrt(mean(x**2) + eps) * scale``, the mean square over ``axis``;
@@ -119,9 +136,7 @@ def rms_norm(
   >>> np.asarray(y, float).round(3).tolist()
   [[0.849, 1.131]]
   """
-  params, reduction, scale, _ = _setup(
-      params, x, axis, feature_axes, eps, mask, ("scale",))
-  return fused_norm.normalize_over(
-      x, reduction, scale=scale, bias=None, eps=eps, mask=mask,
-      axis_name=axis_name, axis_index_groups=axis_index_groups,
-      dtype=checks.result_dtype(x, params, dtype), rms=True)
+  return _normalize(params, x, axis=axis, feature_axes=feature_axes, eps=eps,
+                    mask=mask, axis_name=axis_name,
+                    axis_index_groups=axis_index_groups, dtype=dtype,
+                    zero_centered_scale=zero_centered_scale, rms=True)

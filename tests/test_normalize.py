@@ -1,4 +1,4 @@
-"""Tests of jaxnorm/_src/fused_norm.py: the closed-form derivative of batch norm.
+"""Tests of jaxnorm/_src/normalize.py: the one core entry and its closed-form derivative.
 
 The gradients are checked against autodiff of the plain formula (a pure-jnp
 two-pass reference written from the equations, float64 where it matters), with
@@ -17,25 +17,13 @@ from jax.sharding import PartitionSpec as P
 from jax.test_util import check_grads
 
 import jaxnorm
-from jaxnorm._src import fused_norm
+import reference as ref
 
 
 def plain_bn(params, x, *, axis=-1, mask=None, eps=1e-5):
-  """Two-pass batch norm from the equations: (y, batch mean, batch var)."""
-  feat = (axis,) if isinstance(axis, int) else tuple(axis)
-  feat = tuple(a % x.ndim for a in feat)
-  red = tuple(a for a in range(x.ndim) if a not in feat)
-  bshape = tuple(x.shape[a] if a in feat else 1 for a in range(x.ndim))
-  m = jnp.ones(x.shape, bool) if mask is None else jnp.broadcast_to(mask, x.shape)
-  n = jnp.sum(m, red, keepdims=True).astype(x.dtype)
-  mu = jnp.sum(jnp.where(m, x, 0), red, keepdims=True) / n
-  var = jnp.sum(jnp.where(m, (x - mu) ** 2, 0), red, keepdims=True) / n
-  y = (x - mu) / jnp.sqrt(var + eps)
-  if "scale" in params:
-    y = y * params["scale"].reshape(bshape)
-  if "bias" in params:
-    y = y + params["bias"].reshape(bshape)
-  return y, jnp.squeeze(mu, red), jnp.squeeze(var, red)
+  """Two-pass batch norm from the equations (tests/reference.py, in jnp for autodiff)."""
+  return ref.batch_norm_train(x, params.get("scale"), params.get("bias"), axis=axis,
+                              eps=eps, mask=mask, xp=jnp)
 
 
 def _params(c, rng, keys=("scale", "bias"), dtype=np.float32):
@@ -243,11 +231,10 @@ def test_vmap_over_independent_batches(run):
 
 
 def test_fallbacks_still_differentiate():
-  """Complex inputs and ghost batches use plain autodiff (forward mode works there)."""
+  """Ghost batches take the closed form; complex inputs plain autodiff (forward mode works in both)."""
   rng = np.random.default_rng(9)
   params, state = jaxnorm.batch_norm_init(3)
   x = jnp.asarray(rng.standard_normal((8, 3)), jnp.float32)
-  assert fused_norm.supported(x) and not fused_norm.supported(x.astype(jnp.complex64))
   ghost = lambda x: jaxnorm.batch_norm(params, state, x, train=True, virtual_batch_size=4)[0]
   jax.jvp(ghost, (x,), (jnp.ones_like(x),))
   got = jax.grad(lambda x: jnp.sum(ghost(x) * x))(x)
@@ -457,3 +444,78 @@ def test_group_norm_axis_name_over_spatial_shards_matches_whole_input(use_mask):
   _close(got_loss, want_loss, rtol=1e-5, atol=1e-4)
   _close(gx.swapaxes(0, 1).reshape(2, 8, 6), wx, rtol=1e-4, atol=1e-4)
   _close(gp, wp, rtol=1e-4, atol=1e-4)
+
+
+# NaN or inf in masked-out entries reach nothing: not the selected outputs, not
+# the statistics, not any gradient. Each layer's loss ignores masked-out
+# outputs (the usual masked loss); the gradients with NaN/inf padding must equal
+# those with zero padding, and be finite.
+
+def _masked_layers():
+  rng = np.random.default_rng(3)
+  bn_params, bn_state = jaxnorm.batch_norm_init(4)
+  bn_params = _params(4, rng)
+  ln_params = _params(4, rng)
+  gn_params = _params(4, rng)
+
+  def bn(train, **kw):
+    def f(p, x, mask):
+      y, new = jaxnorm.batch_norm(p, bn_state, x, train=train, mask=mask, **kw)
+      return y, (new["mean"], new["var"])
+    return f
+
+  def renorm(p, x, mask):
+    y, new = jaxnorm.batch_renorm(p, bn_state, x, train=True, mask=mask)
+    return y, (new["mean"], new["var"])
+
+  def torch_bn(p, x, mask):
+    y, new = jaxnorm.interop.torch_batch_norm(
+        p, {"mean": jnp.zeros(4), "var": jnp.ones(4)}, x, train=True, mask=mask, axis=-1)
+    return y, (new["mean"], new["var"])
+
+  def stateless(fn, **kw):
+    return lambda p, x, mask: (fn(p, x, mask=mask, **kw), ())
+
+  def moments(p, x, mask):
+    mean, var = jaxnorm.moments(x, (0, 1, 2), mask=mask)
+    return jnp.zeros_like(x), (mean * p["scale"], var * p["scale"])
+
+  return {
+      "batch_norm": (bn(True), bn_params),
+      "batch_norm_inference": (bn(False), bn_params),
+      "ghost_batch_norm": (bn(True, virtual_batch_size=2), bn_params),
+      "batch_renorm": (renorm, bn_params),
+      "torch_batch_norm": (torch_bn, bn_params),
+      "layer_norm": (stateless(jaxnorm.layer_norm), ln_params),
+      "rms_norm": (stateless(jaxnorm.rms_norm), {"scale": ln_params["scale"]}),
+      "group_norm": (stateless(jaxnorm.group_norm, num_groups=2), gn_params),
+      "instance_norm": (stateless(jaxnorm.instance_norm), gn_params),
+      "moments": (moments, {"scale": ln_params["scale"]}),
+  }
+
+
+@pytest.mark.parametrize("name", sorted(_masked_layers()))
+@pytest.mark.parametrize("pad", [np.nan, np.inf])
+def test_nan_padding_reaches_no_value_statistic_or_gradient(name, pad):
+  fn, params = _masked_layers()[name]
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.standard_normal((4, 3, 5, 4)) + 2.0, jnp.float32)
+  mask = jnp.asarray(rng.random((4, 3, 5, 4)) < 0.6).at[:, 0, 0].set(True).at[:, :, 1].set(True)
+  ct = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+  def loss(p, x):
+    y, stats = fn(p, x, mask)
+    return jnp.sum(jnp.where(mask, y, 0) * ct) + sum(jnp.sum(s) for s in stats), (y, stats)
+
+  grad = jax.jit(jax.grad(loss, (0, 1), has_aux=True))
+  (gp_pad, gx_pad), (y_pad, s_pad) = grad(params, jnp.where(mask, x, pad))
+  (gp, gx), (y, s) = grad(params, jnp.where(mask, x, 0.0))
+  sel = np.asarray(mask)
+  np.testing.assert_array_equal(np.asarray(y_pad)[sel], np.asarray(y)[sel])
+  for a, b in zip(jax.tree.leaves(s_pad), jax.tree.leaves(s)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(jax.tree.leaves(gp_pad), jax.tree.leaves(gp)):
+    assert np.all(np.isfinite(np.asarray(a))), name
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+  assert np.all(np.isfinite(np.asarray(gx_pad)[sel]))
+  np.testing.assert_allclose(np.asarray(gx_pad)[sel], np.asarray(gx)[sel], rtol=1e-6, atol=1e-6)
