@@ -7,8 +7,9 @@ and code that filters modules by Flax's classes finds ours. Only ``__call__``
 is replaced: a module declares its variables, picks train or inference mode
 and calls :mod:`jaxnorm`'s functions; it holds no math.
 
-The statistics are always exact (computed on shifted data, so inputs with a
-large mean keep their precision) and accumulated in float32 or wider, so the
+The statistics are always exact (jaxnorm's one statistics routine, so inputs
+with a large mean keep their precision) and accumulated in float32 or wider,
+so the
 inherited ``use_fast_variance`` and ``force_float32_reductions`` fields change
 nothing. Inputs Flax accepts but the core refuses (train-mode batch norm with
 one value per feature, instance norm with no axis to reduce over) give Flax's
