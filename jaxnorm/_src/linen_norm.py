@@ -9,9 +9,8 @@ and calls :mod:`jaxnorm`'s functions; it holds no math.
 
 The statistics are always exact (jaxnorm's one statistics routine, so inputs
 with a large mean keep their precision) and accumulated in float32 or wider,
-so the
-inherited ``use_fast_variance`` and ``force_float32_reductions`` fields change
-nothing. Inputs Flax accepts but the core refuses (train-mode batch norm with
+so the inherited ``use_fast_variance`` and ``force_float32_reductions`` fields
+change nothing. Inputs Flax accepts but the core refuses (train-mode batch norm with
 one value per feature, instance norm with no axis to reduce over) give Flax's
 result and a :class:`UserWarning`; see :mod:`jaxnorm._src.module_common`.
 """
