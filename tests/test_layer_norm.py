@@ -211,3 +211,48 @@ def test_complex_layer_norm():
   mu, var = ref.mean_var(x, -1)
   expected = (ref.f64(x) - mu[:, None]) / np.sqrt(var[:, None] + 1e-6)
   chex.assert_trees_all_close(y, expected, atol=1e-5)
+
+
+# Zero-centered scale (Gemma's RMSNorm, Transformer Engine's zero_centered_gamma):
+# the stored scale s starts at 0 and is applied as 1 + s.
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_zero_centered_scale_is_the_plain_form_after_adding_one(run, kind):
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.standard_normal((4, 6)) * 3 + 5, jnp.float32)
+  s = jnp.asarray(rng.standard_normal(6), jnp.float32)
+  if kind == "layer":
+    init = jaxnorm.layer_norm_init(6, zero_centered_scale=True)
+    assert not np.any(np.asarray(init["scale"])) and not np.any(np.asarray(init["bias"]))
+    y = run(lambda p, x: jaxnorm.layer_norm(p, x, zero_centered_scale=True),
+            {"scale": s, "bias": init["bias"]}, x)
+    want = ref.layer_norm(x, 1.0 + ref.f64(s), None)
+  else:
+    init = jaxnorm.rms_norm_init(6, zero_centered_scale=True)
+    assert not np.any(np.asarray(init["scale"]))
+    y = run(lambda p, x: jaxnorm.rms_norm(p, x, zero_centered_scale=True), {"scale": s}, x)
+    want = ref.rms_norm(x, 1.0 + ref.f64(s))
+  np.testing.assert_allclose(np.asarray(y), want, atol=2e-5)
+  g = jax.grad(lambda s: jnp.sum(jaxnorm.layer_norm({"scale": s}, x, zero_centered_scale=True)))(s)
+  np.testing.assert_allclose(np.asarray(g), ref.layer_norm(x).sum(0), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["LayerNorm", "RMSNorm"])
+def test_zero_centered_modules_equal_flax_with_one_added(kind):
+  import flax.linen as nn
+  from flax import nnx
+  import jaxnorm.linen as jl
+  import jaxnorm.nnx as jn
+  x = jax.random.normal(jax.random.key(0), (3, 5)) * 2 + 1
+  ours = getattr(jl, kind)(zero_centered_scale=True)
+  v = ours.init(jax.random.key(1), x)
+  assert not np.any(np.asarray(v["params"]["scale"]))
+  s = jax.random.normal(jax.random.key(2), (5,))
+  v = {"params": {**v["params"], "scale": s}}
+  theirs = getattr(nn, kind)()
+  want = theirs.apply({"params": {**v["params"], "scale": 1.0 + s}}, x)
+  np.testing.assert_allclose(np.asarray(ours.apply(v, x)), np.asarray(want), atol=1e-6)
+  m = getattr(jn, kind)(5, zero_centered_scale=True, rngs=nnx.Rngs(0))
+  assert not np.any(np.asarray(m.scale[...]))
+  m.scale[...] = s
+  np.testing.assert_allclose(np.asarray(m(x)), np.asarray(want), atol=1e-6)

@@ -263,6 +263,8 @@ _EXTRA_ARGS = {
     "BatchNorm": {"virtual_batch_size": None},
     "BatchRenorm": {"r_max": 3.0, "d_max": 5.0},
     "SpectralNorm": {"in_place": True},
+    "LayerNorm": {"zero_centered_scale": False},
+    "RMSNorm": {"zero_centered_scale": False},
 }
 
 

@@ -27,13 +27,20 @@ from jaxnorm._src import module_common as common
 Array = jax.Array
 
 
+def _scale_init(module: nn.Module, zero_centered: bool):
+  """The scale's initializer; zeros for a zero-centered scale left at Flax's ones."""
+  if zero_centered and module.scale_init is nn.initializers.ones:
+    return nn.initializers.zeros
+  return module.scale_init
+
+
 def _declare_affine(module: nn.Module, feature_shape: tuple[int, ...],
-                    use_scale: bool, use_bias: bool) -> dict:
+                    use_scale: bool, use_bias: bool, zero_centered: bool = False) -> dict:
   """Declares ``scale`` then ``bias`` (Flax's order, so keys match)."""
   params = {}
   if use_scale:
-    params["scale"] = module.param("scale", module.scale_init, feature_shape,
-                                   module.param_dtype)
+    params["scale"] = module.param("scale", _scale_init(module, zero_centered),
+                                   feature_shape, module.param_dtype)
   if use_bias:
     params["bias"] = module.param("bias", module.bias_init, feature_shape,
                                   module.param_dtype)
@@ -197,6 +204,10 @@ class LayerNorm(nn.LayerNorm):
   ``flax.linen.LayerNorm`` with its fields; see :func:`jaxnorm.layer_norm`.
   """
 
+  zero_centered_scale: bool = False
+  """Store the scale as ``scale - 1``: initialized to zeros, applied as
+  ``1 + scale`` (Gemma; Transformer Engine's ``zero_centered_gamma``)."""
+
   @nn.compact
   def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
     """Normalizes ``x``; ``mask`` selects the entries in the statistics."""
@@ -205,12 +216,14 @@ class LayerNorm(nn.LayerNorm):
     common.check_axes(name, x, reduction_axes=self.reduction_axes)
     feature_shape = common.feature_shape_of(name, x, self.feature_axes,
                                             "feature_axes")
-    params = _declare_affine(self, feature_shape, self.use_scale, self.use_bias)
+    params = _declare_affine(self, feature_shape, self.use_scale, self.use_bias,
+                             zero_centered=self.zero_centered_scale)
     with common.module_errors(name):
       return jaxnorm.layer_norm(
           params, x, axis=self.reduction_axes, feature_axes=self.feature_axes,
           eps=self.epsilon, mask=mask, axis_name=self.axis_name,
-          axis_index_groups=self.axis_index_groups, dtype=self.dtype)
+          axis_index_groups=self.axis_index_groups, dtype=self.dtype,
+          zero_centered_scale=self.zero_centered_scale)
 
 
 class RMSNorm(nn.RMSNorm):
@@ -220,6 +233,10 @@ class RMSNorm(nn.RMSNorm):
   centering, no bias. A subclass of ``flax.linen.RMSNorm`` with its fields;
   see :func:`jaxnorm.rms_norm`.
   """
+
+  zero_centered_scale: bool = False
+  """Store the scale as ``scale - 1``: initialized to zeros, applied as
+  ``1 + scale`` (Gemma; Transformer Engine's ``zero_centered_gamma``)."""
 
   @nn.compact
   def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
@@ -231,13 +248,14 @@ class RMSNorm(nn.RMSNorm):
                                             "feature_axes")
     params = {}
     if self.use_scale:
-      params["scale"] = self.param("scale", self.scale_init, feature_shape,
-                                   self.param_dtype)
+      params["scale"] = self.param("scale", _scale_init(self, self.zero_centered_scale),
+                                   feature_shape, self.param_dtype)
     with common.module_errors(name):
       return jaxnorm.rms_norm(
           params, x, axis=self.reduction_axes, feature_axes=self.feature_axes,
           eps=self.epsilon, mask=mask, axis_name=self.axis_name,
-          axis_index_groups=self.axis_index_groups, dtype=self.dtype)
+          axis_index_groups=self.axis_index_groups, dtype=self.dtype,
+          zero_centered_scale=self.zero_centered_scale)
 
 
 class GroupNorm(nn.GroupNorm):

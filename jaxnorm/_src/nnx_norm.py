@@ -339,6 +339,8 @@ class LayerNorm(nnx.LayerNorm):
     num_features, epsilon, dtype, param_dtype, use_bias, use_scale,
     reduction_axes, feature_axes, axis_name, axis_index_groups,
     use_fast_variance, promote_dtype: the constructor's arguments.
+    zero_centered_scale: store the scale as ``scale - 1`` (zeros at init,
+      applied as ``1 + scale``; Gemma's convention).
   """
 
   scale: nnx.Param | None
@@ -355,6 +357,7 @@ class LayerNorm(nnx.LayerNorm):
   axis_index_groups: Any
   use_fast_variance: bool
   promote_dtype: PromoteDtypeFn
+  zero_centered_scale: bool
 
   def __init__(
       self,
@@ -376,12 +379,16 @@ class LayerNorm(nnx.LayerNorm):
       rngs: nnx.Rngs,
       bias_metadata: Mapping[str, Any] = _NO_METADATA,
       scale_metadata: Mapping[str, Any] = _NO_METADATA,
+      zero_centered_scale: bool = False,
   ):
+    if zero_centered_scale and scale_init is initializers.ones:
+      scale_init = initializers.zeros
     _affine(self, common.shape_tuple(num_features), rngs=rngs,
             use_scale=use_scale, use_bias=use_bias, scale_init=scale_init,
             bias_init=bias_init, param_dtype=param_dtype,
             scale_metadata=scale_metadata, bias_metadata=bias_metadata)
     _store(self, locals(), _NORM_ATTRS + ("reduction_axes", "feature_axes"))
+    self.zero_centered_scale = zero_centered_scale
 
   def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
     """Normalizes ``x``; ``mask`` selects the entries in the statistics."""
@@ -395,7 +402,7 @@ class LayerNorm(nnx.LayerNorm):
           _params(scale, bias), x, axis=self.reduction_axes,
           feature_axes=self.feature_axes, eps=self.epsilon, mask=mask,
           axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-          dtype=self.dtype)
+          dtype=self.dtype, zero_centered_scale=self.zero_centered_scale)
 
 
 class RMSNorm(nnx.RMSNorm):
@@ -409,6 +416,8 @@ class RMSNorm(nnx.RMSNorm):
     num_features, epsilon, dtype, param_dtype, use_scale, reduction_axes,
     feature_axes, axis_name, axis_index_groups, use_fast_variance,
     promote_dtype: the constructor's arguments.
+    zero_centered_scale: store the scale as ``scale - 1`` (zeros at init,
+      applied as ``1 + scale``).
   """
 
   scale: nnx.Param | None
@@ -423,6 +432,7 @@ class RMSNorm(nnx.RMSNorm):
   axis_index_groups: Any
   use_fast_variance: bool
   promote_dtype: PromoteDtypeFn
+  zero_centered_scale: bool
 
   def __init__(
       self,
@@ -441,7 +451,10 @@ class RMSNorm(nnx.RMSNorm):
       promote_dtype: PromoteDtypeFn = flax_dtypes.promote_dtype,
       rngs: nnx.Rngs,
       scale_metadata: Mapping[str, Any] = _NO_METADATA,
+      zero_centered_scale: bool = False,
   ):
+    if zero_centered_scale and scale_init is initializers.ones:
+      scale_init = initializers.zeros
     if use_scale:
       self.scale = nnx.Param(
           scale_init(rngs.params(), common.shape_tuple(num_features),
@@ -450,6 +463,7 @@ class RMSNorm(nnx.RMSNorm):
       self.scale = nnx.data(None)
     _store(self, locals(), tuple(n for n in _NORM_ATTRS if n != "use_bias")
            + ("reduction_axes", "feature_axes"))
+    self.zero_centered_scale = zero_centered_scale
 
   def __call__(self, x: Array, mask: Array | None = None) -> Array:
     """Normalizes ``x``; ``mask`` selects the entries in the statistics."""
@@ -463,7 +477,7 @@ class RMSNorm(nnx.RMSNorm):
           _params(scale), x, axis=self.reduction_axes,
           feature_axes=self.feature_axes, eps=self.epsilon, mask=mask,
           axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-          dtype=self.dtype)
+          dtype=self.dtype, zero_centered_scale=self.zero_centered_scale)
 
 
 class GroupNorm(nnx.GroupNorm):
