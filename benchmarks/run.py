@@ -60,13 +60,12 @@ def _maybe_reexec(args):
 ARGS = _parse_args()
 _maybe_reexec(ARGS)
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402  (after the allocator re-exec)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import flax.linen as nn  # noqa: E402
 
 import jaxnorm  # noqa: E402
-
 
 # ----------------------------------------------------------------------------
 # Cases: each library gives a jit-able function of arrays, built on the same

@@ -14,6 +14,7 @@ from jax import lax
 from jax.test_util import check_grads
 
 import jaxnorm
+
 import reference as ref
 
 # (shape, feature axis): 2D (N, C), 4D NHWC and 4D NCHW.

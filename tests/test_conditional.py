@@ -8,13 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference_modern as rm
 from flax import nnx
 
 import jaxnorm
 import jaxnorm.linen as jl
 import jaxnorm.nnx as jn
+
 import reference as ref
-import reference_modern as rm
 
 N, D, C = 3, 5, 4
 

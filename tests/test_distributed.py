@@ -26,10 +26,10 @@ import sys
 import time
 from pathlib import Path
 
+import _distributed_worker as worker
 import numpy as np
 import pytest
 
-import _distributed_worker as worker
 import reference as ref
 
 NUM_PROCESSES = 2

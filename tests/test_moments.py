@@ -1,15 +1,16 @@
 """Tests of `jaxnorm.moments` and of the block statistics every layer uses (moments.py)."""
 
 import chex
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.test_util import check_grads
 
 import jaxnorm
-import reference as ref
 from jaxnorm._src import moments as moments_lib
+
+import reference as ref
 
 
 @pytest.mark.parametrize("shape,axis", [((6, 3), 0), ((6, 3), -1), ((2, 3, 4), (0, 2)),

@@ -7,16 +7,16 @@ statistics, across 8 devices (shard_map + psum), under vmap and jit, in
 bfloat16, and at large input offsets.
 """
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.test_util import check_grads
 
 import jaxnorm
+
 import reference as ref
 
 
