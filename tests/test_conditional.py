@@ -259,7 +259,7 @@ def test_linen_conditional_batch_norm_keeps_batch_norm_state():
   params = _cbn_params()
   y, upd = m.apply({"params": params, "batch_stats": vs["batch_stats"]}, x, labels,
                    use_running_average=False, mutable=["batch_stats"])
-  y_ref, mu, var = rm.conditional_batch_norm_train(x, labels, params["scale"], params["bias"])
+  y_ref, mu, _var = rm.conditional_batch_norm_train(x, labels, params["scale"], params["bias"])
   chex.assert_trees_all_close(y, y_ref, atol=1e-5)
   chex.assert_trees_all_close(upd["batch_stats"]["mean"], 0.1 * mu, atol=1e-6)
 

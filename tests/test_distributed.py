@@ -78,7 +78,7 @@ def _launch(out_dir: Path) -> list[tuple[int, str]]:
       if p.poll() is None:
         p.kill()
       p.wait()
-  outputs = [(p.returncode, log.read_text()) for p, log in zip(procs, logs)]
+  outputs = [(p.returncode, log.read_text()) for p, log in zip(procs, logs, strict=True)]
   if timed_out:
     pytest.fail(f"the {NUM_PROCESSES} worker processes did not finish within {TIMEOUT_S} s "
                 "(a hang in a collective?); their output:\n"

@@ -97,7 +97,7 @@ def _perturbed(variables):
   leaves, tree = jax.tree.flatten(variables)
   keys = jax.random.split(jax.random.key(3), len(leaves))
   return jax.tree.unflatten(tree, [l + 0.3 * jax.random.normal(k, l.shape)
-                                   for l, k in zip(leaves, keys)])
+                                   for l, k in zip(leaves, keys, strict=True)])
 
 
 @pytest.mark.parametrize("unbiased", [False, True])
