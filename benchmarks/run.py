@@ -18,10 +18,23 @@ fresh page faults. By default this script re-executes itself with
 are reused (``--malloc default`` keeps glibc's defaults). The setting is
 printed with the tables.
 
+Modes (they combine; with neither flag the single-shape tables below run):
+
+* ``--sweep`` (``sweep.py``): every layer and pass at small, cache-sized and
+  large shapes, float32 and bfloat16, with a summary of the rows where jaxnorm
+  is slower than Flax.
+* ``--hlo`` (``hlo.py``): the sweep's cases counted in the optimized HLO
+  (launched operations, full-size intermediates, barriers, loops), no timing.
+* ``--models`` (``models.py``): full jitted training steps of a ResNet-18
+  (BatchNorm), a pre-LN transformer (LayerNorm, RMSNorm) and a UNet block
+  (GroupNorm): step time, compile time and temporary memory.
+
 Usage::
 
   python benchmarks/run.py --quick               # small shapes, a minute
   python benchmarks/run.py --out benchmark.md    # full shapes, tables to a file
+  python benchmarks/run.py --sweep --models --reps 31 --out bench.md
+  python benchmarks/run.py --sweep --quick --reps 3 --only "LN fwd"   # a smoke run
 """
 
 from __future__ import annotations
@@ -29,10 +42,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import platform
-import statistics
 import sys
-import time
+
+# The checkout this script lives in is what gets measured, whatever jaxnorm is
+# installed in the environment.
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _HEAP_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
@@ -41,7 +55,16 @@ def _parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true", help="small shapes, fewer repeats")
   p.add_argument("--out", default=None, help="write the tables as markdown to this file")
-  p.add_argument("--repeats", type=int, default=None, help="timed runs per library")
+  p.add_argument("--repeats", "--reps", type=int, default=None,
+                 help="timed rounds per case (each round runs every library once)")
+  p.add_argument("--sweep", action="store_true", help="the shape sweep (sweep.py)")
+  p.add_argument("--models", action="store_true",
+                 help="training steps of three small models (models.py)")
+  p.add_argument("--hlo", action="store_true",
+                 help="the sweep's cases as counts from the optimized HLO, no timing (hlo.py)")
+  p.add_argument("--compiles", type=int, default=None,
+                 help="--models: fresh compiles per library for the compile time")
+  p.add_argument("--dtypes", default="f32,bf16", help="--sweep: comma-separated f32,bf16")
   p.add_argument("--malloc", choices=("heap", "default"), default="heap",
                  help="heap: reuse freed buffers (MALLOC_MMAP_MAX_=0); default: glibc's")
   p.add_argument("--only", default=None, help="run only cases whose name contains this")
@@ -66,6 +89,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxnorm  # noqa: E402
+import timing  # noqa: E402  (benchmarks/ is this script's directory, on sys.path)
 
 # ----------------------------------------------------------------------------
 # Cases: each library gives a jit-able function of arrays, built on the same
@@ -183,33 +207,7 @@ def _add_optional_libs(cases):
 
 
 # ----------------------------------------------------------------------------
-# Timing.
-
-def _block(tree):
-  jax.tree.map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a,
-               tree)
-
-
-def _temp_bytes(compiled):
-  try:
-    return compiled.memory_analysis().temp_size_in_bytes
-  except Exception:  # pragma: no cover  (backend without memory analysis)
-    return float("nan")
-
-
-def time_interleaved(fns, repeats, warmup=3):
-  """fns: {name: zero-arg callable}. Returns {name: median seconds}."""
-  for f in fns.values():
-    for _ in range(warmup):
-      _block(f())
-  times = {k: [] for k in fns}
-  for _ in range(repeats):
-    for k, f in fns.items():
-      t0 = time.perf_counter()
-      _block(f())
-      times[k].append(time.perf_counter() - t0)
-  return {k: statistics.median(v) for k, v in times.items()}
-
+# Timing (helpers in timing.py).
 
 def run_timing(cases, repeats, only):
   rows = []
@@ -221,11 +219,11 @@ def run_timing(cases, repeats, only):
     for lib, (f, args) in libs.items():
       c = jax.jit(f).lower(*args).compile()
       compiled[lib] = (c, args)
-      temps[lib] = _temp_bytes(c)
+      temps[lib] = timing.temp_bytes(c)
     floor = jax.jit(lambda a: a * 2).lower(floor_x).compile()
     calls = {lib: (lambda c=c, a=a: c(*a)) for lib, (c, a) in compiled.items()}
     calls["floor"] = lambda: floor(floor_x)
-    t = time_interleaved(calls, repeats)
+    t, _ = timing.time_interleaved(calls, repeats)
     row = dict(name=name, shape=shp, dtype=dname, floor=t["floor"], t=t, temp=temps)
     rows.append(row)
     print(_fmt_row(row), flush=True)
@@ -323,15 +321,8 @@ ERR_HEADER = ("| layer | library | offset 0 | 1e3 | 1e4 | 1e5 |\n"
               "|---|---|---:|---:|---:|---:|")
 
 
-def main():
-  args = ARGS
-  repeats = args.repeats or (10 if args.quick else 20)
-  malloc = ("MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2^40 (freed buffers reused)"
-            if os.environ.get("MALLOC_MMAP_MAX_") == "0" else "glibc defaults")
-  env = (f"jax {jax.__version__}, flax {importlib.import_module('flax').__version__}, "
-         f"backend {jax.default_backend()} ({platform.processor() or platform.machine()}, "
-         f"{os.cpu_count()} cores), allocator: {malloc}, median of {repeats} interleaved runs"
-         f" after 3 warm-ups")
+def _single_shape(args, repeats, env, out):
+  """The original mode: one large shape per layer, with the accuracy table."""
   print(env)
   print(TIME_HEADER)
   rows = run_timing(make_cases(args.quick), repeats, args.only)
@@ -341,14 +332,66 @@ def main():
     print("max abs error vs float64 NumPy, x = offset + randn in float32")
     print(ERR_HEADER)
     err = run_errors(args.quick)
+  out.append(f"{env}\n\n" + TIME_HEADER + "\n" + "\n".join(_fmt_row(r) for r in rows) + "\n")
+  out.append("floor: `x * 2` on the same array (one read, one write).\n")
+  if err is not None:
+    out.append("Max abs error of `y` vs float64 NumPy, `x = offset + randn` in float32:\n\n"
+               + ERR_HEADER + "\n" + "\n".join(_fmt_err(r) for r in err[1]) + "\n")
+
+
+def _sweep(args, repeats, out):
+  import sweep  # noqa: PLC0415  (imports jax: after the allocator re-exec)
+  dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+  unknown = sorted(set(dtypes) - set(sweep.DTYPES))
+  if unknown:
+    raise SystemExit(f"--dtypes takes f32 and bf16, got {', '.join(unknown)}.")
+  env = timing.environment_line(repeats)
+  print(env)
+  rows = sweep.run(args.quick, repeats, dtypes, args.only)
+  summ = sweep.summary(rows)
+  print(summ)
+  out.append(f"### Shape sweep\n\n{env}\n\n" + sweep.header() + "\n"
+             + "\n".join(sweep.fmt_row(r) for r in rows) + "\n\n" + summ + "\n")
+
+
+def _models(args, repeats, out):
+  import models  # noqa: PLC0415  (imports jax: after the allocator re-exec)
+  compiles = args.compiles or (1 if args.quick else 3)
+  env = (timing.environment_line(repeats, "interleaved steps", models.WARMUP)
+         + f"; compile time: median of {compiles} fresh compiles per library, alternating")
+  print(env)
+  rows = models.run(args.quick, repeats, compiles, args.only)
+  out.append(f"### Training steps\n\n{env}\n\n" + models.header() + "\n"
+             + "\n".join(models.fmt_row(r) for r in rows) + "\n")
+
+
+def _hlo(args, out):
+  import hlo  # noqa: PLC0415  (imports jax: after the allocator re-exec)
+  dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+  rows = hlo.run(args.quick, dtypes, args.only)
+  if rows:
+    libs = list(rows[0]["stats"])
+    out.append("### Optimized HLO of the sweep's cases\n\n" + hlo.header(libs) + "\n"
+               + "\n".join(hlo.fmt_row(r, libs) for r in rows) + "\n")
+
+
+def main():
+  args = ARGS
+  print(f"jaxnorm from {os.path.dirname(jaxnorm.__file__)}")
+  out = []
+  if args.sweep:
+    _sweep(args, args.repeats or (5 if args.quick else 31), out)
+  if args.models:
+    _models(args, args.repeats or (3 if args.quick else 11), out)
+  if args.hlo:
+    _hlo(args, out)
+  if not (args.sweep or args.models or args.hlo):
+    repeats = args.repeats or (10 if args.quick else 20)
+    _single_shape(args, repeats, timing.environment_line(repeats, "interleaved runs"), out)
   if args.out:
     with open(args.out, "w") as fh:
-      fh.write(f"Command: `python benchmarks/run.py {' '.join(sys.argv[1:])}`\n\n{env}\n\n")
-      fh.write(TIME_HEADER + "\n" + "\n".join(_fmt_row(r) for r in rows) + "\n")
-      fh.write("\nfloor: `x * 2` on the same array (one read, one write).\n")
-      if err is not None:
-        fh.write("\nMax abs error of `y` vs float64 NumPy, `x = offset + randn` in float32:\n\n")
-        fh.write(ERR_HEADER + "\n" + "\n".join(_fmt_err(r) for r in err[1]) + "\n")
+      fh.write(f"Command: `python benchmarks/run.py {' '.join(sys.argv[1:])}`\n\n")
+      fh.write("\n".join(out))
     print(f"wrote {args.out}")
 
 

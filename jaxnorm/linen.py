@@ -1,6 +1,9 @@
 """Flax ``linen`` modules: drop-in replacements for ``flax.linen``'s normalization layers.
 
-The modules are thin shells over the functional core in :mod:`jaxnorm`.
+Each class subclasses its ``flax.linen`` namesake (``isinstance`` and Flax's
+type filters treat it as Flax's) and replaces only ``__call__``, a thin shell
+over the functional core in :mod:`jaxnorm`. README, "Differences from Flax",
+lists every deliberate difference.
 """
 
 from jaxnorm._src.linen_norm import BatchNorm

@@ -402,9 +402,9 @@ def test_errors_name_module_and_argument():
   assert _msg(e).startswith("LayerNorm: `x` must have a floating-point or complex dtype, got int32")
   with pytest.raises(ValueError) as e:
     jl.GroupNorm(num_groups=4).init(jax.random.key(0), jnp.ones((2, 6)))
-  assert _msg(e) == ("GroupNorm: `num_groups`=4 must divide the number of channels, "
-                     "but `x` has 6 channels; pass `num_groups=` a divisor of 6 or "
-                     "`group_size=`.")
+  assert _msg(e) == ("GroupNorm: Number of groups (4) does not divide the number "
+                     "of channels (6). Pass `num_groups=` a divisor of 6, or "
+                     "`group_size=` with `num_groups=None`.")
   v = jl.BatchNorm(use_running_average=True).init(jax.random.key(0), x)
   with pytest.raises(ValueError) as e:
     jl.BatchNorm(use_running_average=False).apply(v, x, mask=jnp.ones((5, 3), bool),

@@ -240,11 +240,16 @@ def test_errors_name_module_and_argument():
   with pytest.raises(ValueError) as e:
     jn.GroupNorm(6, 4, rngs=nnx.Rngs(0))
   assert str(e.value) == (
-      "GroupNorm: `num_groups`=4 must divide the number of channels, but `x` has "
-      "6 channels; pass `num_groups=` a divisor of 6 or `group_size=`.")
+      "GroupNorm: Number of groups (4) does not divide the number of channels "
+      "(6). Pass `num_groups=` a divisor of 6, or `group_size=` with "
+      "`num_groups=None`.")
   with pytest.raises(ValueError) as e:
     jn.BatchNorm(3, use_running_average=None, rngs=nnx.Rngs(0))(jnp.ones((4, 3)))
-  assert str(e.value).startswith("BatchNorm: `use_running_average` is None")
+  assert str(e.value) == (
+      "No `use_running_average` argument was provided to BatchNorm. Pass "
+      "`use_running_average=True/False` to the constructor or the call, use "
+      "`model.train()` / `model.eval()`, or "
+      "`nnx.view(model, use_running_average=True/False)`.")
   with pytest.raises(TypeError) as e:
     jn.LayerNorm(3, rngs=nnx.Rngs(0))(jnp.ones((2, 3)), mask=jnp.ones((2, 3)))
   assert str(e.value).startswith("LayerNorm: `mask` must be a boolean array, got dtype float32")
@@ -257,6 +262,7 @@ def test_errors_name_module_and_argument():
 _EXTRA_ARGS = {
     "BatchNorm": {"virtual_batch_size": None},
     "BatchRenorm": {"r_max": 3.0, "d_max": 5.0},
+    "SpectralNorm": {"in_place": True},
 }
 
 

@@ -36,9 +36,9 @@ from jaxnorm._src import weight_standardization as ws_lib
 from jaxnorm._src.batch_norm import batch_norm
 from jaxnorm._src.linen_norm import BatchNorm as _JaxnormBatchNorm
 from jaxnorm._src.linen_norm import BatchRenorm as _JaxnormBatchRenorm
-from jaxnorm._src.linen_norm import feature_shape_of
-from jaxnorm._src.linen_norm import module_errors
-from jaxnorm._src.linen_norm import too_small_for_batch_stats
+from jaxnorm._src.module_common import degenerate_batch_mask
+from jaxnorm._src.module_common import feature_shape_of
+from jaxnorm._src.module_common import module_errors
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -52,8 +52,7 @@ def _cond_features(module, cond) -> int:
 
 
 def _channels(module, x) -> int:
-  with module_errors(type(module).__name__):
-    return feature_shape_of(x, -1, "x")[0]
+  return feature_shape_of(type(module).__name__, x, -1, "x")[0]
 
 
 class FiLM(nn.Module):
@@ -194,8 +193,10 @@ class ConditionalBatchNorm(nn.Module):
       params["bias"] = self.param("bias", self.bias_init, shape, self.param_dtype)
     train = not use_running_average
     initializing = self.is_initializing()
-    if train and initializing and mask is None and too_small_for_batch_stats(x, -1):
-      mask = jnp.ones((), bool)   # `init` on one example, as BatchNorm allows
+    if train:
+      # One value per feature: Flax's result (the bias), with a warning
+      # outside `init` (as BatchNorm).
+      mask = degenerate_batch_mask(type(self).__name__, x, -1, mask, warn=not initializing)
     with module_errors(type(self).__name__):
       y, new = cond_lib.conditional_batch_norm(
           params, {"mean": mean.value, "var": var.value}, x, labels, train=train,
@@ -359,8 +360,7 @@ class DyT(nn.Module):
   @nn.compact
   def __call__(self, x: ArrayLike, *, mask: ArrayLike | None = None) -> Array:
     """Applies DyT; ``mask`` is accepted for LayerNorm compatibility (DyT is element-wise)."""
-    with module_errors(type(self).__name__):
-      fshape = feature_shape_of(x, self.feature_axes, "feature_axes")
+    fshape = feature_shape_of(type(self).__name__, x, self.feature_axes, "feature_axes")
     params: dict[str, ArrayLike] = {"alpha": self.param(
         "alpha", initializers.constant(self.alpha_init_value), (), self.param_dtype)}
     if self.use_scale:

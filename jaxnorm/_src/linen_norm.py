@@ -1,94 +1,61 @@
 """``flax.linen`` normalization modules: thin shells over the functional core.
 
-Each module has the constructor arguments, defaults, variable collections and
-variable names of its ``flax.linen`` namesake (flax 0.12), so a checkpoint of
-one loads into the other. A module only declares its variables, picks train or
-inference mode and calls :mod:`jaxnorm`'s functions; it holds no math.
+Each module subclasses its ``flax.linen`` namesake (flax 0.12), so it has the
+same dataclass fields, defaults, variable collections and variable names (a
+checkpoint of one loads into the other), ``isinstance(m, nn.BatchNorm)`` holds
+and code that filters modules by Flax's classes finds ours. Only ``__call__``
+is replaced: a module declares its variables, picks train or inference mode
+and calls :mod:`jaxnorm`'s functions; it holds no math.
 
-Differences from Flax, all in the statistics: they are always exact (computed
-on shifted data, so inputs with a large mean keep their precision) and always
-accumulated in float32 or wider. ``use_fast_variance`` and
-``force_float32_reductions`` are therefore accepted for compatibility only and
-change nothing.
+The statistics are always exact (jaxnorm's one statistics routine, so inputs
+with a large mean keep their precision) and accumulated in float32 or wider,
+so the inherited ``use_fast_variance`` and ``force_float32_reductions`` fields
+change nothing. Inputs Flax accepts but the core refuses (train-mode batch norm with
+one value per feature, instance norm with no axis to reduce over) give Flax's
+result and a :class:`UserWarning`; see :mod:`jaxnorm._src.module_common`.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.nn import initializers
 
-from jaxnorm._src import batch_norm as batch_norm_lib
-from jaxnorm._src import checks
-from jaxnorm._src import group_norm as group_norm_lib
-from jaxnorm._src import layer_norm as layer_norm_lib
+import jaxnorm
+from jaxnorm._src import module_common as common
 
 Array = jax.Array
 
 
-@contextlib.contextmanager
-def module_errors(module_name: str):
-  """Prefixes argument errors of the core with the module's class name.
-
-  ``ValueError``/``TypeError`` raised inside keep their type and read
-  ``"BatchNorm: `x` has ..."``; the original error is chained as the cause.
-  """
-  try:
-    yield
-  except (ValueError, TypeError) as err:
-    msg = str(err)
-    prefix = f"{module_name}: "
-    # Only the core's plain errors are rewritten; subclasses (JAX's tracer
-    # errors, Flax's scope errors) have their own constructors and pass as is.
-    if type(err) not in (ValueError, TypeError) or msg.startswith(prefix):
-      raise
-    raise type(err)(prefix + msg) from err
+def _declare_affine(module: nn.Module, feature_shape: tuple[int, ...],
+                    use_scale: bool, use_bias: bool) -> dict:
+  """Declares ``scale`` then ``bias`` (Flax's order, so keys match)."""
+  params = {}
+  if use_scale:
+    params["scale"] = module.param("scale", module.scale_init, feature_shape,
+                                   module.param_dtype)
+  if use_bias:
+    params["bias"] = module.param("bias", module.bias_init, feature_shape,
+                                  module.param_dtype)
+  return params
 
 
-def feature_shape_of(x, axes, arg_name: str) -> tuple[int, ...]:
-  """The shape of ``x`` along ``axes`` (validated by the core's checks)."""
-  checks.check_array("x", x)
-  return tuple(x.shape[a] for a in checks.normalize_axes(arg_name, axes, x.ndim))
+class _BatchNormShell(nn.BatchNorm):
+  """Variable handling shared by BatchNorm and BatchRenorm (Flax's fields)."""
 
-
-def too_small_for_batch_stats(x, feature_axes) -> bool:
-  """True when ``x`` has at most one value per feature (e.g. ``init`` on one example)."""
-  axes = checks.normalize_axes("axis", feature_axes, x.ndim)
-  reduction = tuple(a for a in range(x.ndim) if a not in axes)
-  return batch_norm_lib.values_per_feature(x, reduction) <= 1
-
-
-class _BatchNormBase(nn.Module):
-  """Fields and variable handling shared by BatchNorm and BatchRenorm."""
-
-  use_running_average: bool | None = None
-  axis: Any = -1
-  momentum: float = 0.99
-  epsilon: float = 1e-5
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Any = initializers.zeros
-  scale_init: Any = initializers.ones
-  axis_name: str | None = None
-  axis_index_groups: Any = None
-  use_fast_variance: bool = True
-  force_float32_reductions: bool = True
-
-  def _core(self, params, state, x, *, train, axis_name, mask):
+  def _core(self, params: dict, state: dict, x: Array, *, train: bool,
+            axis_name: str | None, mask: Array | None,
+            warn: bool) -> tuple[Array, dict]:
     raise NotImplementedError
 
-  def _apply(self, x, use_running_average, mask):
+  def _apply(self, x: Array, use_running_average: bool | None,
+             mask: Array | None) -> Array:
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average)
     name = type(self).__name__
-    with module_errors(name):
-      feature_shape = feature_shape_of(x, self.axis, "axis")
+    common.check_hyperparameters(name, epsilon=self.epsilon,
+                                 momentum=self.momentum)
+    feature_shape = common.feature_shape_of(name, x, self.axis, "axis")
     # Same creation order as flax: running statistics, then scale, then bias
     # (the order fixes which random key each initializer receives).
     ra_mean = self.variable("batch_stats", "mean",
@@ -99,35 +66,39 @@ class _BatchNormBase(nn.Module):
     state = {"mean": ra_mean.value, "var": ra_var.value}
     train = not use_running_average
     initializing = self.is_initializing()
-    if train and initializing and mask is None and too_small_for_batch_stats(
-        x, self.axis):
-      # Flax lets `init` see a single example in train mode (the output is
-      # then `bias`); an all-true mask gives exactly that without the core's
-      # "batch too small" error, which stays for real training steps.
-      mask = jnp.ones((), bool)
-    with module_errors(name):
-      y, new_state = self._core(
-          params, state, x, train=train,
-          # Flax: no cross-device averaging while initializing, so the mapped
-          # axis need not exist during `init`.
-          axis_name=None if initializing else self.axis_name,
-          mask=mask)
+    # Flax: no cross-device averaging while initializing, so the mapped axis
+    # need not exist during `init`.
+    axis_name = None if initializing else self.axis_name
+    if train and axis_name is None:
+      # `init` on one example is how linen models are usually built; its
+      # output is not used, so only `apply` warns.
+      mask = common.degenerate_batch_mask(name, x, self.axis, mask,
+                                          warn=not initializing)
+    with common.module_errors(name):
+      y, new_state = self._core(params, state, x, train=train,
+                                axis_name=axis_name, mask=mask,
+                                warn=not initializing)
     if train and not initializing:
       ra_mean.value = new_state["mean"]
       ra_var.value = new_state["var"]
     return y
 
 
-class BatchNorm(_BatchNormBase):
-  """Batch normalization, a drop-in for ``flax.linen.BatchNorm``.
+class BatchNorm(_BatchNormShell):
+  """Batch normalization (Ioffe & Szegedy, 2015), a drop-in for ``flax.linen.BatchNorm``.
 
   ``y = (x - mean) / sqrt(var + epsilon) * scale + bias`` per feature, with the
   batch's mean and biased variance over every axis but ``axis`` in training
   (``use_running_average=False``) and the running averages in
-  ``batch_stats/{mean,var}`` at inference. Training updates them as
-  ``momentum * running + (1 - momentum) * batch`` when ``batch_stats`` is
-  mutable; ``init`` neither updates them nor averages across ``axis_name``.
-  See :func:`jaxnorm.batch_norm`.
+  ``batch_stats/{mean,var}`` (shape: ``x`` along ``axis``) at inference.
+  Training updates them as ``momentum * running + (1 - momentum) * batch``
+  when ``batch_stats`` is mutable; ``init`` neither updates them nor averages
+  across ``axis_name``. See :func:`jaxnorm.batch_norm`.
+
+  A subclass of ``flax.linen.BatchNorm``: every field is Flax's, with Flax's
+  default; ``virtual_batch_size`` is added. A train-mode call with one value
+  per feature returns ``bias``, as Flax does, with a :class:`UserWarning`
+  outside ``init``.
 
   >>> import jax, jax.numpy as jnp, jaxnorm.linen as jl
   >>> bn = jl.BatchNorm(momentum=0.9)
@@ -161,42 +132,49 @@ class BatchNorm(_BatchNormBase):
     force_float32_reductions: accepted for compatibility; statistics are
       always float32 (or wider).
     virtual_batch_size: ghost batch norm: normalize each chunk of this many
-      examples with its own statistics (``None``: the whole batch).
+      examples with its own statistics (``None``: the whole batch). A batch
+      smaller than one chunk is one chunk.
   """
 
   virtual_batch_size: int | None = None
 
-  def _core(self, params, state, x, *, train, axis_name, mask):
-    return batch_norm_lib.batch_norm(
+  def _core(self, params, state, x, *, train, axis_name, mask, warn):
+    k = common.chunk_size(type(self).__name__, x, self.axis,
+                          self.virtual_batch_size, warn=warn) if train else None
+    return jaxnorm.batch_norm(
         params, state, x, train=train, axis=self.axis, momentum=self.momentum,
         eps=self.epsilon, axis_name=axis_name,
         axis_index_groups=self.axis_index_groups if axis_name else None,
-        mask=mask, virtual_batch_size=self.virtual_batch_size,
-        dtype=self.dtype)
+        mask=mask, virtual_batch_size=k, dtype=self.dtype)
 
   @nn.compact
-  def __call__(self, x, use_running_average: bool | None = None, *,
-               mask: Array | None = None):
+  def __call__(self, x: Array, use_running_average: bool | None = None, *,
+               mask: Array | None = None) -> Array:
     """Normalizes ``x``; ``mask`` (boolean, broadcast to ``x``) selects the
     entries that enter the statistics, and so the running averages."""
     return self._apply(x, use_running_average, mask)
 
 
-class BatchRenorm(_BatchNormBase):
+class BatchRenorm(_BatchNormShell):
   """Batch renormalization (Ioffe, 2017) with ``BatchNorm``'s variables.
 
   Training normalizes with the batch statistics corrected toward the running
   ones, ``r = clip(sigma_B / sigma, 1/r_max, r_max)`` and
   ``d = clip((mu_B - mu) / sigma, -d_max, d_max)``; inference is batch norm's.
-  Arguments are :class:`BatchNorm`'s (without ``virtual_batch_size``) plus
-  ``r_max`` and ``d_max``. See :func:`jaxnorm.batch_renorm`.
+  Fields are ``flax.linen.BatchNorm``'s (it is a subclass) plus ``r_max`` and
+  ``d_max``. See :func:`jaxnorm.batch_renorm`.
+
+  Attributes:
+    r_max: bound of the variance correction ``r``, >= 1.
+    d_max: bound of the mean correction ``d``, >= 0.
   """
 
   r_max: float = 3.0
   d_max: float = 5.0
 
-  def _core(self, params, state, x, *, train, axis_name, mask):
-    return batch_norm_lib.batch_renorm(
+  def _core(self, params, state, x, *, train, axis_name, mask, warn):
+    del warn
+    return jaxnorm.batch_renorm(
         params, state, x, train=train, r_max=self.r_max, d_max=self.d_max,
         axis=self.axis, momentum=self.momentum, eps=self.epsilon,
         axis_name=axis_name,
@@ -204,160 +182,115 @@ class BatchRenorm(_BatchNormBase):
         mask=mask, dtype=self.dtype)
 
   @nn.compact
-  def __call__(self, x, use_running_average: bool | None = None, *,
-               mask: Array | None = None):
+  def __call__(self, x: Array, use_running_average: bool | None = None, *,
+               mask: Array | None = None) -> Array:
     """Normalizes ``x`` (see :class:`BatchNorm`)."""
     return self._apply(x, use_running_average, mask)
 
 
-def _declare_affine(module, feature_shape, use_scale, use_bias):
-  params = {}
-  if use_scale:
-    params["scale"] = module.param("scale", module.scale_init, feature_shape,
-                                   module.param_dtype)
-  if use_bias:
-    params["bias"] = module.param("bias", module.bias_init, feature_shape,
-                                  module.param_dtype)
-  return params
-
-
-class LayerNorm(nn.Module):
+class LayerNorm(nn.LayerNorm):
   """Layer normalization (Ba et al., 2016), a drop-in for ``flax.linen.LayerNorm``.
 
-  Each example is normalized over ``reduction_axes`` (default: the last axis);
-  ``scale`` and ``bias`` run along ``feature_axes``. See
-  :func:`jaxnorm.layer_norm`. ``use_fast_variance`` and
-  ``force_float32_reductions`` are accepted for compatibility only.
+  ``y = (x - mean) / sqrt(var + epsilon) * scale + bias`` with each example's
+  statistics over ``reduction_axes`` (default: the last axis); ``scale`` and
+  ``bias`` have the shape of ``x`` along ``feature_axes``. A subclass of
+  ``flax.linen.LayerNorm`` with its fields; see :func:`jaxnorm.layer_norm`.
   """
 
-  epsilon: float = 1e-6
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Any = initializers.zeros
-  scale_init: Any = initializers.ones
-  reduction_axes: Any = -1
-  feature_axes: Any = -1
-  axis_name: str | None = None
-  axis_index_groups: Any = None
-  use_fast_variance: bool = True
-  force_float32_reductions: bool = True
-
   @nn.compact
-  def __call__(self, x, *, mask: Array | None = None):
+  def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
     """Normalizes ``x``; ``mask`` selects the entries in the statistics."""
     name = type(self).__name__
-    with module_errors(name):
-      feature_shape = feature_shape_of(x, self.feature_axes, "feature_axes")
+    common.check_hyperparameters(name, epsilon=self.epsilon)
+    common.check_axes(name, x, reduction_axes=self.reduction_axes)
+    feature_shape = common.feature_shape_of(name, x, self.feature_axes,
+                                            "feature_axes")
     params = _declare_affine(self, feature_shape, self.use_scale, self.use_bias)
-    with module_errors(name):
-      return layer_norm_lib.layer_norm(
+    with common.module_errors(name):
+      return jaxnorm.layer_norm(
           params, x, axis=self.reduction_axes, feature_axes=self.feature_axes,
           eps=self.epsilon, mask=mask, axis_name=self.axis_name,
           axis_index_groups=self.axis_index_groups, dtype=self.dtype)
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(nn.RMSNorm):
   """RMS normalization (Zhang & Sennrich, 2019), a drop-in for ``flax.linen.RMSNorm``.
 
   ``y = x / sqrt(mean(x**2) + epsilon) * scale`` over ``reduction_axes``; no
-  centering, no bias. See :func:`jaxnorm.rms_norm`.
+  centering, no bias. A subclass of ``flax.linen.RMSNorm`` with its fields;
+  see :func:`jaxnorm.rms_norm`.
   """
 
-  epsilon: float = 1e-6
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  use_scale: bool = True
-  scale_init: Any = initializers.ones
-  reduction_axes: Any = -1
-  feature_axes: Any = -1
-  axis_name: str | None = None
-  axis_index_groups: Any = None
-  use_fast_variance: bool = True
-  force_float32_reductions: bool = True
-
   @nn.compact
-  def __call__(self, x, *, mask: Array | None = None):
+  def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
     """Normalizes ``x``; ``mask`` selects the entries in the statistics."""
     name = type(self).__name__
-    with module_errors(name):
-      feature_shape = feature_shape_of(x, self.feature_axes, "feature_axes")
-    params = _declare_affine(self, feature_shape, self.use_scale, False)
-    with module_errors(name):
-      return layer_norm_lib.rms_norm(
+    common.check_hyperparameters(name, epsilon=self.epsilon)
+    common.check_axes(name, x, reduction_axes=self.reduction_axes)
+    feature_shape = common.feature_shape_of(name, x, self.feature_axes,
+                                            "feature_axes")
+    params = {}
+    if self.use_scale:
+      params["scale"] = self.param("scale", self.scale_init, feature_shape,
+                                   self.param_dtype)
+    with common.module_errors(name):
+      return jaxnorm.rms_norm(
           params, x, axis=self.reduction_axes, feature_axes=self.feature_axes,
           eps=self.epsilon, mask=mask, axis_name=self.axis_name,
           axis_index_groups=self.axis_index_groups, dtype=self.dtype)
 
 
-class GroupNorm(nn.Module):
+class GroupNorm(nn.GroupNorm):
   """Group normalization (Wu & He, 2018), a drop-in for ``flax.linen.GroupNorm``.
 
-  Channels last; give ``num_groups`` (default 32) or ``group_size`` (with
-  ``num_groups=None``). ``scale``/``bias`` have shape ``(C,)``. See
+  ``x`` of shape ``(N, ..., C)``: the ``C`` channels are split into
+  ``num_groups`` groups (default 32; or groups of ``group_size`` with
+  ``num_groups=None``) and each example's group is normalized over its
+  channels and ``reduction_axes`` (default: every axis but the first);
+  ``scale``/``bias`` have shape ``(C,)``. A subclass of
+  ``flax.linen.GroupNorm`` with its fields and its error messages; see
   :func:`jaxnorm.group_norm`.
   """
 
-  num_groups: int | None = 32
-  group_size: int | None = None
-  epsilon: float = 1e-6
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Any = initializers.zeros
-  scale_init: Any = initializers.ones
-  reduction_axes: Any = None
-  axis_name: str | None = None
-  axis_index_groups: Any = None
-  use_fast_variance: bool = True
-  force_float32_reductions: bool = True
-
   @nn.compact
-  def __call__(self, x, *, mask: Array | None = None):
+  def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
     """Normalizes ``x`` of shape ``(N, ..., C)``."""
     name = type(self).__name__
-    with module_errors(name):
-      feature_shape = feature_shape_of(x, -1, "x")
-    params = _declare_affine(self, feature_shape, self.use_scale, self.use_bias)
-    with module_errors(name):
-      return group_norm_lib.group_norm(
-          params, x, num_groups=self.num_groups, group_size=self.group_size,
-          eps=self.epsilon, mask=mask, reduction_axes=self.reduction_axes,
-          axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-          dtype=self.dtype)
+    common.check_hyperparameters(name, epsilon=self.epsilon)
+    (channels,) = common.feature_shape_of(name, x, -1, "x")
+    common.check_group_reduction_axes(name, x, self.reduction_axes)
+    groups = common.resolve_groups(name, channels, self.num_groups,
+                                   self.group_size, what="channels")
+    params = _declare_affine(self, (channels,), self.use_scale, self.use_bias)
+    with common.module_errors(name):
+      return jaxnorm.group_norm(
+          params, x, num_groups=groups, eps=self.epsilon, mask=mask,
+          reduction_axes=self.reduction_axes, axis_name=self.axis_name,
+          axis_index_groups=self.axis_index_groups, dtype=self.dtype)
 
 
-class InstanceNorm(nn.Module):
+class InstanceNorm(nn.InstanceNorm):
   """Instance normalization (Ulyanov et al., 2016), a drop-in for ``flax.linen.InstanceNorm``.
 
   Each example and feature is normalized over every axis but the first and
-  ``feature_axes``. See :func:`jaxnorm.instance_norm`.
+  ``feature_axes``; ``scale``/``bias`` have the shape of ``x`` along
+  ``feature_axes``. A subclass of ``flax.linen.InstanceNorm`` with its fields;
+  see :func:`jaxnorm.instance_norm`. An input with nothing to reduce over
+  (``(N, C)``) gives ``bias``, as in Flax, with a :class:`UserWarning`.
   """
 
-  epsilon: float = 1e-6
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Any = initializers.zeros
-  scale_init: Any = initializers.ones
-  feature_axes: Any = -1
-  axis_name: str | None = None
-  axis_index_groups: Any = None
-  use_fast_variance: bool = True
-  force_float32_reductions: bool = True
-
   @nn.compact
-  def __call__(self, x, *, mask: Array | None = None):
+  def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
     """Normalizes ``x`` of shape ``(N, spatial..., C)``."""
     name = type(self).__name__
-    with module_errors(name):
-      feature_shape = feature_shape_of(x, self.feature_axes, "feature_axes")
-    params = _declare_affine(self, feature_shape, self.use_scale, self.use_bias)
-    with module_errors(name):
-      return group_norm_lib.instance_norm(
-          params, x, eps=self.epsilon, mask=mask, axis=self.feature_axes,
+    common.check_hyperparameters(name, epsilon=self.epsilon)
+    axes = common.instance_norm_axes(name, x, self.feature_axes)
+    params = _declare_affine(self, tuple(x.shape[a] for a in axes),
+                             self.use_scale, self.use_bias)
+    xv, axes_v, mask_v, undo = common.instance_norm_view(
+        name, x, axes, mask, warn=not self.is_initializing())
+    with common.module_errors(name):
+      return undo(jaxnorm.instance_norm(
+          params, xv, eps=self.epsilon, mask=mask_v, axis=axes_v,
           axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-          dtype=self.dtype)
+          dtype=self.dtype))

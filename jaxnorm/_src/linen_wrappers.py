@@ -1,14 +1,14 @@
 """``flax.linen`` WeightNorm, SpectralNorm and Dropout: thin shells over the core.
 
-Constructor arguments, defaults, variable collections and names are those of
-``flax.linen``; the math is :func:`jaxnorm.weight_norm`,
-:func:`jaxnorm.spectral_norm` and :func:`jaxnorm.dropout`.
+Each subclasses its ``flax.linen`` namesake, so fields, defaults, variable
+collections and names are Flax's and ``isinstance`` checks against Flax's
+classes hold; only ``__call__`` is replaced, and the math is
+:func:`jaxnorm.weight_norm`, :func:`jaxnorm.spectral_norm` and
+:func:`jaxnorm.dropout`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Iterable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -16,9 +16,11 @@ import jax
 import jax.numpy as jnp
 from flax.core import unfreeze
 
+import jaxnorm
 from jaxnorm._src import checks
-from jaxnorm._src import dropout as dropout_lib
-from jaxnorm._src import weight_norm as wn_lib
+from jaxnorm._src import module_common as common
+
+Array = jax.Array
 
 
 def _feature_axes(feature_axes, ndim):
@@ -27,7 +29,7 @@ def _feature_axes(feature_axes, ndim):
   return checks.normalize_axes("feature_axes", feature_axes, ndim)
 
 
-class WeightNorm(nn.Module):
+class WeightNorm(nn.WeightNorm):
   """L2 weight normalization of a wrapped layer (Salimans & Kingma 2016).
 
   Each selected variable ``v`` of ``layer_instance`` is replaced, before the
@@ -52,18 +54,8 @@ class WeightNorm(nn.Module):
       contains one of these strings; None or empty normalizes all.
   """
 
-  layer_instance: nn.Module
-  epsilon: float = 1e-12
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  use_scale: bool = True
-  scale_init: Any = nn.initializers.ones
-  feature_axes: Any = -1
-  variable_filter: Iterable | None = dataclasses.field(
-      default_factory=lambda: {"kernel"})
-
   @nn.compact
-  def __call__(self, *args, **kwargs):
+  def __call__(self, *args, **kwargs) -> Any:
     """Calls the wrapped layer with its selected variables weight-normalized."""
 
     def forward(layer):
@@ -91,7 +83,7 @@ class WeightNorm(nn.Module):
       shape = tuple(value.shape[a] for a in feature)
       wn["g"] = self.param(name + "/scale", self.scale_init, shape,
                            self.param_dtype)
-    return wn_lib.weight_norm(wn, axis=None if not feature else feature,
+    return jaxnorm.weight_norm(wn, axis=None if not feature else feature,
                               eps=self.epsilon, dtype=self.dtype)
 
 
@@ -148,7 +140,7 @@ def weight_norm_data_init(module: WeightNorm, variables, *args, eps=1e-6,
   zero_bias = jax.tree.map(lambda a: a, variables)
   zero_bias["params"][layer_name]["bias"] = jnp.zeros_like(layer["bias"])
   t = module.apply(zero_bias, *args, **kwargs)
-  new_wn, bias = wn_lib.weight_norm_data_init(
+  new_wn, bias = jaxnorm.weight_norm_data_init(
       {"v": layer["kernel"], "g": params[scale_key]}, t, eps=eps)
   out = jax.tree.map(lambda a: a, variables)
   out["params"][scale_key] = new_wn["g"].astype(params[scale_key].dtype)
@@ -156,7 +148,7 @@ def weight_norm_data_init(module: WeightNorm, variables, *args, eps=1e-6,
   return out
 
 
-class SpectralNorm(nn.Module):
+class SpectralNorm(nn.SpectralNorm):
   """Spectral normalization of a wrapped layer (Miyato et al. 2018).
 
   Every variable of ``layer_instance`` with two or more dimensions is divided
@@ -180,16 +172,8 @@ class SpectralNorm(nn.Module):
     collection_name: the collection holding ``u`` and ``sigma``.
   """
 
-  layer_instance: nn.Module
-  n_steps: int = 1
-  epsilon: float = 1e-12
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  error_on_non_matrix: bool = False
-  collection_name: str = "batch_stats"
-
   @nn.compact
-  def __call__(self, *args, update_stats: bool, **kwargs):
+  def __call__(self, *args, update_stats: bool, **kwargs) -> Any:
     """Calls the wrapped layer with spectrally normalized variables."""
 
     def forward(layer):
@@ -207,14 +191,15 @@ class SpectralNorm(nn.Module):
     value = jnp.asarray(value)
     if value.ndim <= 1 or self.n_steps < 1:
       return value
-    if value.ndim > 2 and self.error_on_non_matrix:
-      raise ValueError(
-          f"Spectral normalization is defined on matrices but a variable of "
-          f"the layer has {value.ndim} dimensions (shape {tuple(value.shape)}) "
-          "and error_on_non_matrix is True; set error_on_non_matrix=False to "
-          "flatten it to (-1, out).")
     base = (self.layer_instance.name + "/"
             + "/".join(k.key for k in path[1:]))
+    if value.ndim > 2 and self.error_on_non_matrix:
+      raise ValueError(
+          f"SpectralNorm: Input is {value.ndim}D but error_on_non_matrix is "
+          f"True: the variable '{base}' of the layer has shape "
+          f"{tuple(value.shape)}; spectral normalization is defined on "
+          "matrices. Set error_on_non_matrix=False to flatten it to "
+          "(-1, out).")
     out = value.shape[-1]
     u_name, sigma_name = base + "/u", base + "/sigma"
     key = (None if self.has_variable(self.collection_name, u_name)
@@ -224,7 +209,7 @@ class SpectralNorm(nn.Module):
     sigma_var = self.variable(self.collection_name, sigma_name, jnp.ones, (),
                               self.param_dtype)
     state = {"u": u_var.value.reshape(out), "sigma": sigma_var.value}
-    w_sn, new_state = wn_lib.spectral_norm(
+    w_sn, new_state = jaxnorm.spectral_norm(
         value, state, n_steps=self.n_steps, train=True, eps=self.epsilon,
         dtype=self.dtype)
     if update_stats:
@@ -233,7 +218,7 @@ class SpectralNorm(nn.Module):
     return w_sn
 
 
-class Dropout(nn.Module):
+class Dropout(nn.Dropout):
   """Inverted dropout, drop-in for ``flax.linen.Dropout``.
 
   Keeps each unit with probability ``1 - rate`` and scales it by
@@ -249,22 +234,18 @@ class Dropout(nn.Module):
     rng_collection: the rng collection the key is drawn from.
   """
 
-  rate: float
-  broadcast_dims: Sequence[int] = ()
-  deterministic: bool | None = None
-  rng_collection: str = "dropout"
-
   @nn.compact
-  def __call__(self, inputs, deterministic: bool | None = None, rng=None):
+  def __call__(self, inputs: Array, deterministic: bool | None = None,
+               rng: Array | None = None) -> Array:
     """Applies dropout; ``rng`` overrides ``make_rng(rng_collection)``."""
     deterministic = nn.merge_param("deterministic", self.deterministic,
                                    deterministic)
-    dropout_lib.check_rate(self.rate, allow_one=True)
+    common.check_dropout_rate(type(self).__name__, self.rate)
     if deterministic or self.rate == 0.0:
       return inputs
     if self.rate == 1.0:
       return jnp.zeros_like(inputs)
     if rng is None:
       rng = self.make_rng(self.rng_collection)
-    return dropout_lib.dropout(rng, inputs, self.rate, train=True,
+    return jaxnorm.dropout(rng, inputs, self.rate, train=True,
                                broadcast_dims=self.broadcast_dims)

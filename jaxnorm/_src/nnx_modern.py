@@ -34,7 +34,7 @@ from jaxnorm._src import qk_norm as qk_lib
 from jaxnorm._src import weight_standardization as ws_lib
 from jaxnorm._src.nnx_norm import BatchNorm as _JaxnormBatchNorm
 from jaxnorm._src.nnx_norm import BatchRenorm as _JaxnormBatchRenorm
-from jaxnorm._src.nnx_norm import module_errors
+from jaxnorm._src.module_common import module_errors
 from jaxnorm._src.nnx_wrappers import _swapped
 
 Array = jax.Array

@@ -1,54 +1,72 @@
 """``flax.nnx`` normalization modules: thin shells over the functional core.
 
-Each module takes the constructor arguments of its ``flax.nnx`` namesake
-(flax 0.12: ``num_features`` first, keyword options, ``rngs``) and keeps the
-same attributes: ``scale``/``bias`` as :class:`nnx.Param`, ``mean``/``var`` as
-:class:`nnx.BatchStat` (always float32). ``model.train()`` / ``model.eval()``
-and ``nnx.view(model, use_running_average=...)`` switch BatchNorm's mode.
-Initializers are used in ``__init__`` and not kept, so two modules built with
-different initializers have equal graph definitions.
+Each module subclasses its ``flax.nnx`` namesake (flax 0.12) and is built by
+Flax's own constructor, so it has the same constructor arguments, defaults,
+attributes and variables (``scale``/``bias`` as :class:`nnx.Param`,
+``mean``/``var`` as :class:`nnx.BatchStat`, always float32), and
+``isinstance``, ``nnx.view(model, only=nnx.BatchNorm, ...)``,
+``nnx.view_info`` and ``model.train()``/``model.eval()`` treat it as Flax's.
+Only ``__call__`` is replaced, and it calls :mod:`jaxnorm`'s functions.
 
 Like Flax, each call first passes the input and the variables through
-``promote_dtype`` (a constructor argument, by default
-``flax.nnx.nn.dtypes.promote_dtype``, stored as ``self.promote_dtype``):
+``self.promote_dtype`` (by default ``flax.nnx.nn.dtypes.promote_dtype``):
 ``(x, scale, bias)``, or ``(x, mean, var, scale, bias)`` for BatchNorm, with
 ``dtype=self.dtype``. The promoted arrays are what is normalized.
 
 The math is :mod:`jaxnorm`'s: statistics are always exact and at least
-float32, so ``use_fast_variance`` is accepted for compatibility only.
+float32, so ``use_fast_variance`` changes nothing. Inputs Flax accepts but the
+core refuses (train-mode batch norm with one value per feature, instance norm
+with no axis to reduce over) give Flax's result and a :class:`UserWarning`.
+
+This file imports no ``flax.linen`` code of jaxnorm's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
-from flax import nnx
-from flax.nnx.nn import dtypes as flax_dtypes
-from flax.typing import PromoteDtypeFn
 import jax
 import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import dtypes as flax_dtypes
+from flax.typing import Dtype, Initializer, PromoteDtypeFn
 from jax.nn import initializers
 
-from jaxnorm._src import batch_norm as batch_norm_lib
+import jaxnorm
 from jaxnorm._src import checks
-from jaxnorm._src import group_norm as group_norm_lib
-from jaxnorm._src import layer_norm as layer_norm_lib
-from jaxnorm._src.linen_norm import module_errors
+from jaxnorm._src import module_common as common
 
 Array = jax.Array
-_NO_METADATA = MappingProxyType({})
+Axes = int | Sequence[int]
+_NO_METADATA: Mapping[str, Any] = MappingProxyType({})
+
+# Flax's message when neither the constructor nor the call sets the mode.
+_FLAX_NO_USE_RUNNING_AVERAGE = (
+    "No `use_running_average` argument was provided to {name}.")
 
 
-def _shape(num_features) -> tuple[int, ...]:
-  if isinstance(num_features, int) and not isinstance(num_features, bool):
-    return (num_features,)
-  return tuple(num_features)
+def _value(var: nnx.Variable | None) -> Array | None:
+  """A Variable's array, or None for a switched-off ``scale``/``bias``."""
+  return None if var is None else var[...]
 
 
-def _affine(module, shape, *, rngs, use_scale, use_bias, scale_init, bias_init,
-            param_dtype, scale_metadata, bias_metadata):
-  """Declares ``scale`` then ``bias`` (flax's order, so keys match)."""
+def _promote(module: nnx.Module, arrays: tuple) -> tuple:
+  """``module.promote_dtype(arrays, dtype=module.dtype)``, as Flax calls it,
+  after checking ``x`` (the first array): Flax's promotion would turn an
+  integer ``x`` into floats, where jaxnorm refuses it as the core does."""
+  with common.module_errors(type(module).__name__):
+    checks.check_array("x", arrays[0])
+  return module.promote_dtype(arrays, dtype=module.dtype)
+
+
+def _affine(module: nnx.Module, shape: tuple[int, ...], *, rngs: nnx.Rngs,
+            use_scale: bool, use_bias: bool, scale_init: Initializer,
+            bias_init: Initializer, param_dtype: Dtype,
+            scale_metadata: Mapping[str, Any],
+            bias_metadata: Mapping[str, Any]) -> None:
+  """Declares ``scale`` then ``bias`` (Flax's order, so keys match)."""
   if use_scale:
     module.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype),
                              **scale_metadata)
@@ -61,21 +79,14 @@ def _affine(module, shape, *, rngs, use_scale, use_bias, scale_init, bias_init,
     module.bias = nnx.data(None)
 
 
-def _value(var):
-  """A Variable's array, or None for a switched-off ``scale``/``bias``."""
-  return None if var is None else var[...]
+def _store(module: nnx.Module, args: Mapping[str, Any],
+           names: Sequence[str]) -> None:
+  """Keeps the constructor arguments ``names`` as attributes, as Flax does."""
+  for name in names:
+    setattr(module, name, args[name])
 
 
-def _promote(module, arrays):
-  """``module.promote_dtype(arrays, dtype=module.dtype)``, as Flax calls it,
-  after checking ``x`` (the first array): Flax's promotion would turn an
-  integer ``x`` into floats, where jaxnorm refuses it as the core does."""
-  with module_errors(type(module).__name__):
-    checks.check_array("x", arrays[0])
-  return module.promote_dtype(arrays, dtype=module.dtype)
-
-
-def _params(scale, bias=None) -> dict:
+def _params(scale: Array | None, bias: Array | None = None) -> dict:
   """The core's ``params`` dict; a None term is left out."""
   return {k: v for k, v in (("scale", scale), ("bias", bias)) if v is not None}
 
@@ -86,19 +97,48 @@ _BATCH_NORM_ATTRS = (
     "num_features", "use_running_average", "axis", "momentum", "epsilon",
     "dtype", "param_dtype", "use_bias", "use_scale", "axis_name",
     "axis_index_groups", "use_fast_variance", "promote_dtype")
+_NORM_ATTRS = ("num_features", "epsilon", "dtype", "param_dtype", "use_bias",
+               "use_scale", "axis_name", "axis_index_groups",
+               "use_fast_variance", "promote_dtype")
 
 
-class _BatchNormBase(nnx.Module):
-  """Variables and mode handling shared by BatchNorm and BatchRenorm."""
+class _BatchNormShell(nnx.BatchNorm):
+  """Mode handling shared by BatchNorm and BatchRenorm (Flax's attributes).
 
-  def _init_batch_norm(self, args):
-    """Declares the variables and stores the attributes, as flax.nnx.BatchNorm.
+  Attributes (all Flax's, set by ``flax.nnx.BatchNorm.__init__``):
+    mean, var: running averages, ``nnx.BatchStat`` (float32).
+    scale, bias: ``nnx.Param`` or None.
+    num_features, use_running_average, axis, momentum, epsilon, dtype,
+    param_dtype, use_bias, use_scale, axis_name, axis_index_groups,
+    use_fast_variance, promote_dtype: the constructor's arguments.
+  """
+
+  mean: nnx.BatchStat
+  var: nnx.BatchStat
+  scale: nnx.Param | None
+  bias: nnx.Param | None
+  num_features: int | Sequence[int]
+  use_running_average: bool | None
+  axis: Axes
+  momentum: float
+  epsilon: float
+  dtype: Dtype | None
+  param_dtype: Dtype
+  use_bias: bool
+  use_scale: bool
+  axis_name: str | None
+  axis_index_groups: Any
+  use_fast_variance: bool
+  promote_dtype: PromoteDtypeFn
+
+  def _init_batch_norm(self, args: Mapping[str, Any]) -> None:
+    """Declares the variables and keeps the attributes, as flax.nnx.BatchNorm.
 
     ``args`` maps the names of ``flax.nnx.BatchNorm``'s constructor arguments
-    to their values (the subclass's ``__init__`` passes its ``locals()``); the
-    subclass stores its own extra arguments itself.
+    to their values (the subclass's ``__init__`` passes its ``locals()``);
+    ``num_features`` may also be a tuple (several feature axes).
     """
-    shape = _shape(args["num_features"])
+    shape = common.shape_tuple(args["num_features"])
     self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
     _affine(self, shape, rngs=args["rngs"], use_scale=args["use_scale"],
@@ -106,14 +146,14 @@ class _BatchNormBase(nnx.Module):
             bias_init=args["bias_init"], param_dtype=args["param_dtype"],
             scale_metadata=args["scale_metadata"],
             bias_metadata=args["bias_metadata"])
-    for name in _BATCH_NORM_ATTRS:
-      setattr(self, name, args[name])
+    _store(self, args, _BATCH_NORM_ATTRS)
 
-  def _core(self, params, state, x, *, train, mask):
+  def _core(self, params: dict, state: dict, x: Array, *, train: bool,
+            mask: Array | None) -> tuple[Array, dict]:
     raise NotImplementedError
 
-  def __call__(self, x, use_running_average: bool | None = None, *,
-               mask: Array | None = None):
+  def __call__(self, x: Array, use_running_average: bool | None = None, *,
+               mask: Array | None = None) -> Array:
     """Normalizes ``x``; the call's ``use_running_average`` wins over the attribute.
 
     ``x``, ``mean``, ``var``, ``scale`` and ``bias`` first go through
@@ -122,25 +162,31 @@ class _BatchNormBase(nnx.Module):
     batch's statistics do, and the running averages ``mean``/``var`` are
     updated in place from their stored float32 values (the update carries no
     gradient). ``mask`` (boolean, broadcast to ``x``) selects the entries in
-    the statistics and the running averages.
+    the statistics and the running averages. A train-mode call with one value
+    per feature returns ``bias``, as Flax does, with a :class:`UserWarning`.
     """
     name = type(self).__name__
     if use_running_average is None:
       use_running_average = self.use_running_average
     if use_running_average is None:
       raise ValueError(
-          f"{name}: `use_running_average` is None both in the constructor and "
-          "in the call; pass `use_running_average=True/False` to either, or "
-          "use `model.train()` / `model.eval()`.")
+          _FLAX_NO_USE_RUNNING_AVERAGE.format(name=name) + " Pass "
+          "`use_running_average=True/False` to the constructor or the call, "
+          "use `model.train()` / `model.eval()`, or "
+          "`nnx.view(model, use_running_average=True/False)`.")
+    common.check_hyperparameters(name, epsilon=self.epsilon,
+                                 momentum=self.momentum)
     train = not use_running_average
     x, mean, var, scale, bias = _promote(
         self, (x, self.mean[...], self.var[...], _value(self.scale),
                _value(self.bias)))
     if train:
       state = {"mean": self.mean[...], "var": self.var[...]}
+      if self.axis_name is None:
+        mask = common.degenerate_batch_mask(name, x, self.axis, mask, warn=True)
     else:
       state = {"mean": mean, "var": var}
-    with module_errors(name):
+    with common.module_errors(name):
       y, new_state = self._core(_params(scale, bias), state, x, train=train,
                                 mask=mask)
     if train:
@@ -148,20 +194,15 @@ class _BatchNormBase(nnx.Module):
       self.var[...] = jax.lax.stop_gradient(new_state["var"])
     return y
 
-  def set_view(self, use_running_average: bool | None = None):
-    """Used by ``nnx.view(model, use_running_average=...)``."""
-    if use_running_average is not None:
-      self.use_running_average = use_running_average
 
-
-class BatchNorm(_BatchNormBase):
-  """Batch normalization, a drop-in for ``flax.nnx.BatchNorm``.
+class BatchNorm(_BatchNormShell):
+  """Batch normalization (Ioffe & Szegedy, 2015), a drop-in for ``flax.nnx.BatchNorm``.
 
   ``y = (x - mean) / sqrt(var + epsilon) * scale + bias`` per feature along
   ``axis``: the batch's statistics in training (``use_running_average=False``,
   the default, or after ``model.train()``), the running averages
-  ``self.mean``/``self.var`` at inference (``model.eval()``). See
-  :func:`jaxnorm.batch_norm`.
+  ``self.mean``/``self.var`` (shape ``num_features``) at inference
+  (``model.eval()``). See :func:`jaxnorm.batch_norm`.
 
   >>> import jax.numpy as jnp, jaxnorm.nnx as jn
   >>> from flax import nnx
@@ -174,6 +215,8 @@ class BatchNorm(_BatchNormBase):
   [0.2, 2.0]
   >>> bn.eval()                                         # running averages now
   >>> bn.use_running_average
+  True
+  >>> isinstance(bn, nnx.BatchNorm)
   True
 
   Args:
@@ -188,74 +231,85 @@ class BatchNorm(_BatchNormBase):
       promoted arrays are normalized (the promoted ``mean``/``var`` only at
       inference; the running averages stay float32).
     virtual_batch_size: ghost batch norm: chunks of this many examples are
-      normalized with their own statistics.
+      normalized with their own statistics (a batch smaller than one chunk is
+      one chunk, with a :class:`UserWarning`).
   """
+
+  virtual_batch_size: int | None
 
   def __init__(
       self,
-      num_features,
+      num_features: int | Sequence[int],
       *,
       use_running_average: bool | None = False,
-      axis=-1,
+      axis: Axes = -1,
       momentum: float = 0.99,
       epsilon: float = 1e-5,
-      dtype=None,
-      param_dtype=jnp.float32,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
       use_bias: bool = True,
       use_scale: bool = True,
-      bias_init=initializers.zeros,
-      scale_init=initializers.ones,
+      bias_init: Initializer = initializers.zeros,
+      scale_init: Initializer = initializers.ones,
       axis_name: str | None = None,
       axis_index_groups: Any = None,
       use_fast_variance: bool = True,
       promote_dtype: PromoteDtypeFn = flax_dtypes.promote_dtype,
       rngs: nnx.Rngs,
-      bias_metadata=_NO_METADATA,
-      scale_metadata=_NO_METADATA,
+      bias_metadata: Mapping[str, Any] = _NO_METADATA,
+      scale_metadata: Mapping[str, Any] = _NO_METADATA,
       virtual_batch_size: int | None = None,
   ):
     self._init_batch_norm(locals())
     self.virtual_batch_size = virtual_batch_size
 
   def _core(self, params, state, x, *, train, mask):
-    return batch_norm_lib.batch_norm(
+    k = common.chunk_size(type(self).__name__, x, self.axis,
+                          self.virtual_batch_size, warn=True) if train else None
+    return jaxnorm.batch_norm(
         params, state, x, train=train, axis=self.axis, momentum=self.momentum,
         eps=self.epsilon, axis_name=self.axis_name,
         axis_index_groups=self.axis_index_groups, mask=mask,
-        virtual_batch_size=self.virtual_batch_size, dtype=self.dtype)
+        virtual_batch_size=k, dtype=self.dtype)
 
 
-class BatchRenorm(_BatchNormBase):
+class BatchRenorm(_BatchNormShell):
   """Batch renormalization (Ioffe, 2017) with :class:`BatchNorm`'s variables.
 
   Takes the arguments of ``flax.nnx.BatchNorm`` (as :class:`BatchNorm` does,
   ``promote_dtype`` included, but not ``virtual_batch_size``) plus ``r_max``
-  and ``d_max``, the clipping bounds of the corrections; see
+  and ``d_max``, the clipping bounds of the corrections
+  ``r = clip(sigma_B / sigma, 1/r_max, r_max)`` and
+  ``d = clip((mu_B - mu) / sigma, -d_max, d_max)``; see
   :func:`jaxnorm.batch_renorm`. Training uses the stored float32 running
-  averages for the corrections; inference is :class:`BatchNorm`'s.
+  averages for the corrections; inference is :class:`BatchNorm`'s. A subclass
+  of ``flax.nnx.BatchNorm``.
   """
+
+  r_max: float
+  d_max: float
 
   def __init__(
       self,
-      num_features,
+      num_features: int | Sequence[int],
       *,
       use_running_average: bool | None = False,
-      axis=-1,
+      axis: Axes = -1,
       momentum: float = 0.99,
       epsilon: float = 1e-5,
-      dtype=None,
-      param_dtype=jnp.float32,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
       use_bias: bool = True,
       use_scale: bool = True,
-      bias_init=initializers.zeros,
-      scale_init=initializers.ones,
+      bias_init: Initializer = initializers.zeros,
+      scale_init: Initializer = initializers.ones,
       axis_name: str | None = None,
       axis_index_groups: Any = None,
       use_fast_variance: bool = True,
       promote_dtype: PromoteDtypeFn = flax_dtypes.promote_dtype,
       rngs: nnx.Rngs,
-      bias_metadata=_NO_METADATA,
-      scale_metadata=_NO_METADATA,
+      bias_metadata: Mapping[str, Any] = _NO_METADATA,
+      scale_metadata: Mapping[str, Any] = _NO_METADATA,
       r_max: float = 3.0,
       d_max: float = 5.0,
   ):
@@ -264,130 +318,189 @@ class BatchRenorm(_BatchNormBase):
     self.d_max = d_max
 
   def _core(self, params, state, x, *, train, mask):
-    return batch_norm_lib.batch_renorm(
+    return jaxnorm.batch_renorm(
         params, state, x, train=train, r_max=self.r_max, d_max=self.d_max,
         axis=self.axis, momentum=self.momentum, eps=self.epsilon,
         axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
         mask=mask, dtype=self.dtype)
 
 
-class LayerNorm(nnx.Module):
+class LayerNorm(nnx.LayerNorm):
   """Layer normalization (Ba et al., 2016), a drop-in for ``flax.nnx.LayerNorm``.
 
-  Each example is normalized over ``reduction_axes``; ``scale``/``bias`` of
-  shape ``num_features`` run along ``feature_axes``. See
+  ``y = (x - mean) / sqrt(var + epsilon) * scale + bias`` with each example's
+  statistics over ``reduction_axes``; ``scale``/``bias`` of shape
+  ``num_features`` run along ``feature_axes``. Built by
+  ``flax.nnx.LayerNorm.__init__`` (same arguments and attributes); see
   :func:`jaxnorm.layer_norm`.
+
+  Attributes:
+    scale, bias: ``nnx.Param`` or None.
+    num_features, epsilon, dtype, param_dtype, use_bias, use_scale,
+    reduction_axes, feature_axes, axis_name, axis_index_groups,
+    use_fast_variance, promote_dtype: the constructor's arguments.
   """
+
+  scale: nnx.Param | None
+  bias: nnx.Param | None
+  num_features: int | Sequence[int]
+  epsilon: float
+  dtype: Dtype | None
+  param_dtype: Dtype
+  use_bias: bool
+  use_scale: bool
+  reduction_axes: Axes
+  feature_axes: Axes
+  axis_name: str | None
+  axis_index_groups: Any
+  use_fast_variance: bool
+  promote_dtype: PromoteDtypeFn
 
   def __init__(
       self,
-      num_features,
+      num_features: int | Sequence[int],
       *,
       epsilon: float = 1e-6,
-      dtype=None,
-      param_dtype=jnp.float32,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
       use_bias: bool = True,
       use_scale: bool = True,
-      bias_init=initializers.zeros,
-      scale_init=initializers.ones,
-      reduction_axes=-1,
-      feature_axes=-1,
+      bias_init: Initializer = initializers.zeros,
+      scale_init: Initializer = initializers.ones,
+      reduction_axes: Axes = -1,
+      feature_axes: Axes = -1,
       axis_name: str | None = None,
       axis_index_groups: Any = None,
       use_fast_variance: bool = True,
       promote_dtype: PromoteDtypeFn = flax_dtypes.promote_dtype,
       rngs: nnx.Rngs,
-      bias_metadata=_NO_METADATA,
-      scale_metadata=_NO_METADATA,
+      bias_metadata: Mapping[str, Any] = _NO_METADATA,
+      scale_metadata: Mapping[str, Any] = _NO_METADATA,
   ):
-    _affine(self, _shape(num_features), rngs=rngs, use_scale=use_scale,
-            use_bias=use_bias, scale_init=scale_init, bias_init=bias_init,
-            param_dtype=param_dtype, scale_metadata=scale_metadata,
-            bias_metadata=bias_metadata)
-    self.num_features = num_features
-    self.epsilon = epsilon
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.use_bias = use_bias
-    self.use_scale = use_scale
-    self.reduction_axes = reduction_axes
-    self.feature_axes = feature_axes
-    self.axis_name = axis_name
-    self.axis_index_groups = axis_index_groups
-    self.use_fast_variance = use_fast_variance
-    self.promote_dtype = promote_dtype
+    _affine(self, common.shape_tuple(num_features), rngs=rngs,
+            use_scale=use_scale, use_bias=use_bias, scale_init=scale_init,
+            bias_init=bias_init, param_dtype=param_dtype,
+            scale_metadata=scale_metadata, bias_metadata=bias_metadata)
+    _store(self, locals(), _NORM_ATTRS + ("reduction_axes", "feature_axes"))
 
-  def __call__(self, x, *, mask: Array | None = None):
+  def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
     """Normalizes ``x``; ``mask`` selects the entries in the statistics."""
+    name = type(self).__name__
+    common.check_hyperparameters(name, epsilon=self.epsilon)
     x, scale, bias = _promote(self, (x, _value(self.scale), _value(self.bias)))
-    with module_errors(type(self).__name__):
-      return layer_norm_lib.layer_norm(
+    common.check_axes(name, x, reduction_axes=self.reduction_axes,
+                      feature_axes=self.feature_axes)
+    with common.module_errors(name):
+      return jaxnorm.layer_norm(
           _params(scale, bias), x, axis=self.reduction_axes,
           feature_axes=self.feature_axes, eps=self.epsilon, mask=mask,
           axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
           dtype=self.dtype)
 
 
-class RMSNorm(nnx.Module):
+class RMSNorm(nnx.RMSNorm):
   """RMS normalization (Zhang & Sennrich, 2019), a drop-in for ``flax.nnx.RMSNorm``.
 
-  ``y = x / sqrt(mean(x**2) + epsilon) * scale``; see :func:`jaxnorm.rms_norm`.
+  ``y = x / sqrt(mean(x**2) + epsilon) * scale`` over ``reduction_axes``.
+  Built by ``flax.nnx.RMSNorm.__init__``; see :func:`jaxnorm.rms_norm`.
+
+  Attributes:
+    scale: ``nnx.Param`` or None.
+    num_features, epsilon, dtype, param_dtype, use_scale, reduction_axes,
+    feature_axes, axis_name, axis_index_groups, use_fast_variance,
+    promote_dtype: the constructor's arguments.
   """
+
+  scale: nnx.Param | None
+  num_features: int | Sequence[int]
+  epsilon: float
+  dtype: Dtype | None
+  param_dtype: Dtype
+  use_scale: bool
+  reduction_axes: Axes
+  feature_axes: Axes
+  axis_name: str | None
+  axis_index_groups: Any
+  use_fast_variance: bool
+  promote_dtype: PromoteDtypeFn
 
   def __init__(
       self,
-      num_features,
+      num_features: int | Sequence[int],
       *,
       epsilon: float = 1e-6,
-      dtype=None,
-      param_dtype=jnp.float32,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
       use_scale: bool = True,
-      scale_init=initializers.ones,
-      reduction_axes=-1,
-      feature_axes=-1,
+      scale_init: Initializer = initializers.ones,
+      reduction_axes: Axes = -1,
+      feature_axes: Axes = -1,
       axis_name: str | None = None,
       axis_index_groups: Any = None,
       use_fast_variance: bool = True,
       promote_dtype: PromoteDtypeFn = flax_dtypes.promote_dtype,
       rngs: nnx.Rngs,
-      scale_metadata=_NO_METADATA,
+      scale_metadata: Mapping[str, Any] = _NO_METADATA,
   ):
     if use_scale:
       self.scale = nnx.Param(
-          scale_init(rngs.params(), _shape(num_features), param_dtype),
-          **scale_metadata)
+          scale_init(rngs.params(), common.shape_tuple(num_features),
+                     param_dtype), **scale_metadata)
     else:
       self.scale = nnx.data(None)
-    self.num_features = num_features
-    self.epsilon = epsilon
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.use_scale = use_scale
-    self.reduction_axes = reduction_axes
-    self.feature_axes = feature_axes
-    self.axis_name = axis_name
-    self.axis_index_groups = axis_index_groups
-    self.use_fast_variance = use_fast_variance
-    self.promote_dtype = promote_dtype
+    _store(self, locals(), tuple(n for n in _NORM_ATTRS if n != "use_bias")
+           + ("reduction_axes", "feature_axes"))
 
-  def __call__(self, x, mask: Array | None = None):
+  def __call__(self, x: Array, mask: Array | None = None) -> Array:
     """Normalizes ``x``; ``mask`` selects the entries in the statistics."""
+    name = type(self).__name__
+    common.check_hyperparameters(name, epsilon=self.epsilon)
     x, scale = _promote(self, (x, _value(self.scale)))
-    with module_errors(type(self).__name__):
-      return layer_norm_lib.rms_norm(
+    common.check_axes(name, x, reduction_axes=self.reduction_axes,
+                      feature_axes=self.feature_axes)
+    with common.module_errors(name):
+      return jaxnorm.rms_norm(
           _params(scale), x, axis=self.reduction_axes,
           feature_axes=self.feature_axes, eps=self.epsilon, mask=mask,
           axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
           dtype=self.dtype)
 
 
-class GroupNorm(nnx.Module):
+class GroupNorm(nnx.GroupNorm):
   """Group normalization (Wu & He, 2018), a drop-in for ``flax.nnx.GroupNorm``.
 
-  Channels last, ``num_features`` channels split into ``num_groups`` groups
-  (or groups of ``group_size`` with ``num_groups=None``). See
+  Channels last: ``num_features`` channels split into ``num_groups`` groups
+  (or groups of ``group_size`` with ``num_groups=None``), each example's group
+  normalized over its channels and ``reduction_axes`` (default: every axis
+  but the first). Built by ``flax.nnx.GroupNorm.__init__`` after jaxnorm's
+  check of the groups (Flax's messages, with the values); see
   :func:`jaxnorm.group_norm`.
+
+  Attributes:
+    scale, bias: ``nnx.Param`` or None.
+    num_groups, group_size, epsilon, dtype, param_dtype,
+    use_bias, use_scale, reduction_axes, axis_name, axis_index_groups,
+    use_fast_variance, promote_dtype: the constructor's arguments
+    (``num_groups``/``group_size`` resolved to ints; no ``num_features``,
+    as in Flax).
+    feature_axis: -1, the channel axis.
   """
+
+  scale: nnx.Param | None
+  bias: nnx.Param | None
+  feature_axis: int
+  num_groups: int
+  group_size: int
+  epsilon: float
+  dtype: Dtype | None
+  param_dtype: Dtype
+  use_bias: bool
+  use_scale: bool
+  reduction_axes: Axes | None
+  axis_name: str | None
+  axis_index_groups: Any
+  use_fast_variance: bool
+  promote_dtype: PromoteDtypeFn
 
   def __init__(
       self,
@@ -396,101 +509,112 @@ class GroupNorm(nnx.Module):
       group_size: int | None = None,
       *,
       epsilon: float = 1e-6,
-      dtype=None,
-      param_dtype=jnp.float32,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
       use_bias: bool = True,
       use_scale: bool = True,
-      bias_init=initializers.zeros,
-      scale_init=initializers.ones,
-      reduction_axes=None,
+      bias_init: Initializer = initializers.zeros,
+      scale_init: Initializer = initializers.ones,
+      reduction_axes: Axes | None = None,
       axis_name: str | None = None,
       axis_index_groups: Any = None,
       use_fast_variance: bool = True,
       promote_dtype: PromoteDtypeFn = flax_dtypes.promote_dtype,
       rngs: nnx.Rngs,
-      bias_metadata=_NO_METADATA,
-      scale_metadata=_NO_METADATA,
+      bias_metadata: Mapping[str, Any] = _NO_METADATA,
+      scale_metadata: Mapping[str, Any] = _NO_METADATA,
   ):
-    self.feature_axis = -1
-    with module_errors(type(self).__name__):
-      groups = group_norm_lib._resolve_groups(num_groups, group_size,
-                                              num_features)
-    self.num_groups = groups
-    self.group_size = num_features // groups
+    groups = common.resolve_groups(type(self).__name__, num_features,
+                                   num_groups, group_size)
     _affine(self, (num_features,), rngs=rngs, use_scale=use_scale,
             use_bias=use_bias, scale_init=scale_init, bias_init=bias_init,
             param_dtype=param_dtype, scale_metadata=scale_metadata,
             bias_metadata=bias_metadata)
-    self.epsilon = epsilon
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.use_bias = use_bias
-    self.use_scale = use_scale
-    self.reduction_axes = reduction_axes
-    self.axis_name = axis_name
-    self.axis_index_groups = axis_index_groups
-    self.use_fast_variance = use_fast_variance
-    self.promote_dtype = promote_dtype
+    self.feature_axis = -1
+    _store(self, locals(), tuple(n for n in _NORM_ATTRS if n != "num_features")
+           + ("reduction_axes",))
+    self.num_groups = groups
+    self.group_size = num_features // groups
 
-  def __call__(self, x, *, mask: Array | None = None):
+  def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
     """Normalizes ``x`` of shape ``(N, ..., C)``."""
+    name = type(self).__name__
+    common.check_hyperparameters(name, epsilon=self.epsilon)
     x, scale, bias = _promote(self, (x, _value(self.scale), _value(self.bias)))
-    with module_errors(type(self).__name__):
-      return group_norm_lib.group_norm(
+    common.check_group_reduction_axes(name, x, self.reduction_axes)
+    with common.module_errors(name):
+      return jaxnorm.group_norm(
           _params(scale, bias), x, num_groups=self.num_groups, eps=self.epsilon,
           mask=mask, reduction_axes=self.reduction_axes,
           axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
           dtype=self.dtype)
 
 
-class InstanceNorm(nnx.Module):
+class InstanceNorm(nnx.InstanceNorm):
   """Instance normalization (Ulyanov et al., 2016), a drop-in for ``flax.nnx.InstanceNorm``.
 
   Each example and feature is normalized over every axis but the first and
-  ``feature_axes``. See :func:`jaxnorm.instance_norm`.
+  ``feature_axes``. Built by ``flax.nnx.InstanceNorm.__init__``; see
+  :func:`jaxnorm.instance_norm`. An input with nothing to reduce over
+  (``(N, C)``) gives ``bias``, as in Flax, with a :class:`UserWarning`.
+
+  Attributes:
+    scale, bias: ``nnx.Param`` or None.
+    num_features, epsilon, dtype, param_dtype, use_bias, use_scale,
+    feature_axes, axis_name, axis_index_groups, use_fast_variance,
+    promote_dtype: the constructor's arguments.
   """
+
+  scale: nnx.Param | None
+  bias: nnx.Param | None
+  num_features: int | Sequence[int]
+  epsilon: float
+  dtype: Dtype | None
+  param_dtype: Dtype
+  use_bias: bool
+  use_scale: bool
+  feature_axes: Axes
+  axis_name: str | None
+  axis_index_groups: Any
+  use_fast_variance: bool
+  promote_dtype: PromoteDtypeFn
 
   def __init__(
       self,
-      num_features,
+      num_features: int | Sequence[int],
       *,
       epsilon: float = 1e-6,
-      dtype=None,
-      param_dtype=jnp.float32,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
       use_bias: bool = True,
       use_scale: bool = True,
-      bias_init=initializers.zeros,
-      scale_init=initializers.ones,
-      feature_axes=-1,
+      bias_init: Initializer = initializers.zeros,
+      scale_init: Initializer = initializers.ones,
+      feature_axes: Axes = -1,
       axis_name: str | None = None,
       axis_index_groups: Any = None,
       use_fast_variance: bool = True,
       promote_dtype: PromoteDtypeFn = flax_dtypes.promote_dtype,
       rngs: nnx.Rngs,
-      bias_metadata=_NO_METADATA,
-      scale_metadata=_NO_METADATA,
+      bias_metadata: Mapping[str, Any] = _NO_METADATA,
+      scale_metadata: Mapping[str, Any] = _NO_METADATA,
   ):
-    _affine(self, _shape(num_features), rngs=rngs, use_scale=use_scale,
-            use_bias=use_bias, scale_init=scale_init, bias_init=bias_init,
-            param_dtype=param_dtype, scale_metadata=scale_metadata,
-            bias_metadata=bias_metadata)
-    self.num_features = num_features
-    self.epsilon = epsilon
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.use_bias = use_bias
-    self.use_scale = use_scale
-    self.feature_axes = feature_axes
-    self.axis_name = axis_name
-    self.axis_index_groups = axis_index_groups
-    self.use_fast_variance = use_fast_variance
-    self.promote_dtype = promote_dtype
+    _affine(self, common.shape_tuple(num_features), rngs=rngs,
+            use_scale=use_scale, use_bias=use_bias, scale_init=scale_init,
+            bias_init=bias_init, param_dtype=param_dtype,
+            scale_metadata=scale_metadata, bias_metadata=bias_metadata)
+    _store(self, locals(), _NORM_ATTRS + ("feature_axes",))
 
-  def __call__(self, x, *, mask: Array | None = None):
+  def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
     """Normalizes ``x`` of shape ``(N, spatial..., C)``."""
+    name = type(self).__name__
+    common.check_hyperparameters(name, epsilon=self.epsilon)
+    axes = common.instance_norm_axes(name, x, self.feature_axes)
     x, scale, bias = _promote(self, (x, _value(self.scale), _value(self.bias)))
-    with module_errors(type(self).__name__):
-      return group_norm_lib.instance_norm(
-          _params(scale, bias), x, eps=self.epsilon, mask=mask,
-          axis=self.feature_axes, axis_name=self.axis_name,
-          axis_index_groups=self.axis_index_groups, dtype=self.dtype)
+    xv, axes_v, mask_v, undo = common.instance_norm_view(name, x, axes, mask,
+                                                         warn=True)
+    with common.module_errors(name):
+      return undo(jaxnorm.instance_norm(
+          _params(scale, bias), xv, eps=self.epsilon, mask=mask_v, axis=axes_v,
+          axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+          dtype=self.dtype))

@@ -1,32 +1,42 @@
 """``flax.nnx`` WeightNorm, SpectralNorm and Dropout: thin shells over the core.
 
-Constructor arguments and defaults are those of ``flax.nnx`` 0.12; the math is
-:func:`jaxnorm.weight_norm`, :func:`jaxnorm.spectral_norm` and
+Each subclasses its ``flax.nnx`` namesake (``isinstance``, ``nnx.view`` with
+``only=nnx.Dropout``, ``nnx.view_info`` and ``.train()``/``.eval()`` treat it
+as Flax's) with the constructor arguments and defaults of ``flax.nnx`` 0.12;
+the math is :func:`jaxnorm.weight_norm`, :func:`jaxnorm.spectral_norm` and
 :func:`jaxnorm.dropout`.
 
-One deliberate difference: Flax's ``nnx.WeightNorm`` and ``nnx.SpectralNorm``
-overwrite the wrapped layer's parameters with the normalized values on every
-call, so after a call the layer's kernel is no longer ``v`` (and a second call
-normalizes an already normalized kernel). Ours put the normalized values in
-for the duration of the call and restore the originals afterwards, so the
-layer keeps the paper's parametrization and repeated calls agree. The outputs
-of a call, and the gradients, are the same as Flax's for the same state.
+Flax's ``nnx.WeightNorm`` and ``nnx.SpectralNorm`` overwrite the wrapped
+layer's parameters with the normalized values on every call, so after a call
+the layer's kernel is no longer the one it had (and the next call normalizes
+an already normalized kernel). :class:`SpectralNorm` does the same by default
+(``in_place=True``), since that changes what a model computes after its first
+call: the stored ``sigma`` and the losses of a model calling the layer more
+than once per step follow Flax's only this way. ``in_place=False`` puts the
+normalized values in for the duration of the call and restores the originals,
+so the layer keeps the paper's parametrization (``W / sigma(W)`` of a fixed
+``W``) and repeated calls agree. :class:`WeightNorm` always restores: weight
+normalization of an already normalized kernel gives the same kernel, so its
+outputs equal Flax's either way, and the kernel stays ``v`` as in the paper.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes as flax_dtypes
-from flax.typing import PromoteDtypeFn
+from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
+import jaxnorm
 from jaxnorm._src import checks
-from jaxnorm._src import dropout as dropout_lib
-from jaxnorm._src import weight_norm as wn_lib
+from jaxnorm._src import module_common as common
+
+Array = jax.Array
 
 
 def _feature_axes(feature_axes, ndim):
@@ -36,7 +46,7 @@ def _feature_axes(feature_axes, ndim):
 
 
 @contextlib.contextmanager
-def _swapped(pairs):
+def _swapped(pairs: list) -> Iterator[None]:
   """Sets each Variable to a new value for the duration of the block."""
   originals = [(var, var.get_value()) for var, _ in pairs]
   try:
@@ -48,7 +58,7 @@ def _swapped(pairs):
       var.set_value(value)
 
 
-class WeightNorm(nnx.Module):
+class WeightNorm(nnx.WeightNorm):
   """L2 weight normalization of a wrapped layer (Salimans & Kingma 2016).
 
   Each parameter ``v`` of ``layer_instance`` selected by ``variable_filter``
@@ -59,25 +69,46 @@ class WeightNorm(nnx.Module):
   0.12 ignores ``param_dtype`` and makes them float32). Unlike Flax, where the
   scales are plain arrays that ``nnx.grad``/``nnx.Optimizer`` (filter
   ``nnx.Param``) never train, ours are ``nnx.Param`` so they are learned, as
-  in the paper. :meth:`data_init` sets the scale and bias from a batch.
+  in the paper. :meth:`data_init` sets the scale and bias from a batch. The
+  wrapped layer keeps ``v`` as its kernel (Flax's writes ``g v / ||v||``
+  there; the outputs agree, since normalizing that again gives itself).
 
   ``promote_dtype`` is accepted and stored as ``self.promote_dtype`` but not
   called, as in Flax 0.12 (whose ``nnx.WeightNorm`` never calls it): the
   normalized parameters have the dtype of ``v`` and its scale promoted
   together, or ``dtype`` when given.
+
+  Attributes:
+    layer_instance: the wrapped module.
+    feature_axes: the axes kept by the norm (``()`` for none).
+    use_scale, epsilon, dtype, param_dtype, promote_dtype: the constructor's
+      arguments.
+    variable_filter: predicate ``(path, variable) -> bool`` of the normalized
+      parameters.
+    scales: ``{path: nnx.Param}``, or None without ``use_scale``.
   """
+
+  layer_instance: nnx.Module
+  feature_axes: int | Sequence[int]
+  use_scale: bool
+  epsilon: float
+  dtype: Dtype | None
+  param_dtype: Dtype
+  variable_filter: Callable[..., bool]
+  promote_dtype: PromoteDtypeFn
+  scales: dict | None
 
   def __init__(
       self,
       layer_instance: nnx.Module,
       *,
-      feature_axes=-1,
+      feature_axes: int | Sequence[int] | None = -1,
       use_scale: bool = True,
-      scale_init=nnx.initializers.ones,
+      scale_init: Initializer = nnx.initializers.ones,
       epsilon: float = 1e-12,
-      dtype=None,
-      param_dtype=jnp.float32,
-      variable_filter=nnx.PathContains("kernel"),
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
+      variable_filter: Any = nnx.PathContains("kernel"),
       promote_dtype: PromoteDtypeFn = flax_dtypes.promote_dtype,
       rngs: nnx.Rngs,
   ):
@@ -101,7 +132,7 @@ class WeightNorm(nnx.Module):
               scale_init(rngs["params"](), shape, param_dtype))
     self.scales = nnx.data(scales)
 
-  def _normalized(self):
+  def _normalized(self) -> list:
     pairs = []
     for path, param in nnx.to_flat_state(nnx.state(self.layer_instance)):
       if not self.variable_filter(path, param):
@@ -112,20 +143,22 @@ class WeightNorm(nnx.Module):
       if self.use_scale:
         if path not in self.scales:
           raise RuntimeError(
-              f"WeightNorm has no scale for the parameter {path}; the wrapped "
-              "layer's parameters must not change after construction.")
+              f"WeightNorm: Could not find the scale corresponding to the "
+              f"param {path} in scales dict. Parameters of the layer_instance "
+              "should not change! The scales were made at construction for "
+              f"{sorted(self.scales)}.")
         wn["g"] = self.scales[path].get_value()
-      pairs.append((param, wn_lib.weight_norm(
+      pairs.append((param, jaxnorm.weight_norm(
           wn, axis=feature if feature else None, eps=self.epsilon,
           dtype=self.dtype)))
     return pairs
 
-  def __call__(self, x, *args, **kwargs):
+  def __call__(self, x: Array, *args, **kwargs) -> Any:
     """Calls the wrapped layer with its selected parameters weight-normalized."""
     with _swapped(self._normalized()):
       return self.layer_instance(x, *args, **kwargs)
 
-  def data_init(self, x, *args, eps=1e-6, **kwargs):
+  def data_init(self, x: Array, *args, eps: float = 1e-6, **kwargs) -> Any:
     """Data-dependent init (Salimans & Kingma 2016, §3), in place.
 
     Runs the layer on the batch ``x`` with its bias at zero, then sets the
@@ -150,25 +183,55 @@ class WeightNorm(nnx.Module):
     with _swapped([(bias, jnp.zeros_like(bias.get_value()))]):
       t = self(x, *args, **kwargs)
     scale = self.scales[("kernel",)]
-    new_wn, new_bias = wn_lib.weight_norm_data_init(
+    new_wn, new_bias = jaxnorm.weight_norm_data_init(
         {"v": layer.kernel.get_value(), "g": scale.get_value()}, t, eps=eps)
     scale.set_value(new_wn["g"].astype(scale.get_value().dtype))
     bias.set_value(new_bias.astype(bias.get_value().dtype))
     return self(x, *args, **kwargs)
 
 
-class SpectralNorm(nnx.Module):
+class SpectralNorm(nnx.SpectralNorm):
   """Spectral normalization of a wrapped layer (Miyato et al. 2018).
 
   Every parameter of ``layer_instance`` with two or more dimensions is divided
   by its largest singular value, estimated by ``n_steps`` of power iteration
-  (:func:`jaxnorm.spectral_norm`, kernels flattened to ``(-1, out)``).
-  ``self.batch_stats`` maps ``path + ("u",)`` and ``path + ("sigma",)`` to
-  ``nnx.BatchStat`` s, as in Flax (``u`` of shape ``(1, out)`` drawn from
-  ``normal(stddev=0.01)``, ``sigma`` 1). ``update_stats`` (call argument, or
-  the constructor's; ``.train()``/``.eval()`` switch it) says whether they are
-  written.
+  from the stored ``u`` (:func:`jaxnorm.spectral_norm`, kernels flattened to
+  ``(-1, out)``): ``v = l2n(u W^T)``, ``u = l2n(v W)``,
+  ``sigma = v W u^T``, ``W_sn = W / sigma``. ``self.batch_stats`` maps
+  ``path + ("u",)`` and ``path + ("sigma",)`` to ``nnx.BatchStat`` s, as in
+  Flax (``u`` of shape ``(1, out)`` drawn from ``normal(stddev=0.01)``,
+  ``sigma`` 1). ``update_stats`` (call argument, or the constructor's;
+  ``.train()``/``.eval()`` switch it) says whether they are written.
+
+  ``in_place`` (default True, Flax's behaviour) writes ``W_sn`` into the
+  wrapped layer's parameter, so the next call starts from the normalized
+  kernel (its sigma is then close to 1) and an optimizer updates ``W_sn``.
+  With ``in_place=False`` the layer keeps ``W`` (restored after the call):
+  every call normalizes the same ``W``, as in the paper, and the stored
+  ``sigma`` is ``sigma(W)``. A model that calls the layer once per step
+  trains the same either way up to that reparametrization; one that calls it
+  twice per step (a GAN discriminator on real and fake data) sees different
+  ``sigma`` and losses.
+
+  Attributes:
+    layer_instance: the wrapped module.
+    n_steps, epsilon, dtype, param_dtype, error_on_non_matrix: the
+      constructor's arguments.
+    use_running_average: ``not update_stats`` (what ``.train()``/``.eval()``
+      set, as in Flax).
+    in_place: write the normalized parameters into the layer.
+    batch_stats: ``{path + ("u",): nnx.BatchStat, path + ("sigma",): ...}``.
   """
+
+  layer_instance: nnx.Module
+  n_steps: int
+  epsilon: float
+  dtype: Dtype | None
+  param_dtype: Dtype
+  error_on_non_matrix: bool
+  use_running_average: bool
+  in_place: bool
+  batch_stats: dict
 
   def __init__(
       self,
@@ -176,11 +239,12 @@ class SpectralNorm(nnx.Module):
       *,
       n_steps: int = 1,
       epsilon: float = 1e-12,
-      dtype=None,
-      param_dtype=jnp.float32,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
       error_on_non_matrix: bool = False,
       update_stats: bool = True,
       rngs: nnx.Rngs,
+      in_place: bool = True,
   ):
     self.layer_instance = layer_instance
     self.n_steps = n_steps
@@ -190,9 +254,10 @@ class SpectralNorm(nnx.Module):
     self.error_on_non_matrix = error_on_non_matrix
     # `.train()` / `.eval()` set this attribute (update_stats is its negation).
     self.use_running_average = not update_stats
+    self.in_place = in_place
     stats = {}
     for path, param in nnx.to_flat_state(nnx.state(layer_instance, nnx.Param)):
-      if not self._applies(param):
+      if not self._applies(path, param):
         continue
       key = rngs.params()
       u = jax.random.normal(key, (1, param.shape[-1]), param_dtype) * 0.01
@@ -200,56 +265,83 @@ class SpectralNorm(nnx.Module):
       stats[path + ("sigma",)] = nnx.BatchStat(jnp.ones((), param_dtype))
     self.batch_stats = nnx.data(stats)
 
-  def _applies(self, param) -> bool:
+  def _applies(self, path: tuple, param: Any) -> bool:
     if param.ndim <= 1 or self.n_steps < 1:
       return False
     if param.ndim > 2 and self.error_on_non_matrix:
       raise ValueError(
-          f"Spectral normalization is defined on matrices but a parameter of "
-          f"the layer has {param.ndim} dimensions (shape {tuple(param.shape)}) "
-          "and error_on_non_matrix is True; set error_on_non_matrix=False to "
-          "flatten it to (-1, out).")
+          f"SpectralNorm: Layer instance parameter is {param.ndim}D but "
+          f"error_on_non_matrix is True: the parameter {path} has shape "
+          f"{tuple(param.shape)}; spectral normalization is defined on "
+          "matrices. Set error_on_non_matrix=False to flatten it to "
+          "(-1, out).")
     return True
 
-  def __call__(self, x, update_stats: bool | None = None):
+  def _stat(self, path: tuple, which: str) -> nnx.BatchStat:
+    var = self.batch_stats.get(path + (which,))
+    if var is None:
+      raise RuntimeError(
+          f"SpectralNorm: Could not find the path for {which} batch stat "
+          f"corresponding to the param {path} in the batch stats dict. "
+          "Parameters of the layer_instance should not change! The batch "
+          f"stats were made at construction for {sorted(self.batch_stats)}.")
+    return var
+
+  def __call__(self, x: Array, update_stats: bool | None = None) -> Any:
     """Calls the wrapped layer with spectrally normalized parameters."""
     if update_stats is None:
       update_stats = not self.use_running_average
+    with common.module_errors(type(self).__name__):
+      checks.check_eps(self.epsilon, name="epsilon")
     pairs = []
     for path, param in nnx.to_flat_state(
         nnx.state(self.layer_instance, nnx.Param)):
-      if not self._applies(param):
+      if not self._applies(path, param):
         continue
-      u_var = self.batch_stats.get(path + ("u",))
-      sigma_var = self.batch_stats.get(path + ("sigma",))
-      if u_var is None or sigma_var is None:
-        raise RuntimeError(
-            f"SpectralNorm has no u/sigma for the parameter {path}; the wrapped "
-            "layer's parameters must not change after construction.")
+      u_var, sigma_var = self._stat(path, "u"), self._stat(path, "sigma")
       value = param.get_value()
       out = value.shape[-1]
       state = {"u": u_var.get_value().reshape(out),
                "sigma": sigma_var.get_value()}
-      w_sn, new_state = wn_lib.spectral_norm(
-          value, state, n_steps=self.n_steps, train=True, eps=self.epsilon,
-          dtype=self.dtype)
+      with common.module_errors(type(self).__name__):
+        w_sn, new_state = jaxnorm.spectral_norm(
+            value, state, n_steps=self.n_steps, train=True, eps=self.epsilon,
+            dtype=self.dtype)
       if update_stats:
         u_var.set_value(new_state["u"].reshape(1, out))
         sigma_var.set_value(new_state["sigma"])
       pairs.append((param, w_sn))
+    if self.in_place:
+      for param, w_sn in pairs:
+        param.set_value(w_sn)
+      return self.layer_instance(x)
     with _swapped(pairs):
       return self.layer_instance(x)
 
 
-class Dropout(nnx.Module):
+class Dropout(nnx.Dropout):
   """Inverted dropout, drop-in for ``flax.nnx.Dropout``.
 
   Keeps each unit with probability ``1 - rate`` and scales it by
   ``1 / (1 - rate)`` (:func:`jaxnorm.dropout`); the mask equals Flax's for the
   same key. Like Flax, ``rate=1.0`` returns zeros (with finite, zero
   gradients); unlike Flax, a rate outside ``[0, 1]`` is an error at
-  construction. ``.train()``/``.eval()`` switch ``deterministic``.
+  construction. ``.train()``/``.eval()`` and ``nnx.view(model,
+  deterministic=...)`` switch ``deterministic``.
+
+  Attributes:
+    rate: the probability of dropping a unit (not the keep rate).
+    broadcast_dims: axes that share the same mask.
+    deterministic: if True, return the input unchanged.
+    rng_collection: the stream drawn from when ``rngs`` is an ``nnx.Rngs``.
+    rngs: a forked ``nnx.RngStream``, or None.
   """
+
+  rate: float
+  broadcast_dims: Sequence[int]
+  deterministic: bool | None
+  rng_collection: str
+  rngs: nnx.RngStream | None
 
   def __init__(
       self,
@@ -260,7 +352,7 @@ class Dropout(nnx.Module):
       rng_collection: str = "dropout",
       rngs: nnx.Rngs | nnx.RngStream | None = None,
   ):
-    dropout_lib.check_rate(rate, allow_one=True)
+    common.check_dropout_rate(type(self).__name__, rate)
     self.rate = rate
     self.broadcast_dims = broadcast_dims
     self.deterministic = deterministic
@@ -273,18 +365,20 @@ class Dropout(nnx.Module):
       self.rngs = nnx.data(None)
     else:
       raise TypeError(
-          "`rngs` must be an nnx.Rngs, an nnx.RngStream or None, got "
-          f"{type(rngs).__name__}.")
+          f"Dropout: rngs must be a Rngs, RngStream or None, but got "
+          f"{type(rngs)}. Pass e.g. `rngs=nnx.Rngs(dropout=0)`.")
 
-  def __call__(self, inputs, *, deterministic: bool | None = None, rngs=None):
+  def __call__(self, inputs: Array, *, deterministic: bool | None = None,
+               rngs: nnx.Rngs | nnx.RngStream | Array | None = None) -> Array:
     """Applies dropout; ``rngs`` (Rngs, RngStream or key) overrides the stored one."""
     if deterministic is None:
       deterministic = self.deterministic
     if deterministic is None:
       raise ValueError(
-          "No `deterministic` argument was given to Dropout: pass "
-          "`deterministic=True/False` to the constructor or the call, or use "
-          "`.train()` / `.eval()`.")
+          "No `deterministic` argument was provided to Dropout. Pass "
+          "`deterministic=True/False` to the constructor or the call, use "
+          "`.train()` / `.eval()`, or "
+          "`nnx.view(model, deterministic=True/False)`.")
     if deterministic or self.rate == 0.0:
       return inputs
     if self.rate == 1.0:
@@ -293,8 +387,9 @@ class Dropout(nnx.Module):
       rngs = self.rngs
     if rngs is None:
       raise ValueError(
-          "`deterministic` is False but Dropout has no `rngs`: pass `rngs=` to "
-          "the constructor or the call.")
+          "`deterministic` is False, but no `rngs` argument was provided to "
+          "Dropout as either a __call__ argument or class attribute. Pass "
+          "`rngs=` to the constructor or the call, or make it deterministic.")
     if isinstance(rngs, nnx.Rngs):
       key = rngs[self.rng_collection]()
     elif isinstance(rngs, nnx.RngStream):
@@ -303,12 +398,7 @@ class Dropout(nnx.Module):
       key = rngs
     else:
       raise TypeError(
-          "`rngs` must be an nnx.Rngs, an nnx.RngStream or a key, got "
-          f"{type(rngs).__name__}.")
-    return dropout_lib.dropout(key, inputs, self.rate, train=True,
-                               broadcast_dims=self.broadcast_dims)
-
-  def set_view(self, deterministic: bool | None = None):
-    """Used by ``nnx.view``: sets ``deterministic`` when given."""
-    if deterministic is not None:
-      self.deterministic = deterministic
+          f"Dropout: rngs must be a Rngs, RngStream or jax.Array, but got "
+          f"{type(rngs)}. Pass e.g. `rngs=nnx.Rngs(dropout=0)` or a key.")
+    return jaxnorm.dropout(key, inputs, self.rate, train=True,
+                           broadcast_dims=self.broadcast_dims)
