@@ -196,7 +196,8 @@ class ConditionalBatchNorm(nn.Module):
     if train:
       # One value per feature: Flax's result (the bias), with a warning
       # outside `init` (as BatchNorm).
-      mask = degenerate_batch_mask(type(self).__name__, x, -1, mask, warn=not initializing)
+      mask = degenerate_batch_mask(type(self).__name__, x, -1, cast("Array | None", mask),
+                                   warn=not initializing)
     with module_errors(type(self).__name__):
       y, new = cond_lib.conditional_batch_norm(
           params, {"mean": mean.value, "var": var.value}, x, labels, train=train,
