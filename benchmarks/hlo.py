@@ -23,7 +23,6 @@ import math
 import re
 
 import jax
-
 import sweep
 
 _FREE = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast"}

@@ -30,16 +30,16 @@ from __future__ import annotations
 import functools
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-
-import jaxnorm.linen
 import timing
 
+import jaxnorm.linen
 
 WARMUP = 2  # untimed steps per library before the timed rounds
 

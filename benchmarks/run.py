@@ -83,14 +83,13 @@ def _maybe_reexec(args):
 ARGS = _parse_args()
 _maybe_reexec(ARGS)
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402  (after the allocator re-exec)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import flax.linen as nn  # noqa: E402
-
-import jaxnorm  # noqa: E402
 import timing  # noqa: E402  (benchmarks/ is this script's directory, on sys.path)
 
+import jaxnorm  # noqa: E402
 
 # ----------------------------------------------------------------------------
 # Cases: each library gives a jit-able function of arrays, built on the same
@@ -341,7 +340,7 @@ def _single_shape(args, repeats, env, out):
 
 
 def _sweep(args, repeats, out):
-  import sweep  # noqa: PLC0415  (imports jax: after the allocator re-exec)
+  import sweep  # imports jax: after the allocator re-exec
   dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
   unknown = sorted(set(dtypes) - set(sweep.DTYPES))
   if unknown:
@@ -356,7 +355,7 @@ def _sweep(args, repeats, out):
 
 
 def _models(args, repeats, out):
-  import models  # noqa: PLC0415  (imports jax: after the allocator re-exec)
+  import models  # imports jax: after the allocator re-exec
   compiles = args.compiles or (1 if args.quick else 3)
   env = (timing.environment_line(repeats, "interleaved steps", models.WARMUP)
          + f"; compile time: median of {compiles} fresh compiles per library, alternating")
@@ -367,7 +366,7 @@ def _models(args, repeats, out):
 
 
 def _hlo(args, out):
-  import hlo  # noqa: PLC0415  (imports jax: after the allocator re-exec)
+  import hlo  # imports jax: after the allocator re-exec
   dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
   rows = hlo.run(args.quick, dtypes, args.only)
   if rows:

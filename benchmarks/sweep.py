@@ -20,9 +20,9 @@ import importlib.util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import timing
 
 import jaxnorm
-import timing
 
 CONV_SHAPES = ((8, 8, 8, 64), (32, 16, 16, 128), (64, 32, 32, 128))
 ROW_SHAPES = ((256, 768), (2048, 1024), (8192, 1024), (4, 128, 4096))
@@ -124,7 +124,7 @@ def _row_libs(kind, c, dt):
 
 
 def _haiku_simple(name, c, dt, **kw):
-  import haiku as hk  # noqa: PLC0415  (optional)
+  import haiku as hk  # optional
 
   t = hk.without_apply_rng(hk.transform(lambda x: getattr(hk, name)(**kw)(x).astype(dt)))
   x0 = jnp.zeros((2, 4, 4, c) if name == "GroupNorm" else (2, c), dt)
@@ -132,7 +132,7 @@ def _haiku_simple(name, c, dt, **kw):
 
 
 def _haiku_bn(c, dt):
-  import haiku as hk  # noqa: PLC0415  (optional)
+  import haiku as hk  # optional
 
   def fwd(x, training):
     return hk.BatchNorm(True, True, decay_rate=0.99, eps=1e-5)(x, training).astype(dt)
@@ -144,7 +144,7 @@ def _haiku_bn(c, dt):
 
 
 def _equinox_rows(kind, c, dt):
-  import equinox as eqx  # noqa: PLC0415  (optional)
+  import equinox as eqx  # optional
 
   layer = (eqx.nn.LayerNorm(c, eps=1e-6) if kind == "LN" else eqx.nn.RMSNorm(c, eps=1e-6))
   params, static = eqx.partition(layer, eqx.is_array)

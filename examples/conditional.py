@@ -23,13 +23,13 @@ import jax.numpy as jnp
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import optax
+from sklearn.datasets import load_digits
+from tqdm.auto import tqdm
 
-import jaxnorm.linen as jl  # noqa: E402
+import jaxnorm.linen as jl
 
 NOISE = 0.7
 VARIANTS = ("none", "film", "adaln_zero")
@@ -80,7 +80,9 @@ def train(conditioning, data, *, steps, seed, progress):
     idx = jax.random.randint(k1, (64,), 0, len(x_train))
     clean, labels = jnp.asarray(x_train)[idx], jnp.asarray(y_train)[idx]
     noisy = clean + NOISE * jax.random.normal(k2, clean.shape)
-    loss_fn = lambda p: jnp.mean((model.apply({"params": p}, noisy, labels) - clean) ** 2)
+    def loss_fn(p):
+      denoised = jnp.asarray(model.apply({"params": p}, noisy, labels))
+      return jnp.mean((denoised - clean) ** 2)
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
@@ -127,7 +129,7 @@ def main(argv=None):
     plain = np.asarray(denoisers["none"](noisy_test[r:r + 1], y_test[r:r + 1]))[0]
     images = [x_test[r], noisy_test[r], plain] + list(under_each)
     titles = ["clean", "noisy", "no label"] + [f"as {k}" for k in range(10)]
-    for ax, img, title in zip(axes[row], images, titles):
+    for ax, img, title in zip(axes[row], images, titles, strict=True):
       ax.imshow(np.clip(img, 0, 1), cmap="gray_r", vmin=0, vmax=1)
       ax.set_xticks([]), ax.set_yticks([])
       if row == 0:

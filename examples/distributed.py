@@ -26,7 +26,8 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -37,9 +38,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as common  # noqa: E402
+import jaxnorm.linen as jl
 
-import jaxnorm.linen as jl  # noqa: E402
+import _common as common
 
 AXIS = "data"
 
@@ -92,10 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="launcher mode: simulated CPU devices per process")
   parser.add_argument("--model", choices=sorted(MODELS), default="mlp")
   parser.add_argument("--batch-size", type=int, default=64, help="global batch size")
-  parser.add_argument("--steps", type=int, default=None, help="SGD steps (default 200, 20 with --quick)")
+  parser.add_argument("--steps", type=int, default=None,
+                      help="SGD steps (default 200, 20 with --quick)")
   parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (momentum 0.9)")
   parser.add_argument("--seed", type=int, default=0, help="seed of initialization and batch order")
-  parser.add_argument("--out", default="out/distributed", help="directory for each process's result")
+  parser.add_argument("--out", default="out/distributed",
+                      help="directory for each process's result")
   parser.add_argument("--quick", action="store_true", help="a short run for smoke tests and CI")
   parser.add_argument("--timeout", type=float, default=600.0,
                       help="launcher mode: seconds before the processes are killed")
@@ -145,13 +148,15 @@ def train(args: argparse.Namespace, mesh: jax.sharding.Mesh) -> dict[str, np.nda
     # global array from it; with data that does not fit one host, use
     # jax.make_array_from_process_local_data with each process's rows instead.
     sharding = NamedSharding(mesh, spec)
-    return jax.tree.map(lambda a: jax.make_array_from_callback(
-        np.shape(a), sharding, lambda i, a=np.asarray(a): a[i]), tree)
+    def shard(a: np.ndarray) -> jax.Array:
+      host = np.asarray(a)
+      return jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])
+    return jax.tree.map(shard, tree)
 
   # The same initial values in every process: init on the host, without axis_name.
   init_model = MODELS[args.model](num_classes=data.num_classes, axis_name=None)
   variables = jax.jit(init_model.init, static_argnames="train")(
-      jax.random.key(args.seed), jnp.zeros((2,) + data.image_shape), train=False)
+      jax.random.key(args.seed), jnp.zeros((2, *data.x_train.shape[1:])), train=False)
   variables = jax.tree.map(np.asarray, variables)
   params, batch_stats = put(variables["params"], P()), put(variables["batch_stats"], P())
   opt_state = put(jax.tree.map(np.asarray, tx.init(variables["params"])), P())
@@ -190,14 +195,16 @@ def run_process(args: argparse.Namespace) -> dict[str, np.ndarray]:
   """One process: joins the job, trains, writes ``--out/process_<id>.npz``."""
   if args.coordinator is None:
     raise ValueError("`--coordinator HOST:PORT` is needed with `--process-id`.")
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")   # CPU collectives across processes
+  # CPU collectives across processes.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
                              process_id=args.process_id)
   mesh = jax.make_mesh((jax.device_count(),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
   t0 = time.perf_counter()
   result = train(args, mesh)
   os.makedirs(args.out, exist_ok=True)
-  np.savez(os.path.join(args.out, f"process_{args.process_id}.npz"), **result)
+  arrays: dict[str, Any] = dict(result)   # numpy's stub reads ** as its keyword options
+  np.savez(os.path.join(args.out, f"process_{args.process_id}.npz"), **arrays)
   print(f"process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} of "
         f"{jax.device_count()} devices, {args.steps} steps in {time.perf_counter() - t0:.1f} s, "
         f"final loss {float(result['final_loss']):.4f}, "
@@ -232,8 +239,9 @@ def launch(args: argparse.Namespace) -> dict:
   try:
     for p in procs:
       p.wait(timeout=max(deadline - time.monotonic(), 1))
-  except subprocess.TimeoutExpired:
-    raise SystemExit(f"the processes did not finish within {args.timeout:.0f} s; stopped them.")
+  except subprocess.TimeoutExpired as err:
+    raise SystemExit(
+        f"the processes did not finish within {args.timeout:.0f} s; stopped them.") from err
   finally:
     for p in procs:
       if p.poll() is None:

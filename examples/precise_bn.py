@@ -22,13 +22,13 @@ import jax.numpy as jnp
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import optax
+from sklearn.datasets import load_digits
+from tqdm.auto import tqdm
 
-import jaxnorm.linen as jl  # noqa: E402
+import jaxnorm.linen as jl
 
 
 class ConvNet(nn.Module):
@@ -84,14 +84,15 @@ def main(argv=None):
 
   @jax.jit
   def accuracy(variables, x, y):
-    return jnp.mean(jnp.argmax(model.apply(variables, x, train=False), -1) == y)
+    logits = jnp.asarray(model.apply(variables, x, train=False))
+    return jnp.mean(jnp.argmax(logits, -1) == y)
 
   def precise(variables, batch_size):
     batches = [x_train[i:i + batch_size] for i in range(0, len(x_train), batch_size)]
     return jl.precise_batch_stats(model, variables, batches, train=False)
 
   rng = np.random.default_rng(args.seed)
-  history = {"epoch": [], "ema": [], "precise": []}
+  history: dict[str, list[float]] = {"epoch": [], "ema": [], "precise": []}
   steps = len(x_train) // args.batch_size
   for epoch in range(1, epochs + 1):
     perm = rng.permutation(len(x_train))
@@ -110,10 +111,11 @@ def main(argv=None):
   # The recomputed statistics do not depend on the batch size used to compute them.
   small = precise(trained, args.batch_size)
   diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
-      jax.tree.leaves(small["batch_stats"]), jax.tree.leaves(recomputed["batch_stats"])))
+      jax.tree.leaves(small["batch_stats"]), jax.tree.leaves(recomputed["batch_stats"]),
+      strict=True))
   print(f"precise statistics from batches of {args.batch_size} vs 500: max difference {diff:.2e}")
   gap = max(float(jnp.max(jnp.abs(a - b) / (jnp.abs(b) + 1e-3))) for a, b in zip(
-      jax.tree.leaves(batch_stats), jax.tree.leaves(recomputed["batch_stats"])))
+      jax.tree.leaves(batch_stats), jax.tree.leaves(recomputed["batch_stats"]), strict=True))
   print(f"running averages vs precise statistics: max relative difference {gap:.2f}")
 
   fig, ax = plt.subplots(figsize=(5, 3.2))

@@ -110,7 +110,7 @@ def _nbytes(shapes: tuple[tuple[str, tuple[int, ...]], ...]) -> int:
   for dtype, dims in shapes:
     itemsize = _ITEMSIZE.get(dtype, 1 if dtype.startswith("f8") else 0.5)
     total += itemsize * math.prod(dims)
-  return int(math.ceil(total))
+  return math.ceil(total)
 
 
 def _iota(dims: str, perm: str | None) -> np.ndarray:

@@ -14,6 +14,7 @@ from jax import lax
 from jax.test_util import check_grads
 
 import jaxnorm
+
 import reference as ref
 
 # (shape, feature axis): 2D (N, C), 4D NHWC and 4D NCHW.
@@ -408,5 +409,5 @@ def test_zero_size_batch_gives_empty_output_and_keeps_state(train):
 
 def test_batch_renorm_rejects_complex_input():
   params, state = jaxnorm.batch_norm_init(3)
-  with pytest.raises(TypeError, match="^`x` must be real for batch_renorm, got dtype complex64"):
+  with pytest.raises(TypeError, match=r"^`x` must be real for batch_renorm, got dtype complex64"):
     jaxnorm.batch_renorm(params, state, jnp.ones((4, 3), jnp.complex64), train=True)

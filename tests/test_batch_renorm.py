@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import jaxnorm
+
 import reference as ref
 
 TOL = dict(atol=1e-5, rtol=1e-5)

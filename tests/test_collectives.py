@@ -13,14 +13,13 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
-
 from collectives import Collective
 from collectives import collectives
 from collectives import compiled_text
 from collectives import count
 from collectives import total_bytes
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 ALL8 = ((0, 1, 2, 3, 4, 5, 6, 7),)
 

@@ -26,10 +26,10 @@ import sys
 import time
 from pathlib import Path
 
+import _distributed_worker as worker
 import numpy as np
 import pytest
 
-import _distributed_worker as worker
 import reference as ref
 
 NUM_PROCESSES = 2
@@ -78,7 +78,7 @@ def _launch(out_dir: Path) -> list[tuple[int, str]]:
       if p.poll() is None:
         p.kill()
       p.wait()
-  outputs = [(p.returncode, log.read_text()) for p, log in zip(procs, logs)]
+  outputs = [(p.returncode, log.read_text()) for p, log in zip(procs, logs, strict=True)]
   if timed_out:
     pytest.fail(f"the {NUM_PROCESSES} worker processes did not finish within {TIMEOUT_S} s "
                 "(a hang in a collective?); their output:\n"

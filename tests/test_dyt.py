@@ -8,12 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference_modern as rm
 from flax import nnx
 
 import jaxnorm
 import jaxnorm.linen as jl
 import jaxnorm.nnx as jn
-import reference_modern as rm
 
 
 def _params(shape, alpha=0.7):

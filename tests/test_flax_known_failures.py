@@ -4,11 +4,11 @@ Each test names the report it comes from. References are the same layer on
 the full (unmapped) batch, or a float64 NumPy formula.
 """
 
-from flax import nnx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 import jaxnorm.linen as jl
 import jaxnorm.nnx as jn

@@ -64,7 +64,7 @@ def test_torch_batch_norm_matches_pytorch_over_training_steps(mode, shape, cls, 
   params, state = interop.from_torch(module.state_dict())
   rng = np.random.default_rng(1)
   module.train()
-  for step in range(4):
+  for _step in range(4):
     # A different mean and spread per channel and per step.
     x = (rng.normal(size=shape) * rng.uniform(0.5, 3) + rng.normal() * 2).astype(np.float32)
     expected = module(torch.from_numpy(x)).detach().numpy()

@@ -9,6 +9,7 @@ from jax import lax
 from jax.test_util import check_grads
 
 import jaxnorm
+
 import reference as ref
 
 

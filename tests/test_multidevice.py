@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxnorm
+
 import reference as ref
 
 N_DEV = 8
@@ -62,7 +63,8 @@ def test_batch_norm_over_devices_equals_whole_batch(mesh, shape):
   y_ref, mu, var = ref.batch_norm_train(x, params["scale"], params["bias"])
   chex.assert_trees_all_close(y, y_ref, atol=1e-5, rtol=1e-5)
   chex.assert_trees_all_close(new_state, dict(zip(
-      ("mean", "var"), ref.running_average(0.0, 1.0, mu, var, 0.9))), atol=1e-5, rtol=1e-5)
+      ("mean", "var"), ref.running_average(0.0, 1.0, mu, var, 0.9), strict=True)),
+      atol=1e-5, rtol=1e-5)
 
 
 def test_batch_norm_over_devices_with_mask(mesh):

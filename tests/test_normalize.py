@@ -7,16 +7,16 @@ statistics, across 8 devices (shard_map + psum), under vmap and jit, in
 bfloat16, and at large input offsets.
 """
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.test_util import check_grads
 
 import jaxnorm
+
 import reference as ref
 
 
@@ -252,7 +252,7 @@ def test_no_retrace_and_no_full_size_temporaries():
   params, state = jaxnorm.batch_norm_init(32)
 
   def g(p, x, ct):
-    (y, _), vjp = jax.vjp(lambda p, x: jaxnorm.batch_norm(p, state, x, train=True), p, x)
+    (_y, _), vjp = jax.vjp(lambda p, x: jaxnorm.batch_norm(p, state, x, train=True), p, x)
     return vjp((ct, jax.tree.map(jnp.zeros_like, state)))
 
   compiled = jax.jit(g).lower(params, x, x).compile()
@@ -512,9 +512,9 @@ def test_nan_padding_reaches_no_value_statistic_or_gradient(name, pad):
   (gp, gx), (y, s) = grad(params, jnp.where(mask, x, 0.0))
   sel = np.asarray(mask)
   np.testing.assert_array_equal(np.asarray(y_pad)[sel], np.asarray(y)[sel])
-  for a, b in zip(jax.tree.leaves(s_pad), jax.tree.leaves(s)):
+  for a, b in zip(jax.tree.leaves(s_pad), jax.tree.leaves(s), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  for a, b in zip(jax.tree.leaves(gp_pad), jax.tree.leaves(gp)):
+  for a, b in zip(jax.tree.leaves(gp_pad), jax.tree.leaves(gp), strict=True):
     assert np.all(np.isfinite(np.asarray(a))), name
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
   assert np.all(np.isfinite(np.asarray(gx_pad)[sel]))

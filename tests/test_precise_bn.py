@@ -8,12 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference_modern as rm
 from flax import nnx
 
 import jaxnorm
 import jaxnorm.linen as jl
 import jaxnorm.nnx as jn
-import reference_modern as rm
 
 
 def _data(n=23, f=3, seed=0):
@@ -97,7 +97,7 @@ def _perturbed(variables):
   leaves, tree = jax.tree.flatten(variables)
   keys = jax.random.split(jax.random.key(3), len(leaves))
   return jax.tree.unflatten(tree, [l + 0.3 * jax.random.normal(k, l.shape)
-                                   for l, k in zip(leaves, keys)])
+                                   for l, k in zip(leaves, keys, strict=True)])
 
 
 @pytest.mark.parametrize("unbiased", [False, True])

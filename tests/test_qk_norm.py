@@ -8,12 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference_modern as rm
 from flax import nnx
 
 import jaxnorm
 import jaxnorm.linen as jl
 import jaxnorm.nnx as jn
-import reference_modern as rm
 
 B, LQ, LK, H, D = 2, 3, 5, 2, 4
 

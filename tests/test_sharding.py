@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import chex
 import flax.linen as nn
-from flax import nnx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
+from collectives import collectives
+from collectives import compiled_text
+from flax import nnx
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -29,8 +30,6 @@ from jax.sharding import PartitionSpec as P
 import jaxnorm
 import jaxnorm.linen as jl
 import jaxnorm.nnx as jx
-from collectives import collectives
-from collectives import compiled_text
 
 N_DEV = 8
 

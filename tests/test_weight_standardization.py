@@ -9,13 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference_modern as rm
 from flax import nnx
 from jax.test_util import check_grads
 
 import jaxnorm
 import jaxnorm.linen as jl
 import jaxnorm.nnx as jn
-import reference_modern as rm
 
 
 def _w(shape, seed=0):

@@ -375,7 +375,7 @@ def test_nnx_wrapper_vmap_ensemble(wrapper):
   members = [_member(theirs, i) for i in range(3)]
   xs = jnp.stack([X_SMALL, 2 * X_SMALL + 1, -X_SMALL])
   ys = nnx.vmap(lambda m, x: m(x), in_axes=(0, 0), out_axes=0)(ours, xs)
-  expected = jnp.stack([m(x) for m, x in zip(members, xs)])
+  expected = jnp.stack([m(x) for m, x in zip(members, xs, strict=True)])
   chex.assert_trees_all_close(ys, expected, rtol=1e-6, atol=1e-6)
   # SpectralNorm's u and sigma moved per member, as Flax's did.
   chex.assert_trees_all_close(nnx.state(ours, nnx.BatchStat),

@@ -17,6 +17,7 @@ scale and shift computed from a condition instead of fixed per feature:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -101,6 +102,8 @@ def _project(params, x, cond, parts: int) -> list[jax.Array]:
   kernel, bias = params["kernel"], params["bias"]
   checks.check_array("params['kernel']", kernel, allow_complex=False)
   checks.check_array("params['bias']", bias, allow_complex=False)
+  x, cond = jnp.asarray(x), jnp.asarray(cond)
+  kernel, bias = jnp.asarray(kernel), jnp.asarray(bias)
   c = x.shape[-1]
   if cond.ndim < 1 or cond.ndim > x.ndim or cond.shape[:-1] != x.shape[:cond.ndim - 1]:
     raise ValueError(
@@ -123,7 +126,7 @@ def _project(params, x, cond, parts: int) -> list[jax.Array]:
 
 def modulate(x: ArrayLike, shift: ArrayLike, scale: ArrayLike) -> jax.Array:
   """``x * (1 + scale) + shift``: DiT's ``modulate``, the ``1 +`` making zero the identity."""
-  return x * (1 + scale) + shift
+  return cast(jax.Array, x * (1 + scale) + shift)
 
 
 def _out_dtype(x, params, dtype):
@@ -195,6 +198,7 @@ def film(
   (2, 4, 3)
   """
   checks.check_array("x", x, allow_complex=False)
+  x = jnp.asarray(x)
   checks.check_min_rank("x", x, 1, "channels last")
   gamma, beta = _project(params, x, cond, 2)
   x_hat = normalize(x, norm, eps=eps, num_groups=num_groups, mask=mask)
@@ -262,6 +266,7 @@ def adaln_zero(
   if norm not in ("layer", "rms"):
     raise ValueError(f"`norm` must be 'layer' or 'rms', got {norm!r}.")
   checks.check_array("x", x, allow_complex=False)
+  x = jnp.asarray(x)
   checks.check_min_rank("x", x, 1, "channels last")
   shift, scale, gate = _project(params, x, cond, 3)
   x_hat = normalize(x, norm, eps=eps, mask=mask)
@@ -331,6 +336,7 @@ def conditional_batch_norm(
   [-1.0, 11.0]
   """
   checks.check_array("x", x, allow_complex=False)
+  x = jnp.asarray(x)
   checks.check_min_rank("x", x, 2, "batch first, channels last")
   if not isinstance(params, Mapping):
     raise TypeError(
@@ -343,6 +349,7 @@ def conditional_batch_norm(
         "`labels` must be an integer array of class indices, got "
         f"{'dtype ' + str(dtype_l) if dtype_l is not None else type(labels).__name__}."
     )
+  labels = jnp.asarray(labels)
   if tuple(labels.shape) != (x.shape[0],):
     raise ValueError(
         f"`labels` must have shape ({x.shape[0]},), one class per example of "
@@ -356,29 +363,32 @@ def conditional_batch_norm(
         "'scale'] (a missing key turns that term off)."
     )
   params = {k: v for k, v in params.items() if v is not None}
+  arrays: dict[str, jax.Array] = {}
   for key, value in params.items():
     checks.check_array(f"params['{key}']", value, allow_complex=False)
+    value = jnp.asarray(value)
+    arrays[key] = value
     if value.ndim != 2 or value.shape[1] != c:
       raise ValueError(
           f"`params['{key}']` must have shape (num_classes, {c}), one row per "
           f"class and one column per channel of `x` (its last axis), got "
           f"{tuple(value.shape)}."
       )
-  if len({v.shape[0] for v in params.values()}) > 1:
+  if len({v.shape[0] for v in arrays.values()}) > 1:
     raise ValueError(
         "`params['scale']` and `params['bias']` must have one row per class "
-        f"each, got {params['scale'].shape[0]} and {params['bias'].shape[0]} rows."
+        f"each, got {arrays['scale'].shape[0]} and {arrays['bias'].shape[0]} rows."
     )
   x_hat, new_state = batch_norm({}, state, x, train=train, axis=-1,
                                 momentum=momentum, eps=eps, axis_name=axis_name,
                                 mask=mask)
   bshape = (x.shape[0],) + (1,) * (x.ndim - 2) + (c,)
-  out = _out_dtype(x, params, dtype)
+  out = _out_dtype(x, arrays, dtype)
   y = x_hat.astype(jnp.promote_types(out, jnp.float32))
-  if "scale" in params:
-    y = y * params["scale"][labels].reshape(bshape)
-  if "bias" in params:
-    y = y + params["bias"][labels].reshape(bshape)
+  if "scale" in arrays:
+    y = y * arrays["scale"][labels].reshape(bshape)
+  if "bias" in arrays:
+    y = y + arrays["bias"][labels].reshape(bshape)
   return y.astype(out), new_state
 
 
@@ -411,6 +421,7 @@ def adain(
   """
   checks.check_array("content", content, allow_complex=False)
   checks.check_array("style", style, allow_complex=False)
+  content, style = jnp.asarray(content), jnp.asarray(style)
   checks.check_min_rank("content", content, 3,
                         "batch, at least one spatial axis, channels")
   if (style.ndim != content.ndim or style.shape[0] != content.shape[0]

@@ -75,6 +75,7 @@ def dyt(
   [[0.0, 0.964]]
   """
   checks.check_array("x", x, allow_complex=False)
+  x = jnp.asarray(x)
   if x.ndim < 1:
     raise ValueError("`x` must have at least 1 dimension, got a scalar.")
   if not isinstance(params, Mapping) or "alpha" not in params:
@@ -84,6 +85,7 @@ def dyt(
     )
   alpha = params["alpha"]
   checks.check_array("params['alpha']", alpha, allow_complex=False)
+  alpha = jnp.asarray(alpha)
   if jnp.ndim(alpha) != 0:
     raise ValueError(
         f"`params['alpha']` must be a scalar, got shape {tuple(jnp.shape(alpha))}."

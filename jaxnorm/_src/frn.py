@@ -90,6 +90,7 @@ def frn(
   [0.849, 0.0]
   """
   checks.check_array("x", x, allow_complex=False)
+  x = jnp.asarray(x)
   checks.check_min_rank("x", x, 2, "batch first, channels last")
   c = x.shape[-1]
   if not isinstance(params, Mapping):
@@ -104,9 +105,12 @@ def frn(
         f"{sorted(_KEYS)} (a missing key turns that term off)."
     )
   learned = params.get("eps")
-  channel_params = {k: v for k, v in params.items() if k != "eps" and v is not None}
-  for key, value in channel_params.items():
+  channel_params: dict[str, jax.Array] = {}
+  for key, value in params.items():
+    if key == "eps" or value is None:
+      continue
     checks.check_array(f"params['{key}']", value, allow_complex=False)
+    value = channel_params[key] = jnp.asarray(value)
     if tuple(value.shape) != (c,):
       raise ValueError(
           f"`params['{key}']` must have shape ({c},), one value per channel of "

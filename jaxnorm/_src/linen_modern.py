@@ -14,8 +14,10 @@ functional ``params``), in ``param_dtype``, and calls the core with
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from collections.abc import Iterable
 from typing import Any
+from typing import cast
 
 import flax.linen as nn
 import jax
@@ -194,7 +196,8 @@ class ConditionalBatchNorm(nn.Module):
     if train:
       # One value per feature: Flax's result (the bias), with a warning
       # outside `init` (as BatchNorm).
-      mask = degenerate_batch_mask(type(self).__name__, x, -1, mask, warn=not initializing)
+      mask = degenerate_batch_mask(type(self).__name__, x, -1, cast("Array | None", mask),
+                                   warn=not initializing)
     with module_errors(type(self).__name__):
       y, new = cond_lib.conditional_batch_norm(
           params, {"mean": mean.value, "var": var.value}, x, labels, train=train,
@@ -359,7 +362,7 @@ class DyT(nn.Module):
   def __call__(self, x: ArrayLike, *, mask: ArrayLike | None = None) -> Array:
     """Applies DyT; ``mask`` is accepted for LayerNorm compatibility (DyT is element-wise)."""
     fshape = feature_shape_of(type(self).__name__, x, self.feature_axes, "feature_axes")
-    params = {"alpha": self.param(
+    params: dict[str, ArrayLike] = {"alpha": self.param(
         "alpha", initializers.constant(self.alpha_init_value), (), self.param_dtype)}
     if self.use_scale:
       params["scale"] = self.param("scale", self.scale_init, fshape, self.param_dtype)
@@ -472,7 +475,7 @@ class WeightStandardization(nn.Module):
 
   def _standardize(self, path, value):
     value = jnp.asarray(value)
-    name = (self.layer_instance.name + "/"
+    name = (cast(str, self.layer_instance.name) + "/"
             + jax.tree_util.keystr(path[1:], simple=True, separator="/"))
     if self.variable_filter and not any(f in name for f in self.variable_filter):
       return value
@@ -627,7 +630,7 @@ def precise_batch_stats(
   with nn.intercept_methods(discover):
     jax.eval_shape(run, variables, _as_args(first))
 
-  new_stats = {}   # path -> {"mean", "var"}
+  new_stats: dict[Any, Any] = {}   # path -> {"mean", "var"}
   for target in layers:
 
     def capture(vs, stats, args, target=target):

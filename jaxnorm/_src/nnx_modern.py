@@ -11,9 +11,11 @@ Flax's nnx layers do. This module does not import ``flax.linen``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from collections.abc import Iterable
 from types import MappingProxyType
 from typing import Any
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +39,7 @@ from jaxnorm._src.nnx_wrappers import _swapped
 
 Array = jax.Array
 Initializer = Callable[..., Array]
-_NO_METADATA = MappingProxyType({})
+_NO_METADATA: MappingProxyType[str, Any] = MappingProxyType({})
 
 
 def _param(init, rngs, shape, dtype, metadata=_NO_METADATA):
@@ -313,8 +315,9 @@ class QKNorm(nnx.Module):
       self.query_norm = _Scale(_param(scale_init, rngs, (d,), param_dtype))
       self.key_norm = _Scale(_param(scale_init, rngs, (d,), param_dtype))
     else:
-      self.query_norm = nnx.data(None)
-      self.key_norm = nnx.data(None)
+      # Without scales both are None (checked in __call__).
+      self.query_norm = nnx.data(None)  # type: ignore[assignment]
+      self.key_norm = nnx.data(None)  # type: ignore[assignment]
     self.head_dim = d
     self.kind = kind
     self.epsilon = epsilon
@@ -362,8 +365,8 @@ class QKNormAttention(QKNorm):
     super().__init__(head_dim, **kwargs)
     self.attention_fn = attention_fn
 
-  def __call__(self, query: ArrayLike, key: ArrayLike, value: ArrayLike,
-               *args, **kwargs) -> Array:
+  def __call__(  # type: ignore[override]  # attention_fn's signature, by design
+      self, query: ArrayLike, key: ArrayLike, value: ArrayLike, *args, **kwargs) -> Array:
     """``attention_fn(norm(query), norm(key), value, *args, **kwargs)``."""
     query, key = super().__call__(query, key)
     return self.attention_fn(query, key, value, *args, **kwargs)
@@ -570,7 +573,7 @@ class StdConv(nnx.Conv):
       kernel = ws_lib.weight_standardization(self.kernel.get_value(), axis=-1,
                                              eps=self.ws_epsilon)
     with _swapped([(self.kernel, kernel)]):
-      return super().__call__(inputs, *args, **kwargs)
+      return super().__call__(cast(Array, inputs), *args, **kwargs)
 
 
 # -- Precise batch statistics ---------------------------------------------------
@@ -594,15 +597,15 @@ def _hooked_batch_norms(hook):
       return _original(self, x, True, mask=mask)
 
     saved.append((cls, cls.__dict__.get("__call__")))
-    cls.__call__ = call
+    cls.__call__ = call  # type: ignore[method-assign]
   try:
     yield
   finally:
-    for cls, original in saved:
-      if original is None:
+    for cls, own_call in saved:
+      if own_call is None:
         del cls.__call__
       else:
-        cls.__call__ = original
+        cls.__call__ = own_call  # type: ignore[method-assign]
 
 
 def _as_args(batch):
@@ -675,7 +678,7 @@ def precise_batch_stats(
 
   jax.eval_shape(discover, state, _as_args(first))
 
-  new_stats = {}
+  new_stats: dict[Any, Any] = {}
   for target in order:
 
     def capture(s, stats, args, target=target):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -42,9 +43,10 @@ def precise_stats_init(num_features: int | tuple[int, ...]) -> dict[str, np.ndar
   ['count', 'm2', 'mean']
   """
   if isinstance(num_features, int) and not isinstance(num_features, bool):
-    shape = (checks.check_positive_int("num_features", num_features),)
+    shape: tuple[int, ...] = (checks.check_positive_int("num_features", num_features),)
   else:
-    shape = tuple(checks.check_positive_int("num_features", n) for n in num_features)
+    sizes = cast("tuple[int, ...]", num_features)
+    shape = tuple(checks.check_positive_int("num_features", n) for n in sizes)
   return {k: np.zeros(shape, np.float64) for k in ("count", "mean", "m2")}
 
 
@@ -58,6 +60,7 @@ def batch_moments(
   wider; masked-out entries are replaced before any arithmetic, so NaN or inf
   there reaches nothing. A feature without entries has count 0, mean 0, M2 0.
   """
+  x = jnp.asarray(x)
   reduction = tuple(a for a in range(x.ndim) if a not in axis)
   dt = jnp.promote_types(x.dtype, jnp.float32)
   x = x.astype(dt)
@@ -109,6 +112,7 @@ def precise_stats_update(
     The new accumulator (float64 NumPy; not a traceable function).
   """
   checks.check_array("x", x, allow_complex=False)
+  x = jnp.asarray(x)
   axes = checks.normalize_axes("axis", axis, x.ndim)
   shape = tuple(x.shape[a] for a in axes)
   if tuple(acc["mean"].shape) != shape:

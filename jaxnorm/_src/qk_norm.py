@@ -94,6 +94,7 @@ def qk_norm(
   check_kind(kind)
   checks.check_array("query", query, allow_complex=False)
   checks.check_array("key", key, allow_complex=False)
+  query, key = jnp.asarray(query), jnp.asarray(key)
   if query.ndim < 1 or key.ndim < 1:
     raise ValueError(
         "`query` and `key` must have at least 1 dimension (head_dim last), "

@@ -76,6 +76,7 @@ def weight_standardization(
   (True, True)
   """
   _, fan_in_axes = _setup(kernel, axis, eps)
+  kernel = jnp.asarray(kernel)
   centered, var = _standardized(kernel, fan_in_axes)
   return (centered * jax.lax.rsqrt(var + eps)).astype(kernel.dtype)
 
@@ -119,6 +120,7 @@ def scaled_weight_standardization(
   1.0
   """
   out, fan_in_axes = _setup(kernel, axis, eps)
+  kernel = jnp.asarray(kernel)
   if isinstance(gamma, str):
     if gamma not in NONLINEARITY_GAINS:
       raise ValueError(
@@ -134,6 +136,7 @@ def scaled_weight_standardization(
   out_dtype = kernel.dtype
   if gain is not None:
     checks.check_array("gain", gain, allow_complex=False)
+    gain = jnp.asarray(gain)
     if tuple(gain.shape) != out_shape:
       raise ValueError(
           f"`gain` must have the shape of `kernel` along `axis`, {out_shape}, "
