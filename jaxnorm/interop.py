@@ -32,7 +32,6 @@ tensors, and never at import time; it works on NumPy arrays without torch.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import jax

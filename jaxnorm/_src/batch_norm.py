@@ -26,6 +26,7 @@ from jaxnorm._src import checks
 from jaxnorm._src import layer_setup
 from jaxnorm._src import normalize as norm_lib
 
+
 def batch_norm_init(
     num_features,
     *,
