@@ -150,8 +150,8 @@ def run_mode(tests_dir: pathlib.Path, mode: str, timeout: float,
     try:
       proc = subprocess.run(cmd, env=env, cwd=tmp, timeout=timeout,
                             capture_output=True, text=True, check=False)
-    except subprocess.TimeoutExpired:
-      raise SystemExit(f"mode {mode}: pytest ran past --timeout={timeout}s.")
+    except subprocess.TimeoutExpired as err:
+      raise SystemExit(f"mode {mode}: pytest ran past --timeout={timeout}s.") from err
     if not report.exists():
       sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
       raise SystemExit(f"mode {mode}: pytest wrote no report (rc {proc.returncode}).")

@@ -117,7 +117,8 @@ def test_unsharded_program_has_no_collectives():
 
 
 # Hand-written text in the form GPU backends print (async pairs, tuple all-reduce,
-# an async wrapper calling a reduce-scatter, iota replica groups).
+# an async wrapper calling a reduce-scatter, iota replica groups). A backslash at
+# the end of a line continues that HLO line on the next.
 _ASYNC_HLO = """\
 HloModule m, num_partitions=4
 
@@ -129,21 +130,27 @@ HloModule m, num_partitions=4
 
 %wrapped_reduce_scatter (p: f32[8]) -> f32[2] {
   %p = f32[8]{0} parameter(0)
-  ROOT %rs = f32[2]{0} reduce-scatter(f32[8]{0} %p), channel_id=4, replica_groups=[1,4]<=[4], dimensions={0}, to_apply=%add
+  ROOT %rs = f32[2]{0} reduce-scatter(f32[8]{0} %p), channel_id=4, replica_groups=[1,4]<=[4], \
+dimensions={0}, to_apply=%add
 }
 
 ENTRY %main (x: f32[8], y: bf16[6]) -> f32[8] {
   %x = f32[8]{0} parameter(0)
   %y = bf16[6]{0} parameter(1)
-  %all-reduce-start = f32[8]{0} all-reduce-start(f32[8]{0} %x), channel_id=1, replica_groups={{0,1},{2,3}}, to_apply=%add
+  %all-reduce-start = f32[8]{0} all-reduce-start(f32[8]{0} %x), channel_id=1, \
+replica_groups={{0,1},{2,3}}, to_apply=%add
   %all-reduce-done = f32[8]{0} all-reduce-done(f32[8]{0} %all-reduce-start)
-  %all-gather-start = (f32[8]{0}, f32[32]{0}) all-gather-start(f32[8]{0} %all-reduce-done), channel_id=2, replica_groups=[2,2]<=[2,2]T(1,0), dimensions={0}
+  %all-gather-start = (f32[8]{0}, f32[32]{0}) all-gather-start(f32[8]{0} %all-reduce-done), \
+channel_id=2, replica_groups=[2,2]<=[2,2]T(1,0), dimensions={0}
   %all-gather-done = f32[32]{0} all-gather-done((f32[8]{0}, f32[32]{0}) %all-gather-start)
-  %ar2 = (f32[8]{0}, bf16[6]{0}) all-reduce(f32[8]{0} %x, bf16[6]{0} %y), channel_id=3, replica_groups={}, to_apply=%add
+  %ar2 = (f32[8]{0}, bf16[6]{0}) all-reduce(f32[8]{0} %x, bf16[6]{0} %y), channel_id=3, \
+replica_groups={}, to_apply=%add
   %rs-start = ((f32[8]{0}), f32[2]{0}) async-start(f32[8]{0} %x), calls=%wrapped_reduce_scatter
   %rs-done = f32[2]{0} async-done(((f32[8]{0}), f32[2]{0}) %rs-start)
-  %cp-start = (f32[2]{0}, f32[2]{0}, u32[], u32[]) collective-permute-start(f32[2]{0} %rs-done), channel_id=5, source_target_pairs={{0,1},{1,0}}
-  ROOT %cp-done = f32[2]{0} collective-permute-done((f32[2]{0}, f32[2]{0}, u32[], u32[]) %cp-start)
+  %cp-start = (f32[2]{0}, f32[2]{0}, u32[], u32[]) collective-permute-start(f32[2]{0} %rs-done), \
+channel_id=5, source_target_pairs={{0,1},{1,0}}
+  ROOT %cp-done = f32[2]{0} collective-permute-done((f32[2]{0}, f32[2]{0}, u32[], \
+u32[]) %cp-start)
 }
 """
 

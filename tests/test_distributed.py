@@ -97,7 +97,8 @@ def runs(tmp_path_factory):
     clash = any(s in out.lower() for _, out in outputs for s in _PORT_CLASH)
     if not clash or attempt == ATTEMPTS - 1:
       pytest.fail("a worker process failed:\n" + "\n-----\n".join(
-          f"process {i}, exit code {code}:\n{out[-4000:]}" for i, (code, out) in enumerate(outputs)))
+          f"process {i}, exit code {code}:\n{out[-4000:]}"
+          for i, (code, out) in enumerate(outputs)))
   results = [dict(np.load(out_dir / f"process_{i}.npz")) for i in range(NUM_PROCESSES)]
   inputs = {k[len("in/"):]: v for k, v in results[0].items() if k.startswith("in/")}
   return inputs, results
