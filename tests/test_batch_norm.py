@@ -3,6 +3,7 @@
 Ghost batch norm and batch renorm are tested in test_batch_renorm.py.
 """
 
+import operator
 import re
 
 import chex
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import random_data
 from jax import lax
 from jax.test_util import check_grads
 
@@ -23,20 +25,20 @@ LAYOUTS = [((8, 3), -1), ((4, 2, 2, 3), -1), ((4, 3, 2, 2), 1)]
 
 def _random_params(key, c, dtype=jnp.float32):
   k1, k2 = jax.random.split(key)
-  return {"scale": (1.0 + 0.5 * jax.random.normal(k1, (c,))).astype(dtype),
-          "bias": jax.random.normal(k2, (c,)).astype(dtype)}
+  return {"scale": (1.0 + 0.5 * random_data.normal(k1, (c,))).astype(dtype),
+          "bias": random_data.normal(k2, (c,)).astype(dtype)}
 
 
 def _random_state(key, c):
   k1, k2 = jax.random.split(key)
-  return {"mean": jax.random.normal(k1, (c,)),
-          "var": jax.random.uniform(k2, (c,), minval=0.5, maxval=2.0)}
+  return {"mean": random_data.normal(k1, (c,)),
+          "var": random_data.uniform(k2, (c,), minval=0.5, maxval=2.0)}
 
 
 def _data(shape, axis, seed=0):
   keys = jax.random.split(jax.random.key(seed), 3)
   c = shape[axis]
-  x = 2.0 + 3.0 * jax.random.normal(keys[0], shape)
+  x = 2.0 + 3.0 * random_data.normal(keys[0], shape)
   return x, _random_params(keys[1], c), _random_state(keys[2], c)
 
 
@@ -78,7 +80,7 @@ def test_running_averages_over_several_steps(run, shape):
   params, state = jaxnorm.batch_norm_init(3)
   mean_ref, var_ref = np.zeros(3), np.ones(3)
   for step in range(4):
-    x = step + (1.0 + step) * jax.random.normal(jax.random.key(step), shape)
+    x = step + (1.0 + step) * random_data.normal(jax.random.key(step), shape)
     y, state = run(jaxnorm.batch_norm, params, state, x, train=True, momentum=0.9,
                    eps=1e-5)
     y_ref, mu, var = ref.batch_norm_train(x, eps=1e-5)
@@ -87,7 +89,7 @@ def test_running_averages_over_several_steps(run, shape):
     chex.assert_trees_all_close(state, {"mean": mean_ref, "var": var_ref},
                                 atol=1e-5, rtol=1e-5)
   # Inference then uses exactly those running averages.
-  x = jax.random.normal(jax.random.key(9), shape)
+  x = random_data.normal(jax.random.key(9), shape)
   y, same = run(jaxnorm.batch_norm, params, state, x, train=False, eps=1e-5)
   chex.assert_trees_all_close(y, ref.batch_norm_infer(x, mean_ref, var_ref, eps=1e-5),
                               atol=1e-5, rtol=1e-5)
@@ -157,7 +159,7 @@ def test_input_gradient_is_closed_form_backward(shape, axis):
     x, params, state = _data(shape, axis)
     x = x.astype(jnp.float64)
     params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
-    dy = jax.random.normal(jax.random.key(5), shape, jnp.float64)
+    dy = random_data.normal(jax.random.key(5), shape, jnp.float64)
     _, vjp = jax.vjp(jax.jit(
         lambda x: jaxnorm.batch_norm(params, state, x, train=True, axis=axis)[0]), x)
     (dx,) = vjp(dy)
@@ -167,7 +169,7 @@ def test_input_gradient_is_closed_form_backward(shape, axis):
 
 def test_input_gradient_closed_form_float32_jit():
   x, params, state = _data((4, 2, 2, 3), -1)
-  dy = jax.random.normal(jax.random.key(5), x.shape)
+  dy = random_data.normal(jax.random.key(5), x.shape)
   grad = jax.jit(jax.grad(
       lambda x: jnp.vdot(dy, jaxnorm.batch_norm(params, state, x, train=True)[0])))
   chex.assert_trees_all_close(grad(x), ref.batch_norm_input_grad(x, dy, params["scale"]),
@@ -205,20 +207,20 @@ def test_vmap_over_independent_models():
     mean_ref, var_ref = ref.running_average(states["mean"][i], states["var"][i], mu,
                                             var, 0.9)
     chex.assert_trees_all_close(ys[i], y_ref, atol=1e-5, rtol=1e-5)
-    chex.assert_trees_all_close(jax.tree.map(lambda a: a[i], new_states),
+    chex.assert_trees_all_close(jax.tree.map(operator.itemgetter(i), new_states),
                                 {"mean": mean_ref, "var": var_ref}, atol=1e-5, rtol=1e-5)
 
 
 def _data_from_key(key, shape):
   k0, k1, k2 = jax.random.split(key, 3)
   c = shape[-1]
-  return 1.0 + 2.0 * jax.random.normal(k0, shape), _random_params(k1, c), _random_state(k2, c)
+  return 1.0 + 2.0 * random_data.normal(k0, shape), _random_params(k1, c), _random_state(k2, c)
 
 
 def test_scan_matches_python_loop_and_reference():
   steps, shape = 5, (4, 2, 2, 3)
   params, state0 = jaxnorm.batch_norm_init(3)
-  xs = 3.0 + jax.random.normal(jax.random.key(4), (steps,) + shape)
+  xs = 3.0 + random_data.normal(jax.random.key(4), (steps,) + shape)
 
   def step(state, x):
     y, state = jaxnorm.batch_norm(params, state, x, train=True, momentum=0.9)
@@ -247,7 +249,7 @@ def test_no_retracing_across_steps():
     return jnp.mean(y ** 2), state
 
   for t in range(4):
-    x = jax.random.normal(jax.random.key(t), (8, 3))
+    x = random_data.normal(jax.random.key(t), (8, 3))
     _, state = train_step(params, state, x)
   chex.assert_tree_all_finite(state)
 
@@ -258,7 +260,7 @@ def test_no_retracing_across_steps():
 @pytest.mark.parametrize("shape", [(8, 3), (4, 2, 2, 3)])
 def test_mask_statistics_are_those_of_selected_entries(run, shape):
   x, params, state = _data(shape, -1, seed=2)
-  mask = jax.random.bernoulli(jax.random.key(7), 0.6, shape)
+  mask = random_data.bernoulli(jax.random.key(7), 0.6, shape)
   y, new_state = run(jaxnorm.batch_norm, params, state, x, train=True, mask=mask,
                      momentum=0.9)
   mu, var = ref.masked_channel_moments(x, mask)
@@ -304,7 +306,7 @@ def test_feature_without_selected_entries_keeps_its_running_averages(run, fn):
 @pytest.mark.parametrize("offset", [1e4, 1e5])
 @pytest.mark.parametrize("shape", [(64, 4), (8, 4, 4, 4)])
 def test_large_offset_float32(offset, shape):
-  x = (offset + jax.random.normal(jax.random.key(0), shape)).astype(jnp.float32)
+  x = (offset + random_data.normal(jax.random.key(0), shape)).astype(jnp.float32)
   params, state = jaxnorm.batch_norm_init(4)
   y, new_state = jax.jit(lambda p, s, x: jaxnorm.batch_norm(
       p, s, x, train=True, momentum=0.0))(params, state, x)
@@ -315,7 +317,7 @@ def test_large_offset_float32(offset, shape):
 
 
 def test_bfloat16_input_keeps_float32_statistics(run):
-  x = (5.0 + jax.random.normal(jax.random.key(1), (16, 4))).astype(jnp.bfloat16)
+  x = (5.0 + random_data.normal(jax.random.key(1), (16, 4))).astype(jnp.bfloat16)
   params, state = jaxnorm.batch_norm_init(4, dtype=jnp.bfloat16)
   y, new_state = run(jaxnorm.batch_norm, params, state, x, train=True, momentum=0.9)
   assert y.dtype == jnp.bfloat16
@@ -336,7 +338,7 @@ def test_bfloat16_input_keeps_float32_statistics(run):
 @pytest.mark.parametrize("train", [True, False])
 def test_output_dtype(x_dtype, param_dtype, dtype, expected, train):
   params, state = jaxnorm.batch_norm_init(3, dtype=param_dtype)
-  x = jax.random.normal(jax.random.key(0), (8, 3)).astype(x_dtype)
+  x = random_data.normal(jax.random.key(0), (8, 3)).astype(x_dtype)
   y, new_state = jaxnorm.batch_norm(params, state, x, train=train, dtype=dtype)
   assert y.dtype == expected
   assert new_state["mean"].dtype == jnp.float32
@@ -344,7 +346,7 @@ def test_output_dtype(x_dtype, param_dtype, dtype, expected, train):
 
 def test_complex_input():
   k1, k2 = jax.random.split(jax.random.key(0))
-  x = (1 + 2j) + jax.random.normal(k1, (16, 3)) + 1j * jax.random.normal(k2, (16, 3))
+  x = (1 + 2j) + random_data.normal(k1, (16, 3)) + 1j * random_data.normal(k2, (16, 3))
   _, state = jaxnorm.batch_norm_init(3)
   y, new_state = jaxnorm.batch_norm({}, state, x, train=True, momentum=0.0)
   mu, var = ref.mean_var(x, 0)

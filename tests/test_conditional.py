@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import random_data
 import reference_modern as rm
 from flax import nnx
 
@@ -21,13 +22,13 @@ N, D, C = 3, 5, 4
 
 
 def _x(shape, seed=0):
-  return 1.0 + 2.0 * jax.random.normal(jax.random.key(seed), shape)
+  return 1.0 + 2.0 * random_data.normal(jax.random.key(seed), shape)
 
 
 def _proj(parts, seed=1):
   k1, k2 = jax.random.split(jax.random.key(seed))
-  return {"kernel": 0.3 * jax.random.normal(k1, (D, parts * C)),
-          "bias": 0.2 * jax.random.normal(k2, (parts * C,))}
+  return {"kernel": 0.3 * random_data.normal(k1, (D, parts * C)),
+          "bias": 0.2 * random_data.normal(k2, (parts * C,))}
 
 
 # -- FiLM ------------------------------------------------------------------------
@@ -54,7 +55,7 @@ def test_film_per_token_condition_and_zero_init():
 
 def test_film_gradients_match_float64_reference():
   x, cond, p = _x((2, 3, C)), _x((2, D), seed=2), _proj(2)
-  g = jax.random.normal(jax.random.key(9), x.shape)
+  g = random_data.normal(jax.random.key(9), x.shape)
   ours = jax.grad(lambda k, b, x, c: jnp.sum(
       jaxnorm.film({"kernel": k, "bias": b}, x, c) * g), argnums=(0, 1, 2, 3))(
           p["kernel"], p["bias"], x, cond)
@@ -77,7 +78,7 @@ def test_adaln_zero_matches_reference(run):
 def test_adaln_zero_block_starts_as_identity_and_still_learns():
   x, cond = _x((N, 6, C)), _x((N, D), seed=2)
   p = jaxnorm.adaln_zero_init(D, C)
-  w = jax.random.normal(jax.random.key(3), (C, C))
+  w = random_data.normal(jax.random.key(3), (C, C))
 
   def block(p, x):
     h, gate = jaxnorm.adaln_zero(p, x, cond)
@@ -93,7 +94,7 @@ def test_adaln_zero_block_starts_as_identity_and_still_learns():
 
 def test_adaln_zero_gradients_match_float64_reference():
   x, cond, p = _x((2, 3, C)), _x((2, D), seed=2), _proj(3)
-  gh, gg = jax.random.normal(jax.random.key(9), x.shape), jax.random.normal(
+  gh, gg = random_data.normal(jax.random.key(9), x.shape), random_data.normal(
       jax.random.key(8), (2, 1, C))
 
   def loss(k, b, x):
@@ -114,8 +115,8 @@ def test_adaln_zero_gradients_match_float64_reference():
 
 def _cbn_params(k=3):
   k1, k2 = jax.random.split(jax.random.key(4))
-  return {"scale": 1.0 + 0.3 * jax.random.normal(k1, (k, C)),
-          "bias": jax.random.normal(k2, (k, C))}
+  return {"scale": 1.0 + 0.3 * random_data.normal(k1, (k, C)),
+          "bias": random_data.normal(k2, (k, C))}
 
 
 def test_conditional_batch_norm_train_and_inference(run):
@@ -141,7 +142,7 @@ def test_conditional_batch_norm_gradients_and_vmap():
   x, labels = _x((4, C)), jnp.array([0, 2, 1, 1])
   params = _cbn_params()
   _, state = jaxnorm.conditional_batch_norm_init(3, C)
-  g = jax.random.normal(jax.random.key(9), x.shape)
+  g = random_data.normal(jax.random.key(9), x.shape)
   loss = lambda s, b, x: jnp.sum(jaxnorm.conditional_batch_norm(
       {"scale": s, "bias": b}, state, x, labels, train=True)[0] * g)
   loss_ref = lambda s, b, x: np.sum(
@@ -173,7 +174,7 @@ def test_adain_matches_reference(run, style_shape):
 
 def test_adain_gradients_match_float64_reference():
   content, style = _x((1, 3, 2)), _x((1, 4, 2), seed=3)
-  g = jax.random.normal(jax.random.key(9), content.shape)
+  g = random_data.normal(jax.random.key(9), content.shape)
   ours = jax.grad(lambda c, s: jnp.sum(jaxnorm.adain(c, s) * g), argnums=(0, 1))(content, style)
   refs = rm.numeric_grad(lambda c, s: np.sum(rm.adain(c, s) * rm.f64(g)), content, style)
   chex.assert_trees_all_close(ours, tuple(refs), atol=2e-4, rtol=2e-4)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import random_data
 from flax import nnx
 
 import jaxnorm.linen as jl
@@ -144,7 +145,7 @@ _ONE_PER_FEATURE = (
 
 
 def _rand(shape, seed=0, offset=0.0):
-  return jax.random.normal(jax.random.key(seed), shape) + offset
+  return random_data.normal(jax.random.key(seed), shape) + offset
 
 
 def _set_affine(module):
@@ -238,6 +239,7 @@ def test_instance_norm_on_rank_two_input_gives_flax_result(call):
   mask = jnp.array([True, False, True, False])
   with pytest.warns(UserWarning, match=_full(_NO_SPATIAL)):
     y_nnx = ours(x, mask=mask)
+  with pytest.warns(UserWarning, match=_full(_NO_SPATIAL)):
     y_linen = jl.InstanceNorm().apply(v, x, mask=mask)
   chex.assert_trees_all_close(y_nnx, jnp.broadcast_to(ours.bias[...], (3, 4)),
                               atol=1e-6)
@@ -446,7 +448,7 @@ def test_nnx_spectral_norm_against_float64_power_iteration(in_place, call):
   ys = [call(lambda m, x: m(x), module, x) for x in xs]
   ref_ys, ref_w, ref_u, ref_sigma = _spectral_reference(
       kernel, module.layer_instance.bias[...], u0, xs, in_place=in_place)
-  for y, ref in zip(ys, ref_ys):
+  for y, ref in zip(ys, ref_ys, strict=True):
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(module.layer_instance.kernel[...], ref_w,
                              rtol=1e-5, atol=1e-6)

@@ -4,10 +4,13 @@ Each test names the report it comes from. References are the same layer on
 the full (unmapped) batch, or a float64 NumPy formula.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import random_data
 from flax import nnx
 
 import jaxnorm.linen as jl
@@ -46,7 +49,7 @@ class _Sequence(nn.Module):
 
 def test_batch_norm_inside_nn_scan_carrying_batch_stats():
   """flax #2052 / #2279: BatchNorm in nn.scan, batch_stats carried across steps."""
-  xs = jax.random.normal(jax.random.key(0), (4, 6, 2)) + 1.0
+  xs = random_data.normal(jax.random.key(0), (4, 6, 2)) + 1.0
   model = _Sequence(jl.BatchNorm)
   v = model.init(jax.random.key(1), 0.0, xs)
   stats0 = v["batch_stats"]["step"]["BatchNorm_0"]
@@ -79,7 +82,7 @@ def test_nested_nn_vmap_with_axis_names():
   common = dict(variable_axes={"params": None, "batch_stats": None},
                 split_rngs={"params": False}, in_axes=(0, None), out_axes=0)
   model = nn.vmap(nn.vmap(Inner, axis_name="i", **common), axis_name="o", **common)()
-  x = jax.random.normal(jax.random.key(0), (3, 5, 4)) * 2 + 1
+  x = random_data.normal(jax.random.key(0), (3, 5, 4)) * 2 + 1
   v = model.init(jax.random.key(1), x, True)
   y, upd = model.apply(v, x, True, mutable=["batch_stats"])
   full = jl.BatchNorm()
@@ -111,7 +114,7 @@ def test_nnx_vmap_over_batch_norm_in_train_mode():
       return self.bn(self.linear(x))
 
   model = Model(nnx.Rngs(0))
-  data = jax.random.normal(jax.random.key(0), (8, 4, 2)) + 1.0
+  data = random_data.normal(jax.random.key(0), (8, 4, 2)) + 1.0
   call = nnx.vmap(lambda m, x: m(x), in_axes=(None, 1), out_axes=1, axis_name="v")
   y1 = call(model, data)
   y2 = call(model, data)  # the second call is the one that failed
@@ -126,24 +129,28 @@ def test_nnx_vmap_over_batch_norm_in_train_mode():
   np.testing.assert_allclose(model.bn.var[...], ref.bn.var[...], atol=1e-6)
 
 
+def _output_sum(module, variables, x):
+  y, _ = module.apply(variables, x, mutable=["batch_stats"])
+  return y.astype(jnp.float32).sum()
+
+
 def test_bfloat16_inputs_give_no_nans():
   """haiku #396: bfloat16 batch norm returned NaNs (negative variance)."""
   # A large mean relative to the spread, the case where E[x^2] - E[x]^2 in
   # low precision goes negative.
-  x = (300.0 + jax.random.normal(jax.random.key(0), (64, 8))).astype(jnp.bfloat16)
+  x = (300.0 + random_data.normal(jax.random.key(0), (64, 8))).astype(jnp.bfloat16)
   x64 = np.asarray(x, np.float64)
   ref = (x64 - x64.mean(0)) / np.sqrt(x64.var(0) + 1e-5)
   for param_dtype in (jnp.float32, jnp.bfloat16):
     m = jl.BatchNorm(use_running_average=False, param_dtype=param_dtype,
                      dtype=jnp.bfloat16)
     v = m.init(jax.random.key(0), x)
-    y, upd = jax.jit(lambda v, x: m.apply(v, x, mutable=["batch_stats"]))(v, x)
+    y, upd = jax.jit(functools.partial(m.apply, mutable=["batch_stats"]))(v, x)
     assert y.dtype == jnp.bfloat16
     assert np.all(np.isfinite(np.asarray(y, np.float32)))
     np.testing.assert_allclose(np.asarray(y, np.float32), ref, atol=0.05)
     assert np.all(np.asarray(upd["batch_stats"]["var"]) > 0)
-    grad = jax.grad(lambda v: m.apply(v, x, mutable=["batch_stats"])[0]
-                    .astype(jnp.float32).sum())(v)
+    grad = jax.grad(_output_sum, argnums=1)(m, v, x)
     assert all(np.all(np.isfinite(np.asarray(g, np.float32)))
                for g in jax.tree.leaves(grad))
   ln = jn.LayerNorm(8, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
@@ -155,7 +162,7 @@ def test_bfloat16_inputs_give_no_nans():
 
 def test_inference_before_any_training_step():
   """equinox #955: inference mode on a freshly initialized model."""
-  x = jax.random.normal(jax.random.key(0), (4, 3)) * 3 + 2
+  x = random_data.normal(jax.random.key(0), (4, 3)) * 3 + 2
   expected = np.asarray(x) / np.sqrt(1 + 1e-5)
   m = jl.BatchNorm(use_running_average=True)
   v = m.init(jax.random.key(0), x)
@@ -172,7 +179,7 @@ def test_nnx_group_norm_with_reduction_axes():
   its group statistics along axis 1 instead of the channel axis, so
   ``reduction_axes`` that leave axis 1 out give wrong values; flax.linen's
   GroupNorm and ours agree with the float64 formula."""
-  x = jax.random.normal(jax.random.key(0), (2, 3, 3, 6)) * 2 + 1
+  x = random_data.normal(jax.random.key(0), (2, 3, 3, 6)) * 2 + 1
   ours = jn.GroupNorm(6, 3, reduction_axes=(2, 3), rngs=nnx.Rngs(0))
   theirs = nnx.GroupNorm(6, 3, reduction_axes=(2, 3), rngs=nnx.Rngs(0))
   g = np.asarray(x, np.float64).reshape(2, 3, 3, 3, 2)

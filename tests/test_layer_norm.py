@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import random_data
 from jax import lax
 from jax.test_util import check_grads
 
@@ -15,14 +16,14 @@ import reference as ref
 
 def _params(key, shape, *, rms=False):
   k1, k2 = jax.random.split(key)
-  params = {"scale": 1.0 + 0.5 * jax.random.normal(k1, shape)}
+  params = {"scale": 1.0 + 0.5 * random_data.normal(k1, shape)}
   if not rms:
-    params["bias"] = jax.random.normal(k2, shape)
+    params["bias"] = random_data.normal(k2, shape)
   return params
 
 
 def _x(shape, seed=0, offset=2.0):
-  return offset + 3.0 * jax.random.normal(jax.random.key(seed), shape)
+  return offset + 3.0 * random_data.normal(jax.random.key(seed), shape)
 
 
 # (shape, axis): 2D (N, C), 4D channels last, 4D channels at axis 1 (NCHW), and
@@ -176,14 +177,14 @@ def test_mask_statistics_are_those_of_selected_entries(run, fn):
 
 @pytest.mark.parametrize("offset", [1e4, 1e5])
 def test_large_offset_float32(offset):
-  x = (offset + jax.random.normal(jax.random.key(0), (8, 64))).astype(jnp.float32)
+  x = (offset + random_data.normal(jax.random.key(0), (8, 64))).astype(jnp.float32)
   params = jaxnorm.layer_norm_init(64)
   y = jax.jit(lambda p, x: jaxnorm.layer_norm(p, x, eps=1e-6))(params, x)
   assert np.max(np.abs(np.asarray(y, np.float64) - ref.layer_norm(x, eps=1e-6))) <= 1e-4
 
 
 def test_bfloat16_input_uses_float32_statistics():
-  x = (100.0 + jax.random.normal(jax.random.key(0), (4, 32))).astype(jnp.bfloat16)
+  x = (100.0 + random_data.normal(jax.random.key(0), (4, 32))).astype(jnp.bfloat16)
   y = jaxnorm.layer_norm(jaxnorm.layer_norm_init(32, dtype=jnp.bfloat16), x)
   assert y.dtype == jnp.bfloat16
   # bf16 spacing at 100 is 0.5, so the upcast values are far from 100 + randn; the
@@ -200,14 +201,14 @@ def test_bfloat16_input_uses_float32_statistics():
 ])
 def test_output_dtype(fn, x_dtype, param_dtype, dtype, expected):
   init = jaxnorm.rms_norm_init if fn == "rms_norm" else jaxnorm.layer_norm_init
-  x = jax.random.normal(jax.random.key(0), (2, 4)).astype(x_dtype)
+  x = random_data.normal(jax.random.key(0), (2, 4)).astype(x_dtype)
   y = getattr(jaxnorm, fn)(init(4, dtype=param_dtype), x, dtype=dtype)
   assert y.dtype == expected
 
 
 def test_complex_layer_norm():
   k1, k2 = jax.random.split(jax.random.key(0))
-  x = jax.random.normal(k1, (3, 8)) + 1j * jax.random.normal(k2, (3, 8)) + (2 - 1j)
+  x = random_data.normal(k1, (3, 8)) + 1j * random_data.normal(k2, (3, 8)) + (2 - 1j)
   y = jaxnorm.layer_norm({}, x)
   mu, var = ref.mean_var(x, -1)
   expected = (ref.f64(x) - mu[:, None]) / np.sqrt(var[:, None] + 1e-6)
@@ -242,13 +243,14 @@ def test_zero_centered_scale_is_the_plain_form_after_adding_one(run, kind):
 def test_zero_centered_modules_equal_flax_with_one_added(kind):
   import flax.linen as nn
   from flax import nnx
+
   import jaxnorm.linen as jl
   import jaxnorm.nnx as jn
-  x = jax.random.normal(jax.random.key(0), (3, 5)) * 2 + 1
+  x = random_data.normal(jax.random.key(0), (3, 5)) * 2 + 1
   ours = getattr(jl, kind)(zero_centered_scale=True)
   v = ours.init(jax.random.key(1), x)
   assert not np.any(np.asarray(v["params"]["scale"]))
-  s = jax.random.normal(jax.random.key(2), (5,))
+  s = random_data.normal(jax.random.key(2), (5,))
   v = {"params": {**v["params"], "scale": s}}
   theirs = getattr(nn, kind)()
   want = theirs.apply({"params": {**v["params"], "scale": 1.0 + s}}, x)

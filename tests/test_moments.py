@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import random_data
 from jax.test_util import check_grads
 
 import jaxnorm
@@ -16,7 +17,7 @@ import reference as ref
 @pytest.mark.parametrize("shape,axis", [((6, 3), 0), ((6, 3), -1), ((2, 3, 4), (0, 2)),
                                         ((2, 3, 4), (0, 1, 2))])
 def test_mean_and_biased_variance(run, shape, axis):
-  x = 1.0 + 2.0 * jax.random.normal(jax.random.key(0), shape)
+  x = 1.0 + 2.0 * random_data.normal(jax.random.key(0), shape)
   mean, var = run(jaxnorm.moments, x, axis=axis)
   axes = axis if isinstance(axis, tuple) else (axis,)
   mean_ref, var_ref = ref.mean_var(x, axes)
@@ -25,14 +26,14 @@ def test_mean_and_biased_variance(run, shape, axis):
 
 
 def test_keepdims():
-  x = jax.random.normal(jax.random.key(0), (2, 3, 4))
+  x = random_data.normal(jax.random.key(0), (2, 3, 4))
   mean, var = jaxnorm.moments(x, (0, 2), keepdims=True)
   chex.assert_shape((mean, var), (1, 3, 1))
 
 
 @pytest.mark.parametrize("offset", [1e4, 1e5])
 def test_large_offset_is_exact(offset):
-  x = (offset + jax.random.normal(jax.random.key(0), (1000, 2))).astype(jnp.float32)
+  x = (offset + random_data.normal(jax.random.key(0), (1000, 2))).astype(jnp.float32)
   mean, var = jax.jit(lambda x: jaxnorm.moments(x, 0))(x)
   mean_ref, var_ref = ref.mean_var(x, 0)   # the same float32 values, in float64
   chex.assert_trees_all_close(var, var_ref, rtol=1e-4)
@@ -40,7 +41,7 @@ def test_large_offset_is_exact(offset):
 
 
 def test_low_precision_inputs_give_float32_statistics():
-  x = (3.0 + jax.random.normal(jax.random.key(0), (64, 2))).astype(jnp.bfloat16)
+  x = (3.0 + random_data.normal(jax.random.key(0), (64, 2))).astype(jnp.bfloat16)
   mean, var = jaxnorm.moments(x, 0)
   assert mean.dtype == var.dtype == jnp.float32
   chex.assert_trees_all_close((mean, var), ref.mean_var(x, 0), atol=1e-5, rtol=1e-5)
@@ -48,7 +49,7 @@ def test_low_precision_inputs_give_float32_statistics():
 
 def test_float64_under_x64():
   with jax.enable_x64(True):
-    x = jax.random.normal(jax.random.key(0), (8, 2), jnp.float64) + 1e8
+    x = random_data.normal(jax.random.key(0), (8, 2), jnp.float64) + 1e8
     mean, var = jaxnorm.moments(x, 0)
     assert mean.dtype == var.dtype == jnp.float64
     chex.assert_trees_all_close((mean, var), ref.mean_var(x, 0), atol=0, rtol=1e-12)
@@ -56,8 +57,8 @@ def test_float64_under_x64():
 
 @pytest.mark.parametrize("mask_shape", [(8, 3), (8, 1)])
 def test_mask_equals_statistics_of_selected_entries(run, mask_shape):
-  x = 5.0 + jax.random.normal(jax.random.key(0), (8, 3))
-  mask = jax.random.bernoulli(jax.random.key(1), 0.5, mask_shape).at[:2].set(True)
+  x = 5.0 + random_data.normal(jax.random.key(0), (8, 3))
+  mask = random_data.bernoulli(jax.random.key(1), 0.5, mask_shape).at[:2].set(True)
   mean, var = run(jaxnorm.moments, x, axis=0, mask=mask)
   chex.assert_trees_all_close((mean, var), ref.masked_channel_moments(x, mask),
                               atol=1e-5, rtol=1e-5)
@@ -65,7 +66,7 @@ def test_mask_equals_statistics_of_selected_entries(run, mask_shape):
 
 def test_complex_mean_and_real_variance():
   k1, k2 = jax.random.split(jax.random.key(0))
-  x = (3 - 4j) + jax.random.normal(k1, (32, 2)) + 2j * jax.random.normal(k2, (32, 2))
+  x = (3 - 4j) + random_data.normal(k1, (32, 2)) + 2j * random_data.normal(k2, (32, 2))
   mean, var = jaxnorm.moments(x, 0)
   assert jnp.iscomplexobj(mean) and not jnp.iscomplexobj(var)
   mean_ref, var_ref = ref.mean_var(x, 0)   # E|x|^2 - |E x|^2
@@ -83,7 +84,7 @@ def test_constant_input():
 
 def test_check_grads():
   with jax.enable_x64(True):
-    x = jax.random.normal(jax.random.key(0), (5, 3), jnp.float64)
+    x = random_data.normal(jax.random.key(0), (5, 3), jnp.float64)
     check_grads(jax.jit(lambda x: jaxnorm.moments(x, 0)), (x,), order=2,
                 modes=["fwd", "rev"])
     mask = jnp.array([True, False, True, True, False])[:, None]
@@ -93,7 +94,7 @@ def test_check_grads():
 
 def test_block_moments_compose_to_the_textbook_formula():
   """Blocks in their own frames, merged, give the float64 statistics; RMS gives mean squares."""
-  x = 1e4 + jax.random.normal(jax.random.key(0), (64, 3))
+  x = 1e4 + random_data.normal(jax.random.key(0), (64, 3))
   view = moments_lib.block_view(x.shape, (0,), 4)
   m = moments_lib.block_moments(x.reshape(view.shape), view)
   assert m.shift.shape == (4, 1, 3) and m.var.shape == (1, 1, 3)
@@ -108,7 +109,7 @@ def test_block_moments_compose_to_the_textbook_formula():
 
 
 def test_vmap_and_jit_agree():
-  x = jax.random.normal(jax.random.key(0), (4, 6, 3))
+  x = random_data.normal(jax.random.key(0), (4, 6, 3))
   mean, var = jax.jit(jax.vmap(lambda x: jaxnorm.moments(x, 0)))(x)
   for i in range(4):
     chex.assert_trees_all_close((mean[i], var[i]), ref.mean_var(x[i], 0), atol=1e-5)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import random_data
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -35,8 +36,8 @@ def _put(mesh, x, spec):
 def _data(shape, seed=0):
   k0, k1, k2 = jax.random.split(jax.random.key(seed), 3)
   c = shape[-1]
-  x = 3.0 + 2.0 * jax.random.normal(k0, shape)
-  params = {"scale": 1.0 + jax.random.uniform(k1, (c,)), "bias": jax.random.normal(k2, (c,))}
+  x = 3.0 + 2.0 * random_data.normal(k0, shape)
+  params = {"scale": 1.0 + random_data.uniform(k1, (c,)), "bias": random_data.normal(k2, (c,))}
   return x, params, {"mean": jnp.zeros(c), "var": jnp.ones(c)}
 
 
@@ -85,7 +86,7 @@ def test_batch_norm_over_devices_with_mask(mesh):
 
 def test_batch_norm_gradients_over_devices_equal_whole_batch(mesh):
   x, params, state = _data((16, 3), seed=2)
-  dy = jax.random.normal(jax.random.key(9), x.shape)
+  dy = random_data.normal(jax.random.key(9), x.shape)
 
   def loss_sharded(params, x, dy):
     def local(params, state, x, dy):
@@ -108,9 +109,9 @@ def test_batch_norm_gradients_over_devices_equal_whole_batch(mesh):
 def test_layer_norm_with_features_sharded_across_devices(mesh):
   # Tensor parallelism: the feature axis is split 8 ways and `axis_name` makes
   # each shard use the statistics of the whole feature vector.
-  x = 3.0 + 2.0 * jax.random.normal(jax.random.key(3), (4, 16))
-  params = {"scale": 1.0 + jax.random.uniform(jax.random.key(4), (16,)),
-            "bias": jax.random.normal(jax.random.key(5), (16,))}
+  x = 3.0 + 2.0 * random_data.normal(jax.random.key(3), (4, 16))
+  params = {"scale": 1.0 + random_data.uniform(jax.random.key(4), (16,)),
+            "bias": random_data.normal(jax.random.key(5), (16,))}
   f = jax.jit(jax.shard_map(
       lambda p, x: jaxnorm.layer_norm(p, x, axis_name="b"), mesh=mesh,
       in_specs=(P("b"), P(None, "b")), out_specs=P(None, "b")))

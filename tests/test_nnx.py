@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import random_data
 from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
@@ -17,7 +18,7 @@ import jaxnorm.nnx as jn
 
 
 def _rand_init(key, shape, dtype=jnp.float32):
-  return (1.0 + 0.3 * jax.random.normal(key, shape)).astype(dtype)
+  return (1.0 + 0.3 * random_data.normal(key, shape)).astype(dtype)
 
 
 # (name, positional args, kwargs for both classes, input shape, mask shape)
@@ -69,8 +70,8 @@ def test_parity_with_flax(name, args, kwargs, shape, mask_shape):
                "group_size", "use_running_average", "axis", "momentum"):
     assert hasattr(ours, attr) == hasattr(theirs, attr), attr
   kx, km = jax.random.split(jax.random.key(0))
-  x = 2.0 * jax.random.normal(kx, shape) + 0.5
-  mask = None if mask_shape is None else jax.random.bernoulli(km, 0.7, mask_shape)
+  x = 2.0 * random_data.normal(kx, shape) + 0.5
+  mask = None if mask_shape is None else random_data.bernoulli(km, 0.7, mask_shape)
   if name == "BatchNorm":
     for m in (ours, theirs):
       m.mean[...] = 0.3 * jnp.ones_like(m.mean[...])
@@ -94,7 +95,7 @@ def test_parity_with_flax(name, args, kwargs, shape, mask_shape):
 
 def test_train_eval_and_view_switch_batch_norm():
   bn = jn.BatchNorm(3, rngs=nnx.Rngs(0))
-  x = jax.random.normal(jax.random.key(0), (8, 3)) * 2 + 1
+  x = random_data.normal(jax.random.key(0), (8, 3)) * 2 + 1
   assert bn.use_running_average is False
   bn.eval()
   assert bn.use_running_average is True
@@ -124,7 +125,7 @@ def test_no_initializers_kept_graphs_equal():
 
 
 def test_batch_renorm_nnx():
-  x = jax.random.normal(jax.random.key(0), (8, 5))
+  x = random_data.normal(jax.random.key(0), (8, 5))
   a = jn.BatchRenorm(5, r_max=1.0, d_max=0.0, rngs=nnx.Rngs(0))
   b = nnx.BatchNorm(5, rngs=nnx.Rngs(0))
   assert _state_tree(a) == _state_tree(b)
@@ -180,7 +181,7 @@ def test_training_on_digits_with_nnx_optimizer():
 
 
 def test_axis_name_in_shard_map_equals_full_batch():
-  x = jax.random.normal(jax.random.key(0), (16, 3, 4)) + 1
+  x = random_data.normal(jax.random.key(0), (16, 3, 4)) + 1
   bn = jn.BatchNorm(4, axis_name="b", rngs=nnx.Rngs(0))
   ref = jn.BatchNorm(4, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(bn)
@@ -207,7 +208,7 @@ def test_nnx_vmap_ensemble_and_scan():
 
   ens = make(nnx.Rngs(0))
   assert ens.scale[...].shape == (3, 4)
-  xs = jax.random.normal(jax.random.key(1), (3, 6, 4)) * jnp.arange(1, 4)[:, None, None]
+  xs = random_data.normal(jax.random.key(1), (3, 6, 4)) * jnp.arange(1, 4)[:, None, None]
   y = nnx.vmap(lambda m, x: m(x), in_axes=(0, 0), out_axes=0)(ens, xs)
   for i in range(3):
     np.testing.assert_allclose(jnp.std(y[i] / ens.scale[...][i], 0), 1.0, rtol=1e-3)
@@ -216,7 +217,7 @@ def test_nnx_vmap_ensemble_and_scan():
 
   # nnx.scan over the steps of a sequence, one BatchNorm carried.
   bn = jn.BatchNorm(4, rngs=nnx.Rngs(0))
-  seq = jax.random.normal(jax.random.key(2), (5, 6, 4)) + 2
+  seq = random_data.normal(jax.random.key(2), (5, 6, 4)) + 2
 
   @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
   def run(bn, x):
@@ -385,7 +386,7 @@ def test_custom_promote_dtype_called_and_used_like_flax(name, args, kwargs, shap
   kw = dict(kwargs, dtype=dtype, scale_init=_rand_init, promote_dtype=promote)
   ours, theirs = _pair(name, args, kw)
   assert ours.promote_dtype is promote
-  x = 2.0 * jax.random.normal(jax.random.key(0), shape) + 0.5
+  x = 2.0 * random_data.normal(jax.random.key(0), shape) + 0.5
   y1 = ours(x)
   y2 = theirs(x)
   # One call each, on the same arrays (x, [mean, var,] scale, bias) and dtype.
@@ -401,7 +402,7 @@ def test_custom_promote_dtype_called_and_used_like_flax(name, args, kwargs, shap
 def test_bfloat16_inputs_match_flax(name, args, kwargs, shape, dtype, param_dtype):
   kw = dict(kwargs, dtype=dtype, param_dtype=param_dtype, scale_init=_rand_init)
   ours, theirs = _pair(name, args, kw)
-  x = (2.0 * jax.random.normal(jax.random.key(0), shape) + 0.5).astype(jnp.bfloat16)
+  x = (2.0 * random_data.normal(jax.random.key(0), shape) + 0.5).astype(jnp.bfloat16)
   y1, y2 = _run(ours, x, None), _run(theirs, x, None)
   # x and the parameters promote together, with BatchNorm's float32 mean/var.
   stats = [jnp.float32] if hasattr(theirs, "mean") else []
@@ -414,7 +415,7 @@ def test_batch_norm_promoted_statistics_used_at_inference_only():
     x, mean, var, scale, bias = nnx.nn.dtypes.promote_dtype(args, dtype=dtype)
     return x, mean + 1.0, 4.0 * var, scale, bias
 
-  x = jax.random.normal(jax.random.key(0), (8, 3)) * 2 + 1
+  x = random_data.normal(jax.random.key(0), (8, 3)) * 2 + 1
   for name in ("BatchNorm", "BatchRenorm"):
     ours, theirs = _pair(name, (3,), {"promote_dtype": shift_stats})
     mean0, var0 = np.asarray(ours.mean[...]), np.asarray(ours.var[...])

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import random_data
 import reference_modern as rm
 from flax import nnx
 
@@ -96,7 +97,7 @@ def _perturbed(variables):
   # Non-trivial BN params and stale running statistics, as after training.
   leaves, tree = jax.tree.flatten(variables)
   keys = jax.random.split(jax.random.key(3), len(leaves))
-  return jax.tree.unflatten(tree, [l + 0.3 * jax.random.normal(k, l.shape)
+  return jax.tree.unflatten(tree, [l + 0.3 * random_data.normal(k, l.shape)
                                    for l, k in zip(leaves, keys, strict=True)])
 
 

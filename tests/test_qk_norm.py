@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import random_data
 import reference_modern as rm
 from flax import nnx
 
@@ -20,16 +21,16 @@ B, LQ, LK, H, D = 2, 3, 5, 2, 4
 
 def _qk(seed=0):
   kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-  q = 1.5 + 3.0 * jax.random.normal(kq, (B, LQ, H, D))
-  k = -2.0 + 10.0 * jax.random.normal(kk, (B, LK, H, D))
-  v = jax.random.normal(kv, (B, LK, H, D))
+  q = 1.5 + 3.0 * random_data.normal(kq, (B, LQ, H, D))
+  k = -2.0 + 10.0 * random_data.normal(kk, (B, LK, H, D))
+  v = random_data.normal(kv, (B, LK, H, D))
   return q, k, v
 
 
 def _params():
   k1, k2 = jax.random.split(jax.random.key(7))
-  return {"query_norm": {"scale": 1.0 + 0.3 * jax.random.normal(k1, (D,))},
-          "key_norm": {"scale": 1.0 + 0.3 * jax.random.normal(k2, (D,))}}
+  return {"query_norm": {"scale": 1.0 + 0.3 * random_data.normal(k1, (D,))},
+          "key_norm": {"scale": 1.0 + 0.3 * random_data.normal(k2, (D,))}}
 
 
 @pytest.mark.parametrize("kind", ["rms", "layer"])
@@ -140,7 +141,7 @@ def test_linen_qk_norm_module():
 
 def test_linen_multi_head_attention_with_qk_norm_attention():
   # Used as attention_fn, the layer-norm kind reproduces Flax's own normalize_qk=True.
-  x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+  x = random_data.normal(jax.random.key(0), (2, 3, 8))
   ours = nn.MultiHeadDotProductAttention(
       num_heads=2, qkv_features=8,
       attention_fn=jl.QKNormAttention(kind="layer", epsilon=1e-6))
@@ -172,7 +173,7 @@ def test_nnx_qk_norm_and_multi_head_attention():
   chex.assert_trees_all_close(
       out, rm.qk_norm(q, k, p["query_norm"]["scale"], p["key_norm"]["scale"]), atol=1e-5)
   # As attention_fn of nnx.MultiHeadAttention, the layer kind matches normalize_qk=True.
-  x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+  x = random_data.normal(jax.random.key(0), (2, 3, 8))
   ours = nnx.MultiHeadAttention(
       num_heads=2, in_features=8, decode=False, rngs=nnx.Rngs(1),
       attention_fn=jn.QKNormAttention(4, kind="layer", rngs=nnx.Rngs(2)))

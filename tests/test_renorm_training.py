@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import random_data
 from sklearn.datasets import load_digits
 
 import jaxnorm
@@ -44,8 +45,8 @@ def _train_and_eval(seed, renorm, data):
   xtr, ytr, xte, yte = data
   k1, k2 = jax.random.split(jax.random.key(seed))
   bn_params, state = jaxnorm.batch_norm_init(HIDDEN)
-  params = {"w1": jax.random.normal(k1, (64, HIDDEN)) / 8,
-            "w2": jax.random.normal(k2, (HIDDEN, 10)) / 8,
+  params = {"w1": random_data.normal(k1, (64, HIDDEN)) / 8,
+            "w2": random_data.normal(k2, (HIDDEN, 10)) / 8,
             "b2": jnp.zeros(10), "bn": bn_params}
   opt = optax.sgd(0.05, momentum=0.9)
   order = np.random.default_rng(seed).permutation(len(xtr))[: STEPS * BATCH]

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import random_data
 import reference_modern as rm
 from flax import nnx
 from jax.test_util import check_grads
@@ -19,7 +20,7 @@ import jaxnorm.nnx as jn
 
 
 def _w(shape, seed=0):
-  return 0.3 + jax.random.normal(jax.random.key(seed), shape)
+  return 0.3 + random_data.normal(jax.random.key(seed), shape)
 
 
 @pytest.mark.parametrize("shape", [(5, 4), (3, 3, 2, 4)])
@@ -59,7 +60,7 @@ def test_other_output_axis_and_constant_rows():
 def test_gradients_match_float64_reference():
   w = _w((3, 4))
   gain = 1.0 + 0.1 * jnp.arange(4.0)
-  g = jax.random.normal(jax.random.key(2), (3, 4))
+  g = random_data.normal(jax.random.key(2), (3, 4))
   ours = jax.grad(lambda w, gain: jnp.sum(
       jaxnorm.scaled_weight_standardization(w, gain, gamma="relu") * g), argnums=(0, 1))(w, gain)
   relu = math.sqrt(2.0 / (1.0 - 1.0 / math.pi))
@@ -107,7 +108,7 @@ def test_bad_input(call, err, msg):
 
 
 def test_linen_std_conv_is_conv_on_the_standardized_kernel():
-  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+  x = random_data.normal(jax.random.key(0), (2, 6, 6, 3))
   conv = jl.StdConv(4, (3, 3))
   vs = conv.init(jax.random.key(1), x)
   flax_conv = nn.Conv(4, (3, 3))
@@ -124,7 +125,7 @@ def test_linen_std_conv_is_conv_on_the_standardized_kernel():
 
 @pytest.mark.parametrize("scaled", [False, True])
 def test_linen_wrapper(scaled):
-  x = jax.random.normal(jax.random.key(0), (5, 3))
+  x = random_data.normal(jax.random.key(0), (5, 3))
   m = jl.WeightStandardization(nn.Dense(4), scaled=scaled, gamma="relu")
   vs = m.init(jax.random.key(1), x)
   k = vs["params"]["layer_instance"]["kernel"]
@@ -142,7 +143,7 @@ def test_linen_wrapper(scaled):
 
 
 def test_nnx_std_conv_and_wrapper():
-  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+  x = random_data.normal(jax.random.key(0), (2, 6, 6, 3))
   conv = jn.StdConv(3, 4, (3, 3), rngs=nnx.Rngs(0))
   ref = nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0))
   raw = conv.kernel[...]
@@ -153,7 +154,7 @@ def test_nnx_std_conv_and_wrapper():
   gk = np.asarray(grads["kernel"][...], np.float64)
   assert np.abs(gk.sum((0, 1, 2))).max() < 1e-5 * np.abs(gk).sum()
 
-  xd = jax.random.normal(jax.random.key(1), (5, 3))
+  xd = random_data.normal(jax.random.key(1), (5, 3))
   m = jn.WeightStandardization(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), scaled=True, gamma=2.0,
                                rngs=nnx.Rngs(1))
   (path, gain), = m.gains.items()

@@ -12,13 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import random_data
 from flax import nnx
 
 import jaxnorm.linen as jl
 import jaxnorm.nnx as jn
 
-X_DENSE = jax.random.normal(jax.random.key(10), (8, 5))
-X_CONV = jax.random.normal(jax.random.key(11), (2, 5, 5, 3))
+X_DENSE = random_data.normal(jax.random.key(10), (8, 5))
+X_CONV = random_data.normal(jax.random.key(11), (2, 5, 5, 3))
 
 
 def _layers():
@@ -360,7 +361,7 @@ def _set_scales(ours, theirs):
   theirs.scales[("kernel",)] = scales
 
 
-X_SMALL = jax.random.normal(jax.random.key(12), (6, 4))
+X_SMALL = random_data.normal(jax.random.key(12), (6, 4))
 
 
 @pytest.mark.parametrize("wrapper", [_weight_norm, _spectral_norm])
@@ -416,7 +417,7 @@ def test_nnx_spectral_norm_scan_over_time_steps(in_place):
   ours = jn.SpectralNorm(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), in_place=in_place,
                          rngs=nnx.Rngs(1))
   theirs = nnx.SpectralNorm(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
-  seq = jax.random.normal(jax.random.key(13), (5, 6, 4))
+  seq = random_data.normal(jax.random.key(13), (5, 6, 4))
 
   @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
   def run(module, x):
@@ -448,7 +449,7 @@ def test_nnx_dropout_vmap_ensemble():
 def test_nnx_dropout_scan_over_time_steps():
   ours = jn.Dropout(0.3, rngs=nnx.Rngs(dropout=7))
   theirs = nnx.Dropout(0.3, rngs=nnx.Rngs(dropout=7))
-  seq = jax.random.normal(jax.random.key(14), (4, 6, 5))
+  seq = random_data.normal(jax.random.key(14), (4, 6, 5))
 
   @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
   def run(module, x):
