@@ -129,7 +129,9 @@ def test_init_matches_flax_defaults():
 
 # Train-mode batch norm has a closed-form derivative (`jax.custom_jvp`, see
 # _src/normalize.py); inference mode is plain autodiff. Both are checked in
-# forward and reverse mode to second order.
+# forward and reverse mode to first order here; the closed form to second
+# order, with a mask, in test_normalize.py (second order costs five times the
+# compiles of first order, so once per layer family).
 @pytest.mark.parametrize("shape,axis,train,masked", [
     ((6, 3), -1, True, False),
     ((3, 3, 2, 2), 1, True, False),
@@ -150,7 +152,7 @@ def test_check_grads(shape, axis, train, masked):
                                         mask=mask)
       return y, new_state
 
-    check_grads(f, (x, params), order=2, modes=["fwd", "rev"])
+    check_grads(f, (x, params), order=1, modes=["fwd", "rev"])
 
 
 @pytest.mark.parametrize("shape,axis", LAYOUTS)

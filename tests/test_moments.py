@@ -83,9 +83,10 @@ def test_constant_input():
 
 
 def test_check_grads():
+  # Second order (five times the compiles of first) once, with the mask.
   with jax.enable_x64(True):
     x = random_data.normal(jax.random.key(0), (5, 3), jnp.float64)
-    check_grads(jax.jit(lambda x: jaxnorm.moments(x, 0)), (x,), order=2,
+    check_grads(jax.jit(lambda x: jaxnorm.moments(x, 0)), (x,), order=1,
                 modes=["fwd", "rev"])
     mask = jnp.array([True, False, True, True, False])[:, None]
     check_grads(jax.jit(lambda x: jaxnorm.moments(x, 0, mask=mask)), (x,), order=2,

@@ -5,7 +5,13 @@ two-pass reference written from the equations, float64 where it matters), with
 masks, several feature axes, missing params, cotangents on the returned batch
 statistics, across 8 devices (shard_map + psum), under vmap and jit, in
 bfloat16, and at large input offsets.
+
+The references run under `jax.jit`: run eagerly, each of their operations
+compiles on its own, which made them a quarter of this file's time; the code
+under test runs eagerly and jitted (the `run` fixture).
 """
+
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -70,7 +76,7 @@ def test_grads_match_autodiff_of_plain_formula(run, axis, shape, keys, use_mask,
     mask = jnp.asarray(rng.random(shape[:1] + (1,) * (len(shape) - 1)) > 0.3).at[0].set(True)
   ours, ref = _losses(ct, w(), w(), axis=axis, mask=mask)
   got = run(jax.grad(ours, (0, 1)), params, x)
-  want = jax.grad(ref, (0, 1))(params, x)
+  want = jax.jit(jax.grad(ref, (0, 1)))(params, x)
   _close(got, want)
 
 
@@ -88,6 +94,7 @@ def test_masked_entries_get_the_output_path_gradient():
 
 
 def test_check_grads_float64_both_modes():
+  # Batch norm's one second-order check (test_batch_norm.py checks first order).
   rng = np.random.default_rng(2)
   with jax.enable_x64(True):
     x = jnp.asarray(rng.standard_normal((6, 4)) + 5.0, jnp.float64)
@@ -95,6 +102,7 @@ def test_check_grads_float64_both_modes():
     state = {"mean": jnp.zeros(4, jnp.float64), "var": jnp.ones(4, jnp.float64)}
     mask = jnp.asarray([True, True, False, True, True, True])[:, None]
 
+    @jax.jit  # one compile per derivative instead of one per operation
     def f(scale, bias, x):
       y, new = jaxnorm.batch_norm({"scale": scale, "bias": bias}, state, x, train=True,
                                   mask=mask)
@@ -116,10 +124,11 @@ def test_forward_mode_matches_autodiff_of_plain_formula():
                                          momentum=0.0)
   ref = lambda p, x: plain_bn(p, x, mask=mask)
   _, got = jax.jvp(ours, (params, x), (tp, tx))
-  _, (want_y, want_mu, want_var) = jax.jvp(ref, (params, x), (tp, tx))
+  _, (want_y, want_mu, want_var) = jax.jit(
+      lambda p, x, tp, tx: jax.jvp(ref, (p, x), (tp, tx)))(params, x, tp, tx)
   _close(got, (want_y, {"mean": want_mu, "var": want_var}))
-  _close(jax.jacfwd(lambda x: ours(params, x)[0])(x),
-         jax.jacrev(lambda x: ref(params, x)[0])(x))
+  _close(jax.jit(jax.jacfwd(lambda x: ours(params, x)[0]))(x),
+         jax.jit(jax.jacrev(lambda x: ref(params, x)[0]))(x))
 
 
 def test_eps_gradient():
@@ -130,7 +139,7 @@ def test_eps_gradient():
   f = lambda eps: jnp.sum(jaxnorm.batch_norm(params, jaxnorm.batch_norm_init(2)[1], x,
                                              train=True, eps=eps)[0] * ct)
   g = lambda eps: jnp.sum(plain_bn(params, x, eps=eps)[0] * ct)
-  np.testing.assert_allclose(jax.grad(f)(0.1), jax.grad(g)(0.1), rtol=1e-4)
+  np.testing.assert_allclose(jax.grad(f)(0.1), jax.jit(jax.grad(g))(0.1), rtol=1e-4)
 
 
 @pytest.mark.parametrize("offset", [1e4, 1e5])
@@ -163,7 +172,7 @@ def test_bfloat16_accumulates_in_float32():
   # Reference: the plain formula in float32 on the same bfloat16 values.
   p32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
   _, ref = _losses(ct.astype(jnp.float32), jnp.zeros(8), jnp.zeros(8))
-  wp, wx = jax.grad(ref, (0, 1))(p32, x.astype(jnp.float32))
+  wp, wx = jax.jit(jax.grad(ref, (0, 1)))(p32, x.astype(jnp.float32))
   _close((gp, gx), (wp, wx), rtol=2e-2, atol=2e-2)
 
 
@@ -192,9 +201,10 @@ def test_shard_map_psum_matches_full_batch(use_mask):
       body, mesh=mesh, in_specs=(P(), P("b"), P("b"), P("b")),
       out_specs=((P(), P("b")), P())))(params, put(x), put(ct), put(mask))
   m = jnp.asarray(mask) if use_mask else None
-  want = jax.grad(lambda p, x: jnp.sum(plain_bn(p, x, mask=m)[0] * ct), (0, 1))(params, x)
+  want = jax.jit(jax.grad(lambda p, x: jnp.sum(plain_bn(p, x, mask=m)[0] * ct), (0, 1)))(
+      params, x)
   _close(grads, want, rtol=1e-4, atol=1e-4)
-  _, mu, var = plain_bn(params, jnp.asarray(x), mask=m)
+  _, mu, var = jax.jit(lambda p, x: plain_bn(p, x, mask=m))(params, jnp.asarray(x))
   _close(new["mean"], 0.01 * mu, atol=1e-5)
   _close(new["var"], 0.99 + 0.01 * var, atol=1e-5)
 
@@ -212,7 +222,7 @@ def test_vmap_with_axis_name_matches_full_batch():
 
   # Inside vmap each example is a (1, 4) batch; statistics run across "i".
   got = jax.jit(jax.vmap(per_example, axis_name="i"))(x[:, None], ct[:, None])[:, 0]
-  want = jax.grad(lambda x: jnp.sum(plain_bn(params, x)[0] * ct))(x)
+  want = jax.jit(jax.grad(lambda x: jnp.sum(plain_bn(params, x)[0] * ct)))(x)
   _close(got, want)
 
 
@@ -225,24 +235,29 @@ def test_vmap_over_independent_batches(run):
   f = lambda p, x, ct: jax.grad(lambda p, x: jnp.sum(jaxnorm.batch_norm(
       p, state, x, train=True)[0] * ct), (0, 1))(p, x)
   got = run(jax.vmap(f, (None, 0, 0)), params, x, ct)
+  plain_grad = jax.jit(jax.grad(lambda p, x, c: jnp.sum(plain_bn(p, x)[0] * c), (0, 1)))
   for i in range(3):
-    want = jax.grad(lambda p, x: jnp.sum(plain_bn(p, x)[0] * ct[i]), (0, 1))(params, x[i])
-    _close(jax.tree.map(lambda a: a[i], got), want)
+    want = plain_grad(params, x[i], ct[i])
+    _close(jax.tree.map(operator.itemgetter(i), got), want)
 
 
 def test_fallbacks_still_differentiate():
-  """Ghost batches take the closed form; complex inputs plain autodiff (forward mode works in both)."""
+  """Ghost batches take the closed form, complex inputs plain autodiff; jvp works in both."""
   rng = np.random.default_rng(9)
   params, state = jaxnorm.batch_norm_init(3)
   x = jnp.asarray(rng.standard_normal((8, 3)), jnp.float32)
   ghost = lambda x: jaxnorm.batch_norm(params, state, x, train=True, virtual_batch_size=4)[0]
-  jax.jvp(ghost, (x,), (jnp.ones_like(x),))
-  got = jax.grad(lambda x: jnp.sum(ghost(x) * x))(x)
-  want = jax.grad(lambda x: jnp.sum(jnp.concatenate(
-      [plain_bn({}, x[:4])[0], plain_bn({}, x[4:])[0]]) * x))(x)
+  # Jitted: eagerly each transform's operations compiled one by one (50 s on the
+  # loaded test machine). Ghost batches run eagerly, forward and gradient, in
+  # test_batch_renorm.py and test_batch_norm.py.
+  jax.jit(lambda x, t: jax.jvp(ghost, (x,), (t,)))(x, jnp.ones_like(x))
+  got = jax.jit(jax.grad(lambda x: jnp.sum(ghost(x) * x)))(x)
+  want = jax.jit(jax.grad(lambda x: jnp.sum(jnp.concatenate(
+      [plain_bn({}, x[:4])[0], plain_bn({}, x[4:])[0]]) * x)))(x)
   _close(got, want)
   xc = (x + 1j * x[::-1]).astype(jnp.complex64)
-  g = jax.grad(lambda x: jnp.sum(jnp.abs(jaxnorm.batch_norm(params, state, x, train=True)[0])))(xc)
+  g = jax.jit(jax.grad(
+      lambda x: jnp.sum(jnp.abs(jaxnorm.batch_norm(params, state, x, train=True)[0]))))(xc)
   assert g.dtype == jnp.complex64 and np.all(np.isfinite(np.asarray(g)))
 
 
@@ -331,13 +346,16 @@ def test_layer_grads_and_jvp_match_plain_formula(run, name, use_mask, keys):
   ours = lambda p, x: ours_layer(name, p, x, mask)
   ref = lambda p, x: plain_layer(name, p, x, mask)
   got = run(jax.grad(lambda p, x: jnp.sum(ours(p, x) * ct), (0, 1)), params, x)
-  want = jax.grad(lambda p, x: jnp.sum(ref(p, x) * ct), (0, 1))(params, x)
+  want = jax.jit(jax.grad(lambda p, x: jnp.sum(ref(p, x) * ct), (0, 1)))(params, x)
   _close(got, want, rtol=1e-4, atol=1e-4)
-  _, got_t = jax.jvp(ours, (params, x), tangents)
-  _, want_t = jax.jvp(ref, (params, x), tangents)
+  tangent = lambda f: lambda p, x, tp, tx: jax.jvp(f, (p, x), (tp, tx))[1]
+  got_t = run(tangent(ours), params, x, *tangents)
+  want_t = jax.jit(tangent(ref))(params, x, *tangents)
   _close(got_t, want_t, rtol=1e-4, atol=1e-4)
 
 
+# The layers' one second-order check (test_layer_norm.py and test_group_norm.py
+# check first order without a mask).
 @pytest.mark.parametrize("name", _LAYERS)
 def test_layer_check_grads_float64_with_mask(name):
   rng = np.random.default_rng(12)
@@ -373,7 +391,11 @@ def test_layer_norm_axis_name_over_feature_shards_matches_whole_rows():
   x = jnp.asarray(rng.standard_normal((4, 12)) + 3, jnp.float32)
   ct = jnp.asarray(rng.standard_normal((4, 12)), jnp.float32)
   params = _params(12, rng)
-  split = lambda a: a.reshape(a.shape[:-1] + (3, 4)).swapaxes(0, -2) if a.ndim > 1 else a.reshape(3, 4)
+
+  def split(a):
+    if a.ndim == 1:
+      return a.reshape(3, 4)
+    return a.reshape(a.shape[:-1] + (3, 4)).swapaxes(0, -2)
 
   def loss(p, xs, cts):
     def shard(p, x, c):
@@ -382,8 +404,8 @@ def test_layer_norm_axis_name_over_feature_shards_matches_whole_rows():
 
   ps = jax.tree.map(split, params)
   got_loss, (gp, gx) = jax.jit(jax.value_and_grad(loss, (0, 1)))(ps, split(x), split(ct))
-  want_loss, (wp, wx) = jax.value_and_grad(
-      lambda p, x: jnp.sum(plain_layer("layer_norm", p, x) * ct), (0, 1))(params, x)
+  want_loss, (wp, wx) = jax.jit(jax.value_and_grad(
+      lambda p, x: jnp.sum(plain_layer("layer_norm", p, x) * ct), (0, 1)))(params, x)
   _close(got_loss, want_loss, rtol=1e-5, atol=1e-4)
   _close(gx.swapaxes(0, 1).reshape(4, 12), wx)
   _close(jax.tree.map(lambda a: a.reshape(12), gp), wp)
@@ -439,8 +461,9 @@ def test_group_norm_axis_name_over_spatial_shards_matches_whole_input(use_mask):
 
   got_loss, (gp, gx) = jax.jit(jax.value_and_grad(loss, (0, 1)))(
       params, split(x), split(ct), split(mask))
-  want_loss, (wp, wx) = jax.value_and_grad(
-      lambda p, x: jnp.sum(plain_layer("group_norm", p, x, mask, groups=3) * ct), (0, 1))(params, x)
+  want_loss, (wp, wx) = jax.jit(jax.value_and_grad(
+      lambda p, x: jnp.sum(plain_layer("group_norm", p, x, mask, groups=3) * ct), (0, 1)))(
+          params, x)
   _close(got_loss, want_loss, rtol=1e-5, atol=1e-4)
   _close(gx.swapaxes(0, 1).reshape(2, 8, 6), wx, rtol=1e-4, atol=1e-4)
   _close(gp, wp, rtol=1e-4, atol=1e-4)

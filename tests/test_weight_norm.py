@@ -110,14 +110,16 @@ def test_gradients_match_paper_formulas(shape):
                                rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_check_grads(shape):
+# Second order on the Dense kernel; the Conv kernel (the same formula after a
+# reshape) to first order, a fifth of the compiles.
+@pytest.mark.parametrize("shape,order", list(zip(SHAPES, (2, 1), strict=True)))
+def test_check_grads(shape, order):
   with jax.enable_x64(True):
     rng = np.random.default_rng(7)
     v = jnp.asarray(rng.normal(size=shape))
     g = jnp.asarray(rng.uniform(0.5, 2.0, size=shape[-1]))
     f = jax.jit(lambda v, g: jaxnorm.weight_norm({"v": v, "g": g}))
-    check_grads(f, (v, g), order=2, modes=["fwd", "rev"])
+    check_grads(f, (v, g), order=order, modes=["fwd", "rev"])
 
 
 def _dense(w, x):
