@@ -7,8 +7,8 @@ noisy and its running averages (used at test time) disagree with what training s
 uses no batch statistics at all. The fourth model is the BiT / big_vision recipe for small batches:
 weight-standardized convolutions (``jl.StdConv``, each output channel's kernel standardized to mean
 0 and variance 1 over its fan-in; Qiao et al., 2019) followed by the same group norm. Reports test
-accuracy in inference mode, and plots the smoothed training loss against the number of training
-images seen and the final test accuracies.
+accuracy in inference mode and the last epoch's mean training loss, and plots the smoothed training
+loss against the number of training images seen and the final test accuracies.
 
   python examples/small_batches.py --out out/small_batches
 """
@@ -153,9 +153,12 @@ def run(args: argparse.Namespace, data: common.Dataset | None = None) -> dict[st
       _, histories[(kind, bs)] = train(model, data, args, f"{kind}, batch {bs}", bs)
   acc = {key: h.test_acc[-1] for key, h in histories.items()}
   title = f"Experiment 7: batch sizes {args.batch_sizes}, SGD lr={args.lr} ({data.name})"
+  loss = {key: h.train_loss[-1] for key, h in histories.items()}
   table = common.markdown_table(
-      ["normalization"] + [f"test acc, batch {bs}" for bs in args.batch_sizes],
-      [[kind] + [acc[(kind, bs)] for bs in args.batch_sizes] for kind in KINDS])
+      ["normalization"] + [f"test acc, batch {bs}" for bs in args.batch_sizes]
+      + [f"last-epoch train loss, batch {bs}" for bs in args.batch_sizes],
+      [[kind] + [acc[(kind, bs)] for bs in args.batch_sizes]
+       + [loss[(kind, bs)] for bs in args.batch_sizes] for kind in KINDS])
   path = plot(histories, args.batch_sizes, f"{args.out}/small_batches.png", title)
   return common.result(title, table, list(histories.values()), [path], accuracy=acc)
 
