@@ -305,7 +305,15 @@ def _fused_jvp(config, primals, tangents):
     dy = k * dx + d * d_coef + const
   else:
     xhat = (d if off is None else d - off) * rstd
-    dxhat = rstd * dx - xhat * h
+    if off is None:
+      # RMS: the per-row factor `rstd * h` multiplies `d`, not `xhat`, so the
+      # sum over the features in the transposed program reads `d` and the
+      # cotangent only, not the forward's statistics; with the features split
+      # over devices XLA then all-reduces it together with the forward's sum
+      # of squares (one all-reduce for forward and backward, as Flax).
+      dxhat = rstd * dx - d * (rstd * h)
+    else:
+      dxhat = rstd * dx - xhat * h
     if a is not None:
       dxhat = dxhat - rstd * a
     dy = G * dxhat
