@@ -19,7 +19,9 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+import reference as ref
 from collectives import collectives
 from collectives import compiled_text
 from flax import nnx
@@ -125,6 +127,41 @@ def test_data_by_model_mesh_equals_unsharded(mesh2, name):
   _assert_sharded_equals_unsharded(LAYERS[name], mesh2, x, w, params, P("d", "m"), P("m"))
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e5])
+def test_feature_sharded_layer_norm_is_exact_on_adversarial_rows(mesh1, offset):
+  # Under sharded jit each device normalizes its 16 features of a row in its own frame
+  # (the median of its first, middle and last values); the frames then meet in the merge.
+  # Outliers on those probes, shards at levels 1e3 apart and a large offset must cost no
+  # precision: values and input gradients against the float64 formulas.
+  rows, feats = 8, 16 * N_DEV
+  keys = jax.random.split(jax.random.key(7), 3)
+  x = np.asarray(jax.random.normal(keys[0], (rows, feats)), np.float64)
+  per = feats // N_DEV
+  shard_probes = np.concatenate([d * per + np.array([0, per // 2, per - 1]) for d in range(N_DEV)])
+  x[0, shard_probes[::3]] = 1e6                        # every shard's first probe
+  x[1, shard_probes[1::3]] = -1e3                      # every shard's middle probe
+  x[2, [0, feats // 2, feats - 1]] = 1e3               # the row's own first/middle/last
+  x[3] += 1e3 * (np.arange(feats) // per % 2)          # shards alternate between two levels
+  x = (x + offset).astype(np.float32)
+  w = np.asarray(jax.random.normal(keys[1], (rows, feats)), np.float32)
+  params = {"scale": 1.0 + jax.random.uniform(keys[2], (feats,)), "bias": jnp.zeros(feats)}
+
+  def f(p, x, w):
+    return jax.value_and_grad(lambda x: jnp.sum(jaxnorm.layer_norm(p, x) * w))(x)
+
+  spec = P(None, "d")
+  (_, dx), y = (jax.jit(f)(_put(mesh1, params, P("d")), _put(mesh1, x, spec), _put(mesh1, w, spec)),
+                jax.jit(lambda p, x: jaxnorm.layer_norm(p, x))(
+                    _put(mesh1, params, P("d")), _put(mesh1, x, spec)))
+  scale = np.asarray(params["scale"], np.float64)
+  np.testing.assert_allclose(np.asarray(y, np.float64), ref.layer_norm(x, scale), rtol=0, atol=2e-5)
+  # Layer norm's rows are batch norm's features once transposed; the scale goes into dy.
+  want = ref.batch_norm_input_grad(x.T, (w * scale).T, axis=1, eps=1e-6).T
+  row_size = np.max(np.abs(want), axis=1, keepdims=True)
+  np.testing.assert_allclose(np.asarray(dx, np.float64) / row_size, want / row_size, rtol=0,
+                             atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["batch_norm", "group_norm"])
 def test_fsdp_sharded_params_equal_unsharded(mesh1, name):
   # FSDP-style: the batch and the parameters both split over the one data axis.
@@ -216,10 +253,7 @@ def test_per_example_statistics_need_no_communication_when_the_batch_is_split(me
   assert collectives(compiled_text(fn, *args)) == []
 
 
-@pytest.mark.parametrize("name", [pytest.param("layer_norm", marks=pytest.mark.xfail(
-        strict=True, reason="layer norm keeps one block per row for speed; under Auto sharding a "
-                            "feature-sharded row's frame is broadcast (collective-permutes) and its "
-                            "sums take two all-reduces, Flax's one; documented in README")), "rms_norm"])
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
 def test_feature_sharded_norm_reduces_per_example_statistics_only(mesh1, name):
   x, w, params = _data((BATCH // 8, FEATURES * 8))
   args = (_put(mesh1, params, P("d")), _put(mesh1, x, P(None, "d")), _put(mesh1, w, P(None, "d")))
@@ -301,14 +335,8 @@ FEATURE_SHARDED_PAIRS = {
 
 
 @pytest.mark.parametrize("name, grad", [
-    pytest.param("layer_norm", False, marks=pytest.mark.xfail(
-        strict=True, reason="layer norm keeps one block per row for speed; under Auto sharding a "
-                            "feature-sharded row's frame is broadcast (collective-permutes) and its "
-                            "sums take two all-reduces, Flax's one; documented in README")),
-    pytest.param("layer_norm", True, marks=pytest.mark.xfail(
-        strict=True, reason="layer norm keeps one block per row for speed; under Auto sharding a "
-                            "feature-sharded row's frame is broadcast (collective-permutes) and its "
-                            "sums take two all-reduces, Flax's one; documented in README")),
+    ("layer_norm", False),
+    ("layer_norm", True),
     ("rms_norm", False),
     ("rms_norm", True),
 ])
