@@ -202,8 +202,8 @@ def _gather_blocks(stats, axis: int, mesh, n_block):
   sent = (s, m, q) if n_block is not None else (n, s, m, q)
   parts = jnp.broadcast_arrays(*sent)
   dt = jnp.result_type(*parts)
-  spec = [jax.sharding.PartitionSpec.UNCONSTRAINED] * (parts[0].ndim + 1)
-  spec[axis] = None
+  spec = tuple(None if i == axis else jax.sharding.PartitionSpec.UNCONSTRAINED
+               for i in range(parts[0].ndim + 1))
   packed = lax.with_sharding_constraint(
       jnp.stack([v.astype(dt) for v in parts], axis=-1),
       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
