@@ -163,6 +163,33 @@ def test_feature_sharded_layer_norm_is_exact_on_adversarial_rows(mesh1, offset):
                              atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["mask", "complex"])
+def test_feature_sharded_layer_norm_with_mask_or_complex_input(mesh1, kind):
+  # The per-block numbers cross devices packed in one array: with a mask the counts go
+  # with them; complex input packs complex frames and means with real variances.
+  rows, feats = 4, 16 * N_DEV
+  keys = jax.random.split(jax.random.key(8), 3)
+  x = 1e3 + np.asarray(jax.random.normal(keys[0], (rows, feats)), np.float64)
+  sel = np.ones((rows, feats), bool)
+  if kind == "complex":
+    x = (x + 1j * np.asarray(jax.random.normal(keys[1], (rows, feats)))).astype(np.complex64)
+  else:
+    x = x.astype(np.float32)
+    sel = np.array(jax.random.uniform(keys[2], (rows, feats)) > 0.4)
+    sel[0, 16:] = False                                # row 0: only the first shard selects
+  params = {"scale": jnp.ones(feats), "bias": jnp.zeros(feats)}
+  mask = None if kind == "complex" else _put(mesh1, sel, P(None, "d"))
+  y = jax.jit(lambda p, x, m: jaxnorm.layer_norm(p, x, mask=m))(
+      _put(mesh1, params, P("d")), _put(mesh1, x, P(None, "d")), mask)
+  # Ba et al.'s statistics over the selected features, in complex128 (E|x - E x|^2).
+  x64 = x.astype(np.complex128)
+  mu = np.sum(np.where(sel, x64, 0), axis=1, keepdims=True) / sel.sum(1, keepdims=True)
+  var = np.sum(np.where(sel, np.abs(x64 - mu) ** 2, 0), axis=1, keepdims=True) / sel.sum(
+      1, keepdims=True)
+  want = (x64 - mu) / np.sqrt(var + 1e-6)
+  np.testing.assert_allclose(np.asarray(y).astype(np.complex128), want, rtol=0, atol=2e-5)
+
+
 @pytest.mark.parametrize("name", ["batch_norm", "group_norm"])
 def test_fsdp_sharded_params_equal_unsharded(mesh1, name):
   # FSDP-style: the batch and the parameters both split over the one data axis.
