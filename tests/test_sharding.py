@@ -187,7 +187,11 @@ def test_feature_sharded_layer_norm_with_mask_or_complex_input(mesh1, kind):
   var = np.sum(np.where(sel, np.abs(x64 - mu) ** 2, 0), axis=1, keepdims=True) / sel.sum(
       1, keepdims=True)
   want = (x64 - mu) / np.sqrt(var + 1e-6)
-  np.testing.assert_allclose(np.asarray(y).astype(np.complex128), want, rtol=0, atol=2e-5)
+  got = np.asarray(y).astype(np.complex128)
+  np.testing.assert_allclose(got[sel], want[sel], rtol=0, atol=2e-5)
+  # Masked-out entries are normalized too, as in Flax. Where a whole shard of a row is masked
+  # out, its block has no frame of its own and x - mean rounds at x's magnitude (1e3).
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["batch_norm", "group_norm"])

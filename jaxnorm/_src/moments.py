@@ -515,10 +515,6 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
   # Each block's own frame stays its coordinate system: x - mean equals
   # (x - frame_b) - mean_off_b, with the small mean_off_b = (r - frame_b) + m.
   merged = merge_over is not None or axis_name is not None
-  if merged and mask is not None:
-    # A block with nothing selected has no frame of its own (0): it takes the
-    # merged one, so that its (masked-out) outputs are as exact as the others.
-    frame = jnp.where(count > 0, frame, r)
   mean_off = (r - frame) + m if merged else m
   return Moments(frame, mean_off, r + m, var.astype(real), n)
 
