@@ -238,8 +238,10 @@ def batch_norm(
   >>> y, state = jaxnorm.batch_norm(params, state, x, train=True, momentum=0.9)
   >>> np.asarray(y, float).round(3).tolist()
   [[-1.0, -1.0], [1.0, 1.0]]
-  >>> np.asarray(state["mean"], float).round(3).tolist(), np.asarray(state["var"], float).round(3).tolist()
-  ([0.2, 2.0], [1.0, 10.9])
+  >>> np.asarray(state["mean"], float).round(3).tolist()
+  [0.2, 2.0]
+  >>> np.asarray(state["var"], float).round(3).tolist()
+  [1.0, 10.9]
   """
   train = checks.check_train("train", train)
   s = _setup(params, state, x, axis, eps, mask, dtype)

@@ -15,7 +15,8 @@ Sec. 3.2, fold it before quantization).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -173,7 +174,7 @@ def _pop(tree: dict, path: tuple[str, ...]) -> None:
   for key in path[:-1]:
     parents.append(parents[-1][key])
   del parents[-1][path[-1]]
-  for parent, key in zip(reversed(parents[:-1]), reversed(path[:-1])):
+  for parent, key in zip(reversed(parents[:-1]), reversed(path[:-1]), strict=True):
     if parent[key]:
       break
     del parent[key]

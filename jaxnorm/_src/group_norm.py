@@ -148,7 +148,8 @@ def instance_norm(
 
   >>> import jax.numpy as jnp, numpy as np, jaxnorm
   >>> x = jnp.array([[[1.0], [3.0]]])          # (N=1, W=2, C=1)
-  >>> np.asarray(jaxnorm.instance_norm(jaxnorm.group_norm_init(1), x), float).round(3).ravel().tolist()
+  >>> y = jaxnorm.instance_norm(jaxnorm.group_norm_init(1), x)
+  >>> np.asarray(y, float).round(3).ravel().tolist()
   [-1.0, 1.0]
   """
   x = layer_setup.input_array(x, min_ndim=3,

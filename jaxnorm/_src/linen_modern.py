@@ -330,7 +330,7 @@ class QKNormAttention(nn.Module):
 
 
 class DyT(nn.Module):
-  """Dynamic Tanh (Zhu et al., 2025): ``y = scale * tanh(alpha * x) + bias``, a drop-in for LayerNorm.
+  """Dynamic Tanh (Zhu et al., 2025), a drop-in for LayerNorm: ``scale * tanh(alpha * x) + bias``.
 
   ``params = {"alpha": (), "scale": (C,), "bias": (C,)}`` with ``alpha``
   initialized to ``alpha_init_value``; ``__call__(x)`` as ``LayerNorm``'s.

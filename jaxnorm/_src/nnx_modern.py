@@ -32,9 +32,9 @@ from jaxnorm._src import frn as frn_lib
 from jaxnorm._src import precise_bn as precise_lib
 from jaxnorm._src import qk_norm as qk_lib
 from jaxnorm._src import weight_standardization as ws_lib
+from jaxnorm._src.module_common import module_errors
 from jaxnorm._src.nnx_norm import BatchNorm as _JaxnormBatchNorm
 from jaxnorm._src.nnx_norm import BatchRenorm as _JaxnormBatchRenorm
-from jaxnorm._src.module_common import module_errors
 from jaxnorm._src.nnx_wrappers import _swapped
 
 Array = jax.Array
@@ -53,7 +53,7 @@ def _value(var):
 def _promote(module, arrays, names=("x",)):
   """Checks the leading inputs, then ``module.promote_dtype`` as Flax calls it."""
   with module_errors(type(module).__name__):
-    for name, a in zip(names, arrays):
+    for name, a in zip(names, arrays, strict=False):  # the leading ones only
       checks.check_array(name, a, allow_complex=False)
   return module.promote_dtype(arrays, dtype=module.dtype)
 
@@ -175,11 +175,12 @@ class AdaLNZero(_Projected):
 
 
 class ConditionalBatchNorm(nnx.Module):
-  """Class-conditional batch norm (de Vries et al., 2017); see :func:`jaxnorm.conditional_batch_norm`.
+  """Class-conditional batch norm (de Vries et al., 2017): one scale/bias row per class.
 
   ``mean``/``var`` (``nnx.BatchStat``, float32, shape ``(C,)``) as
   :class:`jaxnorm.nnx.BatchNorm`; ``scale``/``bias`` of shape
   ``(num_classes, C)``. ``model.train()``/``model.eval()`` switch the mode.
+  See :func:`jaxnorm.conditional_batch_norm`.
 
   >>> import jax.numpy as jnp, jaxnorm.nnx as jn
   >>> from flax import nnx
@@ -373,7 +374,9 @@ class QKNormAttention(QKNorm):
 
 
 class DyT(nnx.Module):
-  """Dynamic Tanh (Zhu et al., 2025), a drop-in for ``nnx.LayerNorm``: ``scale * tanh(alpha * x) + bias``.
+  """Dynamic Tanh (Zhu et al., 2025), a drop-in for ``nnx.LayerNorm``.
+
+  ``y = scale * tanh(alpha * x) + bias``, elementwise with a learned scalar ``alpha``.
 
   ``self.alpha`` (scalar, ``alpha_init_value``), ``self.scale`` (ones) and
   ``self.bias`` (zeros) of shape ``num_features``; see :func:`jaxnorm.dyt`.
@@ -471,7 +474,7 @@ class FilterResponseNorm(nnx.Module):
     values = _promote(self, (x, self.scale[...], self.bias[...], _value(self.tau),
                              _value(self.eps)))
     x = values[0]
-    params = {k: v for k, v in zip(("scale", "bias", "tau", "eps"), values[1:])
+    params = {k: v for k, v in zip(("scale", "bias", "tau", "eps"), values[1:], strict=True)
               if v is not None}
     with module_errors(type(self).__name__):
       return frn_lib.frn(params, x, eps=self.epsilon, mask=mask, dtype=self.dtype)

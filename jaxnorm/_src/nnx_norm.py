@@ -23,7 +23,8 @@ This file imports no ``flax.linen`` code of jaxnorm's.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -31,7 +32,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes as flax_dtypes
-from flax.typing import Dtype, Initializer, PromoteDtypeFn
+from flax.typing import Dtype
+from flax.typing import Initializer
+from flax.typing import PromoteDtypeFn
 from jax.nn import initializers
 
 import jaxnorm

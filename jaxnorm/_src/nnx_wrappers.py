@@ -23,14 +23,18 @@ outputs equal Flax's either way, and the kernel stays ``v`` as in the paper.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
+from collections.abc import Iterator
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes as flax_dtypes
-from flax.typing import Dtype, Initializer, PromoteDtypeFn
+from flax.typing import Dtype
+from flax.typing import Initializer
+from flax.typing import PromoteDtypeFn
 
 import jaxnorm
 from jaxnorm._src import checks
