@@ -284,7 +284,7 @@ def torch_batch_norm(params, state, x, *, train: bool, momentum=0.1, eps=1e-5,
   state = {"num_batches_tracked": jnp.zeros((), jnp.int32), **state}
   new_state = normalize.update_running(
       state, st.mean, st.var, momentum=None if momentum is None else 1 - momentum,
-      count=st.count, selected=st.selected, unbiased=True,
+      count=st.num_values, selected=st.selected, unbiased=True,
       cumulative=momentum is None)
   return st.y, new_state
 

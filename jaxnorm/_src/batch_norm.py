@@ -111,14 +111,15 @@ class Statistics(NamedTuple):
   """Train-mode output and batch statistics, with the features' shape.
 
   ``selected`` (``None`` without a mask) is False for features the mask leaves
-  without entries on every device; ``count`` is the number of values behind
-  each feature's statistics (all devices).
+  without entries on every device; ``num_values`` is the number of values
+  behind each feature's statistics (all devices). (Not ``count``: a tuple
+  field of that name would hide ``tuple.count``.)
   """
 
   y: jax.Array
   mean: jax.Array
   var: jax.Array
-  count: jax.Array
+  num_values: jax.Array
   selected: jax.Array | None
 
 

@@ -19,6 +19,8 @@ from collections.abc import Collection
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
+from typing import TypeGuard
+from typing import overload
 
 import jax
 import jax.numpy as jnp
@@ -127,8 +129,9 @@ def check_real_scalar(name: str, value: Any) -> float | None:
           and not isinstance(value, (bool, np.bool_)))
   if not ok:
     raise TypeError(f"`{name}` must be a real number, got {_describe(value)}.")
+  # A real number's concrete value is an int or a float (bools and complex are refused above).
   v = concrete_value(value)
-  return None if v is None else float(v)
+  return float(v) if isinstance(v, (int, float)) else None
 
 
 def check_eps(eps: ArrayLike, name: str = "eps") -> None:
@@ -202,6 +205,13 @@ def check_train(name: str, value: Any) -> bool:
   return bool(concrete_value(value))
 
 
+@overload
+def check_float_dtype(name: str, dtype: None, *, allow_complex: bool = ...) -> None: ...
+@overload
+def check_float_dtype(name: str, dtype: DTypeLike, *, allow_complex: bool = ...) -> np.dtype: ...
+@overload
+def check_float_dtype(name: str, dtype: DTypeLike | None, *,
+                      allow_complex: bool = ...) -> np.dtype | None: ...
 def check_float_dtype(
     name: str, dtype: DTypeLike | None, *, allow_complex: bool = True
 ) -> np.dtype | None:
@@ -283,7 +293,7 @@ def check_min_rank(name: str, x: jax.Array, min_ndim: int,
   )
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[numbers.Integral | np.integer]:
   """A Python or NumPy integer; bools are not integers here."""
   return (isinstance(value, (numbers.Integral, np.integer))
           and not isinstance(value, (bool, np.bool_)))
@@ -298,6 +308,7 @@ def normalize_axes(name: str, axis: int | Sequence[int],
       is not axis 1).
     ValueError: an axis out of range, or the same axis twice.
   """
+  axes: tuple[int, ...]
   if _is_int(axis):
     axes = (int(axis),)
   elif (isinstance(axis, Sequence) and not isinstance(axis, str)
@@ -478,6 +489,7 @@ def feature_shape(name: str, num_features: Any) -> tuple[int, ...]:
     TypeError: anything else: a string such as ``"4"``, a bool, a float.
     ValueError: a size <= 0.
   """
+  shape: tuple[int, ...]
   if _is_int(num_features):
     shape = (int(num_features),)
   elif (isinstance(num_features, (tuple, list))

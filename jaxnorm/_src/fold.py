@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -154,7 +155,7 @@ def _copy(tree):
   return tree
 
 
-def _get(tree: Mapping, path: tuple[str, ...], collection: str, role: str):
+def _get(tree: Mapping, path: tuple[str, ...], collection: str, role: str) -> Any:
   node = tree
   for i, key in enumerate(path):
     if not isinstance(node, Mapping) or key not in node:
@@ -244,7 +245,8 @@ def fold_batch_norm_tree(variables, pairs, *, eps=1e-5):
       bn_params = _get(out["params"], bn, "params", "batch norm")
     except KeyError:  # use_scale=False and use_bias=False: no params at all.
       bn_params = {}
-    if not isinstance(layer_vars, Mapping) or "kernel" not in layer_vars:
+    # `out` is plain nested dicts (_copy), so the layer's entry can be updated in place.
+    if not isinstance(layer_vars, dict) or "kernel" not in layer_vars:
       raise KeyError(
           f"The layer '{'/'.join(layer)}' of `pairs` has no 'kernel' in "
           "`variables['params']`; expected a Dense or Conv module."
