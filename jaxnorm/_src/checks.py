@@ -364,6 +364,26 @@ def check_mask(mask: Any, x: jax.Array, name: str = "mask") -> None:
     )
 
 
+def check_param_keys(params: Any, allowed: Collection[str]) -> None:
+  """``params`` must be a dict whose keys are among ``allowed`` (any may be missing).
+
+  Raises:
+    TypeError: not a dict.
+    ValueError: an unknown key.
+  """
+  if not isinstance(params, Mapping):
+    raise TypeError(
+        f"`params` must be a dict with keys among {sorted(allowed)}, got "
+        f"{type(params).__name__}."
+    )
+  unknown = sorted(set(params) - set(allowed))
+  if unknown:
+    raise ValueError(
+        f"`params` has unexpected keys {unknown}; expected keys among "
+        f"{sorted(allowed)} (a missing key turns that term off)."
+    )
+
+
 def check_params(
     params: Mapping[str, Any] | None,
     expected_shape: tuple[int, ...],
@@ -382,17 +402,7 @@ def check_params(
   """
   if params is None:
     return {}
-  if not isinstance(params, Mapping):
-    raise TypeError(
-        f"`params` must be a dict with keys among {sorted(allowed)}, got "
-        f"{type(params).__name__}."
-    )
-  unknown = sorted(set(params) - set(allowed))
-  if unknown:
-    raise ValueError(
-        f"`params` has unexpected keys {unknown}; expected keys among "
-        f"{sorted(allowed)} (a missing key turns that term off)."
-    )
+  check_param_keys(params, allowed)
   for key in allowed:
     if key in params and params[key] is not None:
       value = params[key]

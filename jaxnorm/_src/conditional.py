@@ -338,11 +338,7 @@ def conditional_batch_norm(
   checks.check_array("x", x, allow_complex=False)
   x = jnp.asarray(x)
   checks.check_min_rank("x", x, 2, "batch first, channels last")
-  if not isinstance(params, Mapping):
-    raise TypeError(
-        "`params` must be a dict with keys among ['bias', 'scale'], got "
-        f"{type(params).__name__}."
-    )
+  checks.check_param_keys(params, ("scale", "bias"))
   dtype_l = getattr(labels, "dtype", None)
   if dtype_l is None or not jnp.issubdtype(dtype_l, jnp.integer):
     raise TypeError(
@@ -356,12 +352,6 @@ def conditional_batch_norm(
         f"`x`, got {tuple(labels.shape)}."
     )
   c = x.shape[-1]
-  unknown = sorted(set(params) - {"scale", "bias"})
-  if unknown:
-    raise ValueError(
-        f"`params` has unexpected keys {unknown}; expected keys among ['bias', "
-        "'scale'] (a missing key turns that term off)."
-    )
   params = {k: v for k, v in params.items() if v is not None}
   arrays: dict[str, jax.Array] = {}
   for key, value in params.items():

@@ -93,17 +93,7 @@ def frn(
   x = jnp.asarray(x)
   checks.check_min_rank("x", x, 2, "batch first, channels last")
   c = x.shape[-1]
-  if not isinstance(params, Mapping):
-    raise TypeError(
-        f"`params` must be a dict with keys among {sorted(_KEYS)}, got "
-        f"{type(params).__name__}."
-    )
-  unknown = sorted(set(params) - set(_KEYS))
-  if unknown:
-    raise ValueError(
-        f"`params` has unexpected keys {unknown}; expected keys among "
-        f"{sorted(_KEYS)} (a missing key turns that term off)."
-    )
+  checks.check_param_keys(params, _KEYS)
   learned = params.get("eps")
   channel_params: dict[str, jax.Array] = {}
   for key, value in params.items():
