@@ -22,6 +22,7 @@ from typing import cast
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
+from jax.typing import DTypeLike
 
 from jaxnorm._src import checks
 from jaxnorm._src.batch_norm import batch_norm
@@ -74,7 +75,7 @@ def projection_init(
     out_features: int,
     *,
     key: jax.Array | None = None,
-    dtype=jnp.float32,
+    dtype: DTypeLike = jnp.float32,
 ) -> dict[str, jax.Array]:
   """``{"kernel": (D, out), "bias": (out,)}``: zeros, or a LeCun-normal kernel with ``key``."""
   d = checks.check_positive_int("cond_features", cond_features)
@@ -143,7 +144,7 @@ def film_init(
     num_features: int,
     *,
     key: jax.Array | None = None,
-    dtype=jnp.float32,
+    dtype: DTypeLike = jnp.float32,
 ) -> dict[str, jax.Array]:
   """Returns the FiLM projection ``{"kernel": (D, 2C), "bias": (2C,)}``.
 
@@ -168,7 +169,7 @@ def film(
     eps: float = 1e-6,
     num_groups: int | None = 32,
     mask: ArrayLike | None = None,
-    dtype=None,
+    dtype: DTypeLike | None = None,
 ) -> jax.Array:
   """Feature-wise linear modulation (Perez et al., 2018) of a normalized input.
 
@@ -210,7 +211,7 @@ def film(
 
 
 def adaln_zero_init(
-    cond_features: int, num_features: int, *, dtype=jnp.float32
+    cond_features: int, num_features: int, *, dtype: DTypeLike = jnp.float32
 ) -> dict[str, jax.Array]:
   """Returns the adaLN-Zero projection, all zeros: ``{"kernel": (D, 3C), "bias": (3C,)}``.
 
@@ -234,7 +235,7 @@ def adaln_zero(
     norm: str = "layer",
     eps: float = 1e-6,
     mask: ArrayLike | None = None,
-    dtype=None,
+    dtype: DTypeLike | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Adaptive layer norm with a zero-initialized gate (Peebles & Xie, 2023, DiT, Section 3.2).
 
@@ -279,7 +280,7 @@ def adaln_zero(
 
 
 def conditional_batch_norm_init(
-    num_classes: int, num_features: int, *, dtype=jnp.float32
+    num_classes: int, num_features: int, *, dtype: DTypeLike = jnp.float32
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
   """Returns ``(params, state)``: ``scale`` ones and ``bias`` zeros of shape ``(K, C)``,
   and batch norm's ``{"mean": zeros(C), "var": ones(C)}`` (float32).
@@ -297,7 +298,7 @@ def conditional_batch_norm_init(
 
 def conditional_batch_norm(
     params: Mapping[str, ArrayLike],
-    state: Mapping[str, ArrayLike],
+    state: Mapping[str, jax.Array],
     x: ArrayLike,
     labels: ArrayLike,
     *,
@@ -306,8 +307,8 @@ def conditional_batch_norm(
     eps: float = 1e-5,
     axis_name: str | None = None,
     mask: ArrayLike | None = None,
-    dtype=None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+    dtype: DTypeLike | None = None,
+) -> tuple[jax.Array, Mapping[str, jax.Array]]:
   """Class-conditional batch norm (de Vries et al., 2017; Miyato & Koyama, 2018).
 
   ``y[n] = (x[n] - mean) / sqrt(var + eps) * scale[labels[n]] + bias[labels[n]]``:

@@ -25,7 +25,14 @@ import jax.numpy as jnp
 from jaxnorm._src import checks
 
 
-def fold_batch_norm(kernel, bias, params, state, *, eps=1e-5):
+def fold_batch_norm(
+    kernel: jax.Array,
+    bias: jax.Array | None,
+    params: Mapping[str, jax.Array] | None,
+    state: Mapping[str, jax.Array],
+    *,
+    eps: float = 1e-5,
+) -> tuple[jax.Array, jax.Array]:
   """Folds an inference-mode batch norm into the preceding Dense/Conv layer.
 
   Returns ``(kernel', bias')`` such that, for every input ``x``,
@@ -181,7 +188,12 @@ def _pop(tree: dict, path: tuple[str, ...]) -> None:
     del parent[key]
 
 
-def fold_batch_norm_tree(variables, pairs, *, eps=1e-5):
+def fold_batch_norm_tree(
+    variables: Mapping[str, Any],
+    pairs: Any,
+    *,
+    eps: float = 1e-5,
+) -> dict[str, Any]:
   """Folds every listed batch norm of a ``flax.linen`` model into its layer.
 
   ``variables`` is what ``model.init`` returns:

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
+from jax.typing import DTypeLike
 
 from jaxnorm._src import checks
 from jaxnorm._src.layer_norm import rms_norm
@@ -25,7 +26,7 @@ _KEYS = ("scale", "bias", "tau", "eps")
 def frn_init(
     num_features: int,
     *,
-    dtype=jnp.float32,
+    dtype: DTypeLike = jnp.float32,
     use_tlu: bool = True,
     learn_eps: bool = False,
     eps_init: float = 1e-4,
@@ -56,7 +57,7 @@ def frn(
     *,
     eps: float = 1e-6,
     mask: ArrayLike | None = None,
-    dtype=None,
+    dtype: DTypeLike | None = None,
 ) -> jax.Array:
   """Filter response normalization and TLU (Singh & Krishnan, 2020, Eq. 1-3).
 
