@@ -550,7 +550,7 @@ def precise_batch_stats(
     batches: Iterable,
     *,
     unbiased: bool = False,
-    **apply_kwargs,
+    **apply_kwargs: Any,
 ) -> dict:
   """Recomputes every BatchNorm's ``batch_stats`` exactly over a dataset ("precise BN").
 

@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core import FrozenDict
 from flax.core import unfreeze
 
 import jaxnorm
@@ -87,8 +88,8 @@ class WeightNorm(nn.WeightNorm):
                               eps=self.epsilon, dtype=self.dtype)
 
 
-def weight_norm_data_init(module: WeightNorm, variables, *args, eps=1e-6,
-                          **kwargs):
+def weight_norm_data_init(module: WeightNorm, variables: dict[str, Any] | FrozenDict,
+                          *args: Any, eps: float = 1e-6, **kwargs: Any) -> dict[str, Any]:
   """Data-dependent init of a linen :class:`WeightNorm` around a Dense or Conv.
 
   Runs ``module`` on the batch ``args`` with the layer's bias set to zero,

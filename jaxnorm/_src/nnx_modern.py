@@ -250,7 +250,7 @@ class ConditionalBatchNorm(nnx.Module):
       self.var[...] = jax.lax.stop_gradient(new["var"])
     return y
 
-  def set_view(self, use_running_average: bool | None = None):
+  def set_view(self, use_running_average: bool | None = None) -> None:
     """Used by ``nnx.view(model, use_running_average=...)``."""
     if use_running_average is not None:
       self.use_running_average = use_running_average
@@ -620,7 +620,7 @@ def precise_batch_stats(
     batches: Iterable,
     *,
     unbiased: bool = False,
-    **call_kwargs,
+    **call_kwargs: Any,
 ) -> None:
   """Recomputes every BatchNorm's ``mean``/``var`` of an nnx model exactly, in place.
 

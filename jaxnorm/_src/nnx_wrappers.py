@@ -158,12 +158,12 @@ class WeightNorm(nnx.WeightNorm):
           dtype=self.dtype)))
     return pairs
 
-  def __call__(self, x: Array, *args, **kwargs) -> Any:
+  def __call__(self, x: Array, *args: Any, **kwargs: Any) -> Any:
     """Calls the wrapped layer with its selected parameters weight-normalized."""
     with _swapped(self._normalized()):
       return self.layer_instance(x, *args, **kwargs)
 
-  def data_init(self, x: Array, *args, eps: float = 1e-6, **kwargs) -> Any:
+  def data_init(self, x: Array, *args: Any, eps: float = 1e-6, **kwargs: Any) -> Any:
     """Data-dependent init (Salimans & Kingma 2016, §3), in place.
 
     Runs the layer on the batch ``x`` with its bias at zero, then sets the
