@@ -67,6 +67,9 @@ def _shape(num_features) -> tuple[int, ...]:
 class _Projected(nnx.Module):
   """FiLM and AdaLNZero: a ``(D, parts * C)`` projection of the condition."""
 
+  kernel: nnx.Param
+  bias: nnx.Param
+
   def _init_projection(self, cond_features, num_features, parts, *, kernel_init,
                        bias_init, param_dtype, rngs):
     d = checks.check_positive_int("cond_features", cond_features)
@@ -93,6 +96,13 @@ class FiLM(_Projected):
   >>> film(jnp.ones((2, 4, 3)), jnp.ones((2, 5))).shape
   (2, 4, 3)
   """
+
+  norm: str | None
+  epsilon: float
+  num_groups: int | None
+  dtype: Any
+  param_dtype: Any
+  promote_dtype: PromoteDtypeFn
 
   def __init__(
       self,
@@ -143,6 +153,12 @@ class AdaLNZero(_Projected):
   True
   """
 
+  norm: str
+  epsilon: float
+  dtype: Any
+  param_dtype: Any
+  promote_dtype: PromoteDtypeFn
+
   def __init__(
       self,
       cond_features: int,
@@ -188,6 +204,22 @@ class ConditionalBatchNorm(nnx.Module):
   >>> cbn(jnp.ones((4, 3)), jnp.array([0, 1, 2, 3])).shape, cbn.scale.shape
   ((4, 3), (10, 3))
   """
+
+  mean: nnx.BatchStat
+  var: nnx.BatchStat
+  scale: nnx.Param | None
+  bias: nnx.Param | None
+  num_classes: int
+  num_features: int
+  use_running_average: bool | None
+  momentum: float
+  epsilon: float
+  dtype: Any
+  param_dtype: Any
+  use_bias: bool
+  use_scale: bool
+  axis_name: str | None
+  promote_dtype: PromoteDtypeFn
 
   def __init__(
       self,
@@ -266,6 +298,8 @@ class AdaIN(nnx.Module):
   (1, 4, 2)
   """
 
+  epsilon: float
+
   def __init__(self, *, epsilon: float = 1e-5):
     self.epsilon = epsilon
 
@@ -296,6 +330,16 @@ class QKNorm(nnx.Module):
   >>> q.shape, k.shape
   ((1, 3, 2, 4), (1, 5, 2, 4))
   """
+
+  head_dim: int
+  kind: str
+  epsilon: float
+  use_scale: bool
+  dtype: Any
+  param_dtype: Any
+  promote_dtype: PromoteDtypeFn
+  query_norm: _Scale
+  key_norm: _Scale
 
   def __init__(
       self,
@@ -360,6 +404,8 @@ class QKNormAttention(QKNorm):
   (1, 3, 8)
   """
 
+  attention_fn: Callable[..., Array]
+
   def __init__(self, head_dim: int, *,
                attention_fn: Callable[..., Array] = nnx.dot_product_attention,
                **kwargs):
@@ -387,6 +433,17 @@ class DyT(nnx.Module):
   >>> float(dyt.alpha[...]), dyt(jnp.ones((2, 3))).shape
   (0.5, (2, 3))
   """
+
+  alpha: nnx.Param
+  scale: nnx.Param | None
+  bias: nnx.Param | None
+  num_features: int | tuple[int, ...]
+  feature_axes: Any
+  use_scale: bool
+  use_bias: bool
+  dtype: Any
+  param_dtype: Any
+  promote_dtype: PromoteDtypeFn
 
   def __init__(
       self,
@@ -438,6 +495,18 @@ class FilterResponseNorm(nnx.Module):
   >>> jn.FilterResponseNorm(3, rngs=nnx.Rngs(0))(jnp.ones((2, 4, 4, 3))).shape
   (2, 4, 4, 3)
   """
+
+  scale: nnx.Param
+  bias: nnx.Param
+  tau: nnx.Param | None
+  eps: nnx.Param | None
+  num_features: int
+  epsilon: float
+  use_tlu: bool
+  learn_epsilon: bool
+  dtype: Any
+  param_dtype: Any
+  promote_dtype: PromoteDtypeFn
 
   def __init__(
       self,
@@ -498,6 +567,16 @@ class WeightStandardization(nnx.Module):
   >>> m(jnp.ones((2, 3))).shape
   (2, 4)
   """
+
+  layer_instance: nnx.Module
+  scaled: bool
+  gamma: float | str
+  use_gain: bool
+  epsilon: float
+  feature_axes: Any
+  param_dtype: Any
+  variable_filter: Callable[..., bool]
+  gains: dict | None
 
   def __init__(
       self,
@@ -565,6 +644,8 @@ class StdConv(nnx.Conv):
   >>> jn.StdConv(2, 8, (3, 3), rngs=nnx.Rngs(0))(jnp.ones((1, 5, 5, 2))).shape
   (1, 5, 5, 8)
   """
+
+  ws_epsilon: float
 
   def __init__(self, *args, ws_epsilon: float = 1e-6, **kwargs):
     super().__init__(*args, **kwargs)
