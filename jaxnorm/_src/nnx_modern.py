@@ -33,6 +33,7 @@ from jaxnorm._src import precise_bn as precise_lib
 from jaxnorm._src import qk_norm as qk_lib
 from jaxnorm._src import weight_standardization as ws_lib
 from jaxnorm._src.module_common import module_errors
+from jaxnorm._src.module_common import shape_tuple
 from jaxnorm._src.nnx_norm import BatchNorm as _JaxnormBatchNorm
 from jaxnorm._src.nnx_norm import BatchRenorm as _JaxnormBatchRenorm
 from jaxnorm._src.nnx_wrappers import _swapped
@@ -56,12 +57,6 @@ def _promote(module, arrays, names=("x",)):
     for name, a in zip(names, arrays, strict=False):  # the leading ones only
       checks.check_array(name, a, allow_complex=False)
   return module.promote_dtype(arrays, dtype=module.dtype)
-
-
-def _shape(num_features) -> tuple[int, ...]:
-  if isinstance(num_features, int) and not isinstance(num_features, bool):
-    return (checks.check_positive_int("num_features", num_features),)
-  return tuple(checks.check_positive_int("num_features", n) for n in num_features)
 
 
 class _Projected(nnx.Module):
@@ -460,7 +455,7 @@ class DyT(nnx.Module):
       promote_dtype: PromoteDtypeFn = flax_dtypes.promote_dtype,
       rngs: nnx.Rngs,
   ):
-    shape = _shape(num_features)
+    shape = shape_tuple(type(self).__name__, num_features)
     self.alpha = nnx.Param(jnp.asarray(alpha_init_value, param_dtype))
     self.scale = _param(scale_init, rngs, shape, param_dtype) if use_scale else nnx.data(None)
     self.bias = _param(bias_init, rngs, shape, param_dtype) if use_bias else nnx.data(None)
