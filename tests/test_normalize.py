@@ -389,18 +389,19 @@ def test_layer_norm_axis_name_over_feature_shards_matches_whole_rows():
   _close(jax.tree.map(lambda a: a.reshape(12), gp), wp)
 
 
-def test_pool_channels_is_a_symmetric_group_sum():
+@pytest.mark.parametrize("name", ["pool_channels", "pool_channels_linear"])
+def test_pool_channels_is_a_symmetric_group_sum(name):
   from jaxnorm._src import moments
+  pool = getattr(moments, name)
   rng = np.random.default_rng(15)
   v = jnp.asarray(rng.standard_normal((3, 1, 12)), jnp.float32)
-  got = moments.pool_channels(v, 4)
+  got = pool(v, 4)
   want = np.repeat(np.asarray(v).reshape(3, 1, 3, 4).sum(-1), 4, axis=-1)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
   u = jnp.asarray(rng.standard_normal((3, 1, 12)), jnp.float32)
   # <P v, u> == <v, P u>: its own transpose.
-  np.testing.assert_allclose(jnp.vdot(moments.pool_channels(v, 4), u),
-                             jnp.vdot(v, moments.pool_channels(u, 4)), rtol=1e-5)
-  assert moments.pool_channels(v, 1) is v
+  np.testing.assert_allclose(jnp.vdot(pool(v, 4), u), jnp.vdot(v, pool(u, 4)), rtol=1e-5)
+  assert pool(v, 1) is v
 
 
 def test_group_norm_and_layer_norm_backward_keep_no_full_size_temporaries():

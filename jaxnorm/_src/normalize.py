@@ -235,22 +235,30 @@ def _fused_jvp(config, primals, tangents):
 
   xs = xv.astype(sdt)
   dx = tx.astype(sdt)
-  # d = x - frame per block (x for RMS); x - mean = d - mean_off.
-  d = xs if m.shift is None else xs - m.shift
-  d_sel = d
+  # d = x - frame per block (x for RMS); x - mean = d - mean_off. Three
+  # copies of the frame (see moments.block_moments): one per full-size use
+  # (the tangent sums, the tangent's `d` term, `xhat`), so that no `x - frame`
+  # shared by a reduction and another consumer is written out at full size.
+  if m.shift is None:
+    d_sel = d = d_hat = xs
+  else:
+    shifts = lax.optimization_barrier((m.shift,) * 3)
+    d_sel, d, d_hat = (xs - sh for sh in shifts)
   if mask is not None:
     # The statistics' sums read selected entries only; the output term reads
     # every finite entry (a masked-out output is the same formula), and 0 for
     # non-finite padding, whose output is NaN or inf and whose derivative
     # must not reach anything else.
     dx_sel = jnp.where(mask, dx, zero)
-    d_sel = jnp.where(mask, d, zero)
-    d = jnp.where(mask | jnp.isfinite(d), d, zero)
+    d_sel = jnp.where(mask, d_sel, zero)
+    finite = mask | jnp.isfinite(d)
+    d = jnp.where(finite, d, zero)
+    d_hat = jnp.where(finite, d_hat, zero)
   else:
     dx_sel = dx
 
   def block_sums(*values):
-    return tuple(mom_lib.pool_channels(jnp.sum(v, axis=axes, keepdims=True), config.pool)
+    return tuple(mom_lib.pool_channels_linear(jnp.sum(v, axis=axes, keepdims=True), config.pool)
                  for v in values)
 
   def total(v):
@@ -304,11 +312,17 @@ def _fused_jvp(config, primals, tangents):
         const = const + ts * D
     dy = k * dx + d * d_coef + const
   else:
-    xhat = (d if off is None else d - off) * rstd
-    dxhat = rstd * dx - xhat * h
+    # The scale varies along the reduced axes (layer norm): the same
+    # per-block factors inside, `G` outside, so the transposed program's
+    # sums read `G * dy` and `d` with no per-block array broadcast to full
+    # size (each would be written out: measured 3 full-size temporaries in
+    # layer norm's backward pass with `xhat` written out, against Flax's 1).
+    xhat = (d_hat if off is None else d_hat - off) * rstd
+    v = None if off is None else rstd * h * off
     if a is not None:
-      dxhat = dxhat - rstd * a
-    dy = G * dxhat
+      v = -rstd * a if v is None else v - rstd * a
+    inner = rstd * dx + d * (-rstd * h)
+    dy = G * (inner if v is None else inner + v)
     if tscale is not None:
       ts = tscale.astype(sdt)
       dy = dy + ts * (xhat if R is None else R * xhat + D)
