@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes as flax_dtypes
+from flax.typing import Dtype
 from flax.typing import PromoteDtypeFn
 from jax.nn import initializers
 from jax.typing import ArrayLike
@@ -95,8 +96,8 @@ class FiLM(_Projected):
   norm: str | None
   epsilon: float
   num_groups: int | None
-  dtype: Any
-  param_dtype: Any
+  dtype: Dtype | None
+  param_dtype: Dtype
   promote_dtype: PromoteDtypeFn
 
   def __init__(
@@ -107,8 +108,8 @@ class FiLM(_Projected):
       norm: str | None = "layer",
       epsilon: float = 1e-6,
       num_groups: int | None = 32,
-      dtype: Any = None,
-      param_dtype: Any = jnp.float32,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
       kernel_init: Initializer = initializers.zeros,
       bias_init: Initializer = initializers.zeros,
       promote_dtype: PromoteDtypeFn = flax_dtypes.promote_dtype,
@@ -150,8 +151,8 @@ class AdaLNZero(_Projected):
 
   norm: str
   epsilon: float
-  dtype: Any
-  param_dtype: Any
+  dtype: Dtype | None
+  param_dtype: Dtype
   promote_dtype: PromoteDtypeFn
 
   def __init__(
@@ -161,8 +162,8 @@ class AdaLNZero(_Projected):
       *,
       norm: str = "layer",
       epsilon: float = 1e-6,
-      dtype: Any = None,
-      param_dtype: Any = jnp.float32,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
       kernel_init: Initializer = initializers.zeros,
       bias_init: Initializer = initializers.zeros,
       promote_dtype: PromoteDtypeFn = flax_dtypes.promote_dtype,
@@ -209,8 +210,8 @@ class ConditionalBatchNorm(nnx.Module):
   use_running_average: bool | None
   momentum: float
   epsilon: float
-  dtype: Any
-  param_dtype: Any
+  dtype: Dtype | None
+  param_dtype: Dtype
   use_bias: bool
   use_scale: bool
   axis_name: str | None
@@ -224,8 +225,8 @@ class ConditionalBatchNorm(nnx.Module):
       use_running_average: bool | None = False,
       momentum: float = 0.99,
       epsilon: float = 1e-5,
-      dtype: Any = None,
-      param_dtype: Any = jnp.float32,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
       use_bias: bool = True,
       use_scale: bool = True,
       bias_init: Initializer = initializers.zeros,
@@ -330,8 +331,8 @@ class QKNorm(nnx.Module):
   kind: str
   epsilon: float
   use_scale: bool
-  dtype: Any
-  param_dtype: Any
+  dtype: Dtype | None
+  param_dtype: Dtype
   promote_dtype: PromoteDtypeFn
   query_norm: _Scale
   key_norm: _Scale
@@ -344,8 +345,8 @@ class QKNorm(nnx.Module):
       epsilon: float = 1e-6,
       use_scale: bool = True,
       scale_init: Initializer = initializers.ones,
-      dtype: Any = None,
-      param_dtype: Any = jnp.float32,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
       promote_dtype: PromoteDtypeFn = flax_dtypes.promote_dtype,
       rngs: nnx.Rngs,
   ):
@@ -436,8 +437,8 @@ class DyT(nnx.Module):
   feature_axes: Any
   use_scale: bool
   use_bias: bool
-  dtype: Any
-  param_dtype: Any
+  dtype: Dtype | None
+  param_dtype: Dtype
   promote_dtype: PromoteDtypeFn
 
   def __init__(
@@ -450,8 +451,8 @@ class DyT(nnx.Module):
       scale_init: Initializer = initializers.ones,
       bias_init: Initializer = initializers.zeros,
       feature_axes: Any = -1,
-      dtype: Any = None,
-      param_dtype: Any = jnp.float32,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
       promote_dtype: PromoteDtypeFn = flax_dtypes.promote_dtype,
       rngs: nnx.Rngs,
   ):
@@ -499,8 +500,8 @@ class FilterResponseNorm(nnx.Module):
   epsilon: float
   use_tlu: bool
   learn_epsilon: bool
-  dtype: Any
-  param_dtype: Any
+  dtype: Dtype | None
+  param_dtype: Dtype
   promote_dtype: PromoteDtypeFn
 
   def __init__(
@@ -511,8 +512,8 @@ class FilterResponseNorm(nnx.Module):
       use_tlu: bool = True,
       learn_epsilon: bool = False,
       eps_init: float = 1e-4,
-      dtype: Any = None,
-      param_dtype: Any = jnp.float32,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
       scale_init: Initializer = initializers.ones,
       bias_init: Initializer = initializers.zeros,
       tau_init: Initializer = initializers.zeros,
@@ -569,7 +570,7 @@ class WeightStandardization(nnx.Module):
   use_gain: bool
   epsilon: float
   feature_axes: Any
-  param_dtype: Any
+  param_dtype: Dtype
   variable_filter: Callable[..., bool]
   gains: dict | None
 
@@ -582,7 +583,7 @@ class WeightStandardization(nnx.Module):
       use_gain: bool = True,
       epsilon: float | None = None,
       feature_axes: Any = -1,
-      param_dtype: Any = jnp.float32,
+      param_dtype: Dtype = jnp.float32,
       variable_filter: Any = nnx.PathContains("kernel"),
       rngs: nnx.Rngs,
   ):
