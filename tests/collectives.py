@@ -55,7 +55,8 @@ _INSTRUCTION = re.compile(
     r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.*?)\s"
     r"(?P<op>" + "|".join(map(re.escape, _OPCODES)) + r")\((?P<rest>.*)$")
 _ARRAY = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]+m[0-9]+[a-z]*)?)\[([0-9,]*)\]")
-_EXPLICIT_GROUPS = re.compile(r"(?:replica_groups|source_target_pairs)=\{((?:\{[0-9,\s]*\},?\s*)*)\}")
+_EXPLICIT_GROUPS = re.compile(
+    r"(?:replica_groups|source_target_pairs)=\{((?:\{[0-9,\s]*\},?\s*)*)\}")
 _IOTA_GROUPS = re.compile(
     r"replica_groups=\[(?P<shape>[0-9,]+)\]<=\[(?P<dims>[0-9,]+)\](?:T\((?P<perm>[0-9,]+)\))?")
 # Shardy's mesh form: mesh['a'=2,'b'=4] {'b'}, optionally with
@@ -251,7 +252,9 @@ def _table() -> str:
         # (and the new running averages) of sum(y * w).
         if grad:
           def g(p, x, w, f=f):
-            loss = lambda p, x: (jnp.sum(f(p, x)[0] * w), f(p, x)[1])
+            def loss(p, x):
+              y, aux = f(p, x)               # one call, as a training step makes it
+              return jnp.sum(y * w), aux
             return jax.grad(loss, argnums=(0, 1), has_aux=True)(p, x)
         else:
           g = lambda p, x, w, f=f: f(p, x)

@@ -37,9 +37,10 @@ communicating once, as Flax does.
   frame first, which is a second round). Under sharded ``jit`` the blocks align
   with the shards of the batch axis (``B`` is a power of two), so the partitioner
   keeps each block's pass local and gathers only the per-block statistics: no
-  all-reduce at all, three small all-gathers of the per-block numbers (XLA does
-  not combine them). RMS statistics (mean squares) have no cancellation and
-  use plain sums and one psum.
+  all-reduce at all, one small all-gather of the per-block numbers, packed in
+  one array (``_merge_blocks``). Layer norm there takes one block per device
+  along the features, in case they are split. RMS statistics (mean squares)
+  have no cancellation and use plain sums and one psum.
 * **Summation.** Per-block sums are XLA's reductions in float32 (float64 for
   float64 input), which are tree-shaped on CPU: the sum of ``2**24`` squares
   was measured within 2e-9 of float64.
@@ -156,6 +157,82 @@ def blocks_for(x, axes: tuple[int, ...], max_blocks: int = _MAX_BLOCKS) -> int:
     if shards > 1 and blocks % shards and x.shape[axes[0]] % shards == 0:
       blocks = shards
   return blocks
+
+
+# Sharded `jit` (meshes with Auto axes): the partitioner, not this code,
+# decides the collectives. Two things keep them few: callers that may see
+# their reduced axis split (layer norm's features) ask for one block per
+# device, so that every frame and sum is local (see `auto_mesh_devices`), and
+# the per-block statistics are gathered in one collective before they are
+# merged (`_gather_blocks`; otherwise XLA gathers each operand of the merge's
+# reduce on its own).
+
+
+def _auto_mesh(x):
+  """The mesh of ``x``'s type when it has several devices and only Auto axes
+  (the partitioner's choice); ``None`` otherwise (one device, Explicit or
+  manual axes, inside ``shard_map``, an older JAX)."""
+  try:
+    mesh = jax.typeof(x).sharding.mesh
+    if math.prod(mesh.axis_sizes) <= 1:
+      return None
+    if any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
+      return None
+    return mesh
+  except (AttributeError, TypeError):
+    return None
+
+
+def auto_mesh_devices(x) -> int:
+  """Devices of the Auto-axes mesh ``x`` is placed on (1 without one).
+
+  Tracing cannot tell which axes of ``x`` the partitioner will split on such
+  a mesh, only that it may: the number of blocks that lets every device keep
+  its blocks' frames and sums local if it splits the reduced axis.
+  """
+  mesh = _auto_mesh(x)
+  return 1 if mesh is None else math.prod(mesh.axis_sizes)
+
+
+def _gather_blocks(stats, axis: int, mesh, n_block):
+  """``(n, s, m, q)`` made whole along the block ``axis`` in one collective
+  on ``mesh``; the other axes stay as the partitioner has them. With
+  ``n_block`` (the count of every block, a Python number: no mask) ``n`` is
+  not sent but made again from it."""
+  n, s, m, q = stats
+  sent = (s, m, q) if n_block is not None else (n, s, m, q)
+  parts = jnp.broadcast_arrays(*sent)
+  dt = jnp.result_type(*parts)
+  spec = tuple(None if i == axis else jax.sharding.PartitionSpec.UNCONSTRAINED
+               for i in range(parts[0].ndim + 1))
+  packed = lax.with_sharding_constraint(
+      jnp.stack([v.astype(dt) for v in parts], axis=-1),
+      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+  back = lambda v, w: (lax.real(v) if jnp.iscomplexobj(v) and not jnp.iscomplexobj(w)
+                       else v).astype(w.dtype)
+  got = tuple(back(packed[..., i], w) for i, w in enumerate(sent))
+  if n_block is None:
+    return got
+  return (jnp.full(got[0].shape, n_block, n.dtype),) + got
+
+
+def _merge_blocks(stats, axis: int, like, n_block):
+  """:func:`merge` along the block ``axis``; on an Auto-axes mesh first each
+  group of blocks one device would hold (local wherever the partitioner splits
+  the block axis evenly), then the groups, gathered in one collective.
+  ``n_block``: every block's count when it is a constant, else ``None``."""
+  mesh = _auto_mesh(like)
+  if mesh is None:
+    return merge(stats, axis)
+  blocks = stats[1].shape[axis]
+  devices = math.prod(mesh.axis_sizes)
+  if blocks > devices and blocks % devices == 0:
+    group = blocks // devices
+    split = lambda v: v.reshape(v.shape[:axis] + (devices, group) + v.shape[axis + 1:])
+    stats = merge(tuple(split(v) for v in jnp.broadcast_arrays(*stats)), axis + 1)
+    stats = tuple(jnp.squeeze(v, axis + 1) for v in stats)
+    n_block = None if n_block is None else n_block * group
+  return merge(_gather_blocks(stats, axis, mesh, n_block), axis)
 
 
 def block_view(shape: tuple[int, ...], axes: tuple[int, ...], blocks: int) -> View:
@@ -430,7 +507,7 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
     q = jnp.maximum(s2 - count * _abs2(m), 0)
   stats = (count, frame, m, q)
   if merge_over is not None and xv.shape[merge_over] > 1:
-    stats = merge(stats, merge_over)
+    stats = _merge_blocks(stats, merge_over, xv, n_const if mask is None else None)
   if axis_name is not None:
     stats = _gather_merge(stats, axis_name, axis_index_groups)
   n, r, m, q = stats

@@ -317,6 +317,9 @@ def _fused_jvp(config, primals, tangents):
     # sums read `G * dy` and `d` with no per-block array broadcast to full
     # size (each would be written out: measured 3 full-size temporaries in
     # layer norm's backward pass with `xhat` written out, against Flax's 1).
+    # For RMS norm with the features split over devices, those sums then do
+    # not wait for the forward's statistics, and XLA all-reduces them together
+    # with the forward's sum of squares (one all-reduce in all, as Flax).
     xhat = (d_hat if off is None else d_hat - off) * rstd
     v = None if off is None else rstd * h * off
     if a is not None:
