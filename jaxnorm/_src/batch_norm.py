@@ -156,19 +156,19 @@ def batch_statistics(
         x, axes=red, scale=s.scale, bias=s.bias, eps=eps, mask=mask,
         axis_name=axis_name, axis_index_groups=axis_index_groups,
         dtype=s.out_dtype, renorm=renorm)
-    selected = None if mask is None else out.count > 0
-    return Statistics(out.y, out.mean, out.var, out.count, selected)
+    selected = None if mask is None else out.num_values > 0
+    return Statistics(out.y, out.mean, out.var, out.num_values, selected)
 
   out = norm_lib.normalize_batch(
       x, axes=red, scale=s.scale, bias=s.bias, eps=eps, mask=mask,
       dtype=s.out_dtype, blocks=x.shape[red[0]] // k, ghost=True)
   # Running averages: the mean of the non-empty chunks' statistics.
-  nonempty = out.count > 0
+  nonempty = out.num_values > 0
   real = out.var.dtype
   sums = (jnp.sum(jnp.where(nonempty, out.mean, 0), axis=0),
           jnp.sum(jnp.where(nonempty, out.var, 0), axis=0),
           jnp.sum(nonempty, axis=0, dtype=real),
-          jnp.sum(out.count, axis=0))
+          jnp.sum(out.num_values, axis=0))
   if axis_name is not None:
     sums = lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
   mean_sum, var_sum, chunks, count = sums

@@ -55,6 +55,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
+from typing import Any
 from typing import NamedTuple
 
 import jax
@@ -76,7 +78,7 @@ class Moments(NamedTuple):
   """Statistics in block-view shapes (see :func:`block_view`).
 
   ``x - mean == (x - shift) - mean_off`` per block; ``mean`` is the mean
-  itself, ``var`` the (real) variance and ``count`` the number of selected
+  itself, ``var`` the (real) variance and ``num_values`` the number of selected
   values behind them (all devices), all three merged over the blocks (unless
   each block keeps its own, as in ghost batch norm). For RMS statistics
   ``shift`` and ``mean_off`` are ``None``, ``mean`` is 0 and ``var`` is the
@@ -87,7 +89,7 @@ class Moments(NamedTuple):
   mean_off: jax.Array | None
   mean: jax.Array
   var: jax.Array
-  count: jax.Array
+  num_values: jax.Array
 
 
 class View(NamedTuple):
@@ -354,8 +356,8 @@ def merge(stats, axis: int):
   """
   n, s, m, q = stats
   if jnp.iscomplexobj(s):
-    zero = lambda v: jnp.zeros((), v.dtype)
-    out = lax.reduce((n, s, m, q), tuple(zero(v) for v in stats), _merge, (axis,))
+    out = lax.reduce((n, s, m, q), tuple(jnp.zeros((), v.dtype) for v in stats), _merge,
+                     (axis,))
   else:
     # Two complex operands carry the four real numbers: a sharded reduce is
     # partitioned into a local reduce and one all-gather per operand.
@@ -401,6 +403,7 @@ def _all_gather(x, axis_name, axis_index_groups):
   return lax.all_gather(x, axis_name, axis_index_groups=axis_index_groups)
 
 
+_all_gather_invariant: Callable[..., Any] | None
 try:
   from jax._src.lax.parallel import all_gather_invariant as _all_gather_invariant
 except ImportError:  # an older or newer JAX without it: the plain gather.
