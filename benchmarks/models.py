@@ -201,6 +201,13 @@ def make_step(model, tx, loss_of):
 # ----------------------------------------------------------------------------
 # Running and formatting.
 
+def _compile_step(step, args):
+  """Compiles ``step`` for ``args``; returns the executable and the seconds compiling took."""
+  t0 = time.perf_counter()
+  c = jax.jit(step).lower(*args).compile()
+  return c, time.perf_counter() - t0
+
+
 def run(quick, repeats, compiles, only, log=print):
   rows = []
   log(header())
@@ -213,19 +220,13 @@ def run(quick, repeats, compiles, only, log=print):
     stats = {k: v for k, v in variables.items() if k != "params"}
     tx = optax.adam(1e-3)
     args = (params, stats, tx.init(params), x)
-
-    def compile_once(lib):
-      t0 = time.perf_counter()
-      c = jax.jit(make_step(models[lib], tx, loss_of)).lower(*args).compile()
-      return c, time.perf_counter() - t0
-
     compiled, ctimes = {}, {lib: [] for lib in models}
     for i in range(compiles):
       for lib in (list(models) if i % 2 == 0 else list(models)[::-1]):
-        compiled[lib], t = compile_once(lib)
+        compiled[lib], t = _compile_step(make_step(models[lib], tx, loss_of), args)
         ctimes[lib].append(t)
     losses = {lib: float(c(*args)[-1]) for lib, c in compiled.items()}
-    calls = {lib: (lambda c=c: c(*args)) for lib, c in compiled.items()}
+    calls = {lib: functools.partial(c, *args) for lib, c in compiled.items()}
     med, samples = timing.time_interleaved(calls, repeats, warmup=WARMUP, min_sample=0)
     row = dict(name=name, t=med, ratio=timing.paired_ratio(samples, "jaxnorm", "flax"),
                compile={k: statistics.median(v) for k, v in ctimes.items()},

@@ -40,6 +40,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
 import sys
@@ -158,8 +159,8 @@ def make_cases(quick):
         ("RMSNorm", nn.RMSNorm(epsilon=1e-6, dtype=dt, param_dtype=jnp.float32),
          jaxnorm.rms_norm, jaxnorm.rms_norm_init(ln_shape[-1]))):
       fns = {
-          "jaxnorm": (lambda jn: lambda p, x: jn(p, x, dtype=x.dtype))(jn),
-          "flax": (lambda fl: lambda p, x: fl.apply({"params": p}, x))(fl),
+          "jaxnorm": functools.partial(_apply_in_dtype, jn),
+          "flax": functools.partial(_apply_linen, fl),
       }
       cases.append((f"{name} fwd", shp, dname, {k: (f, (params, x)) for k, f in fns.items()}, x))
       cases.append((f"{name} fwd+bwd", shp, dname,
@@ -173,12 +174,21 @@ def make_cases(quick):
   fl = nn.GroupNorm(num_groups=32, epsilon=1e-6)
   fns = {
       "jaxnorm": lambda p, x: jaxnorm.group_norm(p, x, num_groups=32),
-      "flax": lambda p, x: fl.apply({"params": p}, x),
+      "flax": functools.partial(_apply_linen, fl),
   }
   cases.append(("GroupNorm fwd+bwd", shp, "f32",
                 {k: (_plain_grad(f), (gp, x, ct)) for k, f in fns.items()}, x))
   _add_optional_libs(cases)
   return cases
+
+
+def _apply_in_dtype(fn, p, x):
+  """``fn(p, x)`` computing in ``x``'s dtype, as the Flax modules here do (``dtype=dt``)."""
+  return fn(p, x, dtype=x.dtype)
+
+
+def _apply_linen(module, p, x):
+  return module.apply({"params": p}, x)
 
 
 def _bn_grad(train):
@@ -221,8 +231,8 @@ def run_timing(cases, repeats, only):
       compiled[lib] = (c, args)
       temps[lib] = timing.temp_bytes(c)
     floor = jax.jit(lambda a: a * 2).lower(floor_x).compile()
-    calls = {lib: (lambda c=c, a=a: c(*a)) for lib, (c, a) in compiled.items()}
-    calls["floor"] = lambda: floor(floor_x)
+    calls = {lib: functools.partial(c, *a) for lib, (c, a) in compiled.items()}
+    calls["floor"] = functools.partial(floor, floor_x)
     t, _ = timing.time_interleaved(calls, repeats)
     row = dict(name=name, shape=shp, dtype=dname, floor=t["floor"], t=t, temp=temps)
     rows.append(row)

@@ -15,6 +15,7 @@ transpose).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import flax.linen as nn
@@ -184,30 +185,31 @@ def make_cases(quick, dtypes, only):
     for shape in conv:
       x, ct = arrays(shape, dt)
       c = shape[-1]
+      # Building a case's dict is cheap (closures, no compiles), so all five are built up front.
       bn = _bn_libs(c, dt)
       gn = _gn_libs(c, dt)
-      for name, build in (
-          ("BN train fwd", lambda: {k: (tr, (p, s, x)) for k, (tr, _, p, s) in bn.items()}),
+      for name, libs in (
+          ("BN train fwd", {k: (tr, (p, s, x)) for k, (tr, _, p, s) in bn.items()}),
           ("BN train fwd+bwd",
-           lambda: {k: (_bn_grad(tr), (p, s, x, ct)) for k, (tr, _, p, s) in bn.items()}),
-          ("BN inference", lambda: {k: (inf, (p, s, x)) for k, (_, inf, p, s) in bn.items()}),
-          ("GN fwd", lambda: {k: (f, (p, x)) for k, (f, p) in gn.items()}),
-          ("GN fwd+bwd", lambda: {k: (_grad_all(f), (p, x, ct)) for k, (f, p) in gn.items()}),
+           {k: (_bn_grad(tr), (p, s, x, ct)) for k, (tr, _, p, s) in bn.items()}),
+          ("BN inference", {k: (inf, (p, s, x)) for k, (_, inf, p, s) in bn.items()}),
+          ("GN fwd", {k: (f, (p, x)) for k, (f, p) in gn.items()}),
+          ("GN fwd+bwd", {k: (_grad_all(f), (p, x, ct)) for k, (f, p) in gn.items()}),
       ):
         if wanted(name, shape, dname):
-          yield name, _shape_name(shape), dname, build(), x
+          yield name, _shape_name(shape), dname, libs, x
     for shape in rows:
       x, ct = arrays(shape, dt)
       for kind in ("LN", "RMS"):
-        libs = _row_libs(kind, shape[-1], dt)
-        for suffix, wrap, args in (
-            ("fwd", _fwd, lambda p: (p, x)),
-            ("fwd+bwd dx", _grad_dx, lambda p: (p, x, ct)),
-            ("fwd+bwd y,dx,dp", _grad_all, lambda p: (p, x, ct))):
+        row_libs = _row_libs(kind, shape[-1], dt)
+        for suffix, wrap, data in (
+            ("fwd", _fwd, (x,)),
+            ("fwd+bwd dx", _grad_dx, (x, ct)),
+            ("fwd+bwd y,dx,dp", _grad_all, (x, ct))):
           name = f"{kind} {suffix}"
           if wanted(name, shape, dname):
             yield (name, _shape_name(shape), dname,
-                   {k: (wrap(f), args(p)) for k, (f, p) in libs.items()}, x)
+                   {k: (wrap(f), (p, *data)) for k, (f, p) in row_libs.items()}, x)
 
 
 # ----------------------------------------------------------------------------
@@ -221,10 +223,10 @@ def run(quick, repeats, dtypes, only, log=print):
     calls, temps = {}, {}
     for lib, (f, args) in libs.items():
       c = jax.jit(f).lower(*args).compile()
-      calls[lib] = (lambda c=c, a=args: c(*a))
+      calls[lib] = functools.partial(c, *args)
       temps[lib] = timing.temp_bytes(c)
     floor = jax.jit(lambda a: a * 2).lower(floor_x).compile()
-    calls["floor"] = lambda: floor(floor_x)
+    calls["floor"] = functools.partial(floor, floor_x)
     med, samples = timing.time_interleaved(calls, repeats)
     ratios = {lib: timing.paired_ratio(samples, lib, "flax") for lib in libs if lib != "flax"}
     row = dict(name=name, shape=shp, dtype=dname, t=med, ratio=ratios, temp=temps)

@@ -72,7 +72,7 @@ def time_interleaved(fns, repeats, warmup=3, min_sample=2e-3):
 
 def paired_ratio(samples, a, b) -> float:
   """Median over rounds of ``samples[a][i] / samples[b][i]``."""
-  return statistics.median(x / y for x, y in zip(samples[a], samples[b]))
+  return statistics.median(x / y for x, y in zip(samples[a], samples[b], strict=True))
 
 
 def geomean(values) -> float:

@@ -33,10 +33,14 @@ tensors, and never at import time; it works on NumPy arrays without torch.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
+from jax.typing import DTypeLike
 
 from jaxnorm._src import batch_norm as batch_norm_lib
 from jaxnorm._src import checks
@@ -70,7 +74,9 @@ def _to_numpy(name: str, value) -> np.ndarray:
   )
 
 
-def from_torch(state_dict, *, prefix: str = ""):
+def from_torch(
+    state_dict: Mapping[str, Any], *, prefix: str = ""
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
   """Converts a PyTorch normalization layer's ``state_dict`` to ``(params, state)``.
 
   Accepts the state dicts of ``BatchNorm1d/2d/3d``, ``LayerNorm`` and
@@ -148,7 +154,8 @@ def from_torch(state_dict, *, prefix: str = ""):
   return params, state
 
 
-def to_torch(params, state=None) -> dict[str, np.ndarray]:
+def to_torch(params: Mapping[str, ArrayLike] | None,
+             state: Mapping[str, ArrayLike] | None = None) -> dict[str, np.ndarray]:
   """Converts ``(params, state)`` to a PyTorch state dict of NumPy arrays.
 
   The inverse of :func:`from_torch`: ``scale -> weight``, ``bias -> bias``,
@@ -189,18 +196,28 @@ def to_torch(params, state=None) -> dict[str, np.ndarray]:
   return out
 
 
-def nchw_to_nhwc(x):
+def nchw_to_nhwc(x: ArrayLike) -> jax.Array:
   """Moves the channel axis from 1 to last: ``(N, C, ...) -> (N, ..., C)``."""
   return jnp.moveaxis(x, 1, -1)
 
 
-def nhwc_to_nchw(x):
+def nhwc_to_nchw(x: ArrayLike) -> jax.Array:
   """Moves the channel axis from last to 1: ``(N, ..., C) -> (N, C, ...)``."""
   return jnp.moveaxis(x, -1, 1)
 
 
-def torch_batch_norm(params, state, x, *, train: bool, momentum=0.1, eps=1e-5,
-                     axis=1, mask=None, dtype=None):
+def torch_batch_norm(
+    params: Mapping[str, ArrayLike] | None,
+    state: Mapping[str, jax.Array],
+    x: ArrayLike,
+    *,
+    train: bool,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    axis: int | Sequence[int] = 1,
+    mask: ArrayLike | None = None,
+    dtype: DTypeLike | None = None,
+) -> tuple[jax.Array, Mapping[str, jax.Array]]:
   """Batch norm with ``torch.nn.BatchNorm*d``'s conventions.
 
   ``y = (x - mean) / sqrt(var + eps) * scale + bias`` per channel, where
@@ -284,7 +301,7 @@ def torch_batch_norm(params, state, x, *, train: bool, momentum=0.1, eps=1e-5,
   state = {"num_batches_tracked": jnp.zeros((), jnp.int32), **state}
   new_state = normalize.update_running(
       state, st.mean, st.var, momentum=None if momentum is None else 1 - momentum,
-      count=st.count, selected=st.selected, unbiased=True,
+      count=st.num_values, selected=st.selected, unbiased=True,
       cumulative=momentum is None)
   return st.y, new_state
 

@@ -7,15 +7,6 @@ lists every deliberate difference. This module imports none of
 jaxnorm's linen code.
 """
 
-from jaxnorm._src.nnx_norm import BatchNorm
-from jaxnorm._src.nnx_norm import BatchRenorm
-from jaxnorm._src.nnx_norm import GroupNorm
-from jaxnorm._src.nnx_norm import InstanceNorm
-from jaxnorm._src.nnx_norm import LayerNorm
-from jaxnorm._src.nnx_norm import RMSNorm
-from jaxnorm._src.nnx_wrappers import Dropout
-from jaxnorm._src.nnx_wrappers import SpectralNorm
-from jaxnorm._src.nnx_wrappers import WeightNorm
 from jaxnorm._src.nnx_modern import AdaIN
 from jaxnorm._src.nnx_modern import AdaLNZero
 from jaxnorm._src.nnx_modern import ConditionalBatchNorm
@@ -27,26 +18,35 @@ from jaxnorm._src.nnx_modern import QKNormAttention
 from jaxnorm._src.nnx_modern import StdConv
 from jaxnorm._src.nnx_modern import WeightStandardization
 from jaxnorm._src.nnx_modern import precise_batch_stats
+from jaxnorm._src.nnx_norm import BatchNorm
+from jaxnorm._src.nnx_norm import BatchRenorm
+from jaxnorm._src.nnx_norm import GroupNorm
+from jaxnorm._src.nnx_norm import InstanceNorm
+from jaxnorm._src.nnx_norm import LayerNorm
+from jaxnorm._src.nnx_norm import RMSNorm
+from jaxnorm._src.nnx_wrappers import Dropout
+from jaxnorm._src.nnx_wrappers import SpectralNorm
+from jaxnorm._src.nnx_wrappers import WeightNorm
 
 __all__ = (
-    "BatchNorm",
-    "BatchRenorm",
-    "Dropout",
-    "GroupNorm",
-    "InstanceNorm",
-    "LayerNorm",
-    "RMSNorm",
-    "SpectralNorm",
-    "WeightNorm",
     "AdaIN",
     "AdaLNZero",
+    "BatchNorm",
+    "BatchRenorm",
     "ConditionalBatchNorm",
+    "Dropout",
     "DyT",
     "FiLM",
     "FilterResponseNorm",
+    "GroupNorm",
+    "InstanceNorm",
+    "LayerNorm",
     "QKNorm",
     "QKNormAttention",
+    "RMSNorm",
+    "SpectralNorm",
     "StdConv",
+    "WeightNorm",
     "WeightStandardization",
     "precise_batch_stats",
 )

@@ -252,7 +252,9 @@ def _table() -> str:
         # (and the new running averages) of sum(y * w).
         if grad:
           def g(p, x, w, f=f):
-            loss = lambda p, x: (jnp.sum(f(p, x)[0] * w), f(p, x)[1])
+            def loss(p, x):
+              y, aux = f(p, x)               # one call, as a training step makes it
+              return jnp.sum(y * w), aux
             return jax.grad(loss, argnums=(0, 1), has_aux=True)(p, x)
         else:
           g = lambda p, x, w, f=f: f(p, x)

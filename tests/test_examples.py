@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -210,6 +211,28 @@ def test_dropout_vs_bn(tmp_path):
 def test_small_batches(tmp_path):
   r = _import("small_batches").main(["--quick", "--no-progress", "--out", str(tmp_path)])
   _assert_pngs(r["plots"])
-  # At batch sizes 2 and 4 all three normalizations train well above chance (0.1).
+  # Every normalization, StdConv + GroupNorm (the BiT recipe) included, runs at both batch sizes
+  # and trains well above chance (0.1).
+  kinds = ("BatchNorm", "BatchRenorm", "GroupNorm", "StdConv + GroupNorm")
+  assert set(r["accuracy"]) == {(kind, bs) for kind in kinds for bs in (2, 4)}
   for acc in r["accuracy"].values():
     assert acc > 3 * CHANCE
+
+
+def test_small_batches_stdconv_model_standardizes_its_kernels():
+  # Weight standardization removes each output channel's kernel mean, so adding a constant per
+  # output channel to the stored first-layer kernel leaves the StdConv model's logits unchanged.
+  # The same shift changes the plain-conv GroupNorm model's logits (the shift adds a multiple of
+  # each patch's pixel sum, which varies across the image, so GN cannot remove it).
+  small_batches = _import("small_batches")
+  x = np.random.default_rng(0).normal(size=(2, 8, 8, 1)).astype(np.float32)
+  for kind, invariant in (("StdConv + GroupNorm", True), ("GroupNorm", False)):
+    model = small_batches.ConvNet(kind=kind)
+    variables = model.init(jax.random.PRNGKey(0), x, train=False)
+    params = variables["params"]
+    (first,) = [name for name in params if name.endswith("Conv_0")]
+    kernel = params[first]["kernel"]
+    shifted = {**params, first: {**params[first], "kernel": kernel + np.linspace(1, 2, 16)}}
+    logits = model.apply(variables, x, train=False)
+    logits_shifted = model.apply({**variables, "params": shifted}, x, train=False)
+    assert np.allclose(logits, logits_shifted, atol=1e-4) == invariant, kind

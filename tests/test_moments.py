@@ -102,7 +102,7 @@ def test_block_moments_compose_to_the_textbook_formula():
   mean, var = ref.mean_var(x, 0)
   chex.assert_trees_all_close(m.mean[0, 0], mean, rtol=1e-7)
   chex.assert_trees_all_close(m.var[0, 0], var, rtol=1e-6)
-  chex.assert_trees_all_close(m.count[0, 0], np.full(3, 64.0))
+  chex.assert_trees_all_close(m.num_values[0, 0], np.full(3, 64.0))
   view1 = moments_lib.block_view(x.shape, (1,), 1)
   rms = moments_lib.block_moments(x, view1, rms=True)
   assert rms.shift is None and rms.mean_off is None

@@ -16,11 +16,16 @@ through :func:`jaxnorm._src.normalize.update_running`.
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
+from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import ArrayLike
+from jax.typing import DTypeLike
 
 from jaxnorm._src import checks
 from jaxnorm._src import layer_setup
@@ -28,12 +33,12 @@ from jaxnorm._src import normalize as norm_lib
 
 
 def batch_norm_init(
-    num_features,
+    num_features: int | Sequence[int],
     *,
-    dtype=jnp.float32,
+    dtype: DTypeLike = jnp.float32,
     use_scale: bool = True,
     use_bias: bool = True,
-    state_dtype=jnp.float32,
+    state_dtype: DTypeLike = jnp.float32,
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
   """Returns ``(params, state)`` for :func:`batch_norm`.
 
@@ -111,14 +116,15 @@ class Statistics(NamedTuple):
   """Train-mode output and batch statistics, with the features' shape.
 
   ``selected`` (``None`` without a mask) is False for features the mask leaves
-  without entries on every device; ``count`` is the number of values behind
-  each feature's statistics (all devices).
+  without entries on every device; ``num_values`` is the number of values
+  behind each feature's statistics (all devices). (Not ``count``: a tuple
+  field of that name would hide ``tuple.count``.)
   """
 
   y: jax.Array
   mean: jax.Array
   var: jax.Array
-  count: jax.Array
+  num_values: jax.Array
   selected: jax.Array | None
 
 
@@ -126,8 +132,8 @@ def batch_statistics(
     s: layer_setup.Setup,
     *,
     eps,
-    axis_name=None,
-    axis_index_groups=None,
+    axis_name: Hashable | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
     mask=None,
     virtual_batch_size: int | None = None,
     renorm: tuple | None = None,
@@ -150,19 +156,19 @@ def batch_statistics(
         x, axes=red, scale=s.scale, bias=s.bias, eps=eps, mask=mask,
         axis_name=axis_name, axis_index_groups=axis_index_groups,
         dtype=s.out_dtype, renorm=renorm)
-    selected = None if mask is None else out.count > 0
-    return Statistics(out.y, out.mean, out.var, out.count, selected)
+    selected = None if mask is None else out.num_values > 0
+    return Statistics(out.y, out.mean, out.var, out.num_values, selected)
 
   out = norm_lib.normalize_batch(
       x, axes=red, scale=s.scale, bias=s.bias, eps=eps, mask=mask,
       dtype=s.out_dtype, blocks=x.shape[red[0]] // k, ghost=True)
   # Running averages: the mean of the non-empty chunks' statistics.
-  nonempty = out.count > 0
+  nonempty = out.num_values > 0
   real = out.var.dtype
   sums = (jnp.sum(jnp.where(nonempty, out.mean, 0), axis=0),
           jnp.sum(jnp.where(nonempty, out.var, 0), axis=0),
           jnp.sum(nonempty, axis=0, dtype=real),
-          jnp.sum(out.count, axis=0))
+          jnp.sum(out.num_values, axis=0))
   if axis_name is not None:
     sums = lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
   mean_sum, var_sum, chunks, count = sums
@@ -173,20 +179,20 @@ def batch_statistics(
 
 
 def batch_norm(
-    params,
-    state,
-    x: jax.typing.ArrayLike,
+    params: Mapping[str, ArrayLike] | None,
+    state: Mapping[str, jax.Array],
+    x: ArrayLike,
     *,
     train: bool,
-    axis=-1,
-    momentum=0.99,
-    eps=1e-5,
-    axis_name=None,
-    axis_index_groups=None,
-    mask: jax.typing.ArrayLike | None = None,
+    axis: int | Sequence[int] = -1,
+    momentum: float = 0.99,
+    eps: float = 1e-5,
+    axis_name: Hashable | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    mask: ArrayLike | None = None,
     virtual_batch_size: int | None = None,
-    dtype=None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+    dtype: DTypeLike | None = None,
+) -> tuple[jax.Array, Mapping[str, jax.Array]]:
   """Batch normalization (Ioffe & Szegedy, 2015).
 
   ``y = (x - mean) / sqrt(var + eps) * scale + bias`` with, per feature,
@@ -238,8 +244,10 @@ def batch_norm(
   >>> y, state = jaxnorm.batch_norm(params, state, x, train=True, momentum=0.9)
   >>> np.asarray(y, float).round(3).tolist()
   [[-1.0, -1.0], [1.0, 1.0]]
-  >>> np.asarray(state["mean"], float).round(3).tolist(), np.asarray(state["var"], float).round(3).tolist()
-  ([0.2, 2.0], [1.0, 10.9])
+  >>> np.asarray(state["mean"], float).round(3).tolist()
+  [0.2, 2.0]
+  >>> np.asarray(state["var"], float).round(3).tolist()
+  [1.0, 10.9]
   """
   train = checks.check_train("train", train)
   s = _setup(params, state, x, axis, eps, mask, dtype)
@@ -262,21 +270,21 @@ def _inference(s, state, eps, mask):
 
 
 def batch_renorm(
-    params,
-    state,
-    x: jax.typing.ArrayLike,
+    params: Mapping[str, ArrayLike] | None,
+    state: Mapping[str, jax.Array],
+    x: ArrayLike,
     *,
     train: bool,
-    r_max=3.0,
-    d_max=5.0,
-    axis=-1,
-    momentum=0.99,
-    eps=1e-5,
-    axis_name=None,
-    axis_index_groups=None,
-    mask: jax.typing.ArrayLike | None = None,
-    dtype=None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+    r_max: ArrayLike = 3.0,
+    d_max: ArrayLike = 5.0,
+    axis: int | Sequence[int] = -1,
+    momentum: float = 0.99,
+    eps: float = 1e-5,
+    axis_name: Hashable | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    mask: ArrayLike | None = None,
+    dtype: DTypeLike | None = None,
+) -> tuple[jax.Array, Mapping[str, jax.Array]]:
   """Batch renormalization (Ioffe, 2017).
 
   In train mode, with batch statistics ``mu_B``, ``sigma_B = sqrt(var_B + eps)``

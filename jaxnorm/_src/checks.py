@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection
+from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
+from typing import TypeGuard
+from typing import overload
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.typing import ArrayLike, DTypeLike
+from jax.typing import ArrayLike
+from jax.typing import DTypeLike
 
 #: A Python scalar as returned by :func:`concrete_value`.
 Scalar = bool | int | float | complex
@@ -124,8 +129,9 @@ def check_real_scalar(name: str, value: Any) -> float | None:
           and not isinstance(value, (bool, np.bool_)))
   if not ok:
     raise TypeError(f"`{name}` must be a real number, got {_describe(value)}.")
+  # A real number's concrete value is an int or a float (bools and complex are refused above).
   v = concrete_value(value)
-  return None if v is None else float(v)
+  return float(v) if isinstance(v, (int, float)) else None
 
 
 def check_eps(eps: ArrayLike, name: str = "eps") -> None:
@@ -199,6 +205,13 @@ def check_train(name: str, value: Any) -> bool:
   return bool(concrete_value(value))
 
 
+@overload
+def check_float_dtype(name: str, dtype: None, *, allow_complex: bool = ...) -> None: ...
+@overload
+def check_float_dtype(name: str, dtype: DTypeLike, *, allow_complex: bool = ...) -> np.dtype: ...
+@overload
+def check_float_dtype(name: str, dtype: DTypeLike | None, *,
+                      allow_complex: bool = ...) -> np.dtype | None: ...
 def check_float_dtype(
     name: str, dtype: DTypeLike | None, *, allow_complex: bool = True
 ) -> np.dtype | None:
@@ -280,7 +293,7 @@ def check_min_rank(name: str, x: jax.Array, min_ndim: int,
   )
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[numbers.Integral | np.integer]:
   """A Python or NumPy integer; bools are not integers here."""
   return (isinstance(value, (numbers.Integral, np.integer))
           and not isinstance(value, (bool, np.bool_)))
@@ -295,6 +308,7 @@ def normalize_axes(name: str, axis: int | Sequence[int],
       is not axis 1).
     ValueError: an axis out of range, or the same axis twice.
   """
+  axes: tuple[int, ...]
   if _is_int(axis):
     axes = (int(axis),)
   elif (isinstance(axis, Sequence) and not isinstance(axis, str)
@@ -350,6 +364,26 @@ def check_mask(mask: Any, x: jax.Array, name: str = "mask") -> None:
     )
 
 
+def check_param_keys(params: Any, allowed: Collection[str]) -> None:
+  """``params`` must be a dict whose keys are among ``allowed`` (any may be missing).
+
+  Raises:
+    TypeError: not a dict.
+    ValueError: an unknown key.
+  """
+  if not isinstance(params, Mapping):
+    raise TypeError(
+        f"`params` must be a dict with keys among {sorted(allowed)}, got "
+        f"{type(params).__name__}."
+    )
+  unknown = sorted(set(params) - set(allowed))
+  if unknown:
+    raise ValueError(
+        f"`params` has unexpected keys {unknown}; expected keys among "
+        f"{sorted(allowed)} (a missing key turns that term off)."
+    )
+
+
 def check_params(
     params: Mapping[str, Any] | None,
     expected_shape: tuple[int, ...],
@@ -368,17 +402,7 @@ def check_params(
   """
   if params is None:
     return {}
-  if not isinstance(params, Mapping):
-    raise TypeError(
-        f"`params` must be a dict with keys among {sorted(allowed)}, got "
-        f"{type(params).__name__}."
-    )
-  unknown = sorted(set(params) - set(allowed))
-  if unknown:
-    raise ValueError(
-        f"`params` has unexpected keys {unknown}; expected keys among "
-        f"{sorted(allowed)} (a missing key turns that term off)."
-    )
+  check_param_keys(params, allowed)
   for key in allowed:
     if key in params and params[key] is not None:
       value = params[key]
@@ -475,6 +499,7 @@ def feature_shape(name: str, num_features: Any) -> tuple[int, ...]:
     TypeError: anything else: a string such as ``"4"``, a bool, a float.
     ValueError: a size <= 0.
   """
+  shape: tuple[int, ...]
   if _is_int(num_features):
     shape = (int(num_features),)
   elif (isinstance(num_features, (tuple, list))

@@ -22,6 +22,7 @@ from typing import cast
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
+from jax.typing import DTypeLike
 
 from jaxnorm._src import checks
 from jaxnorm._src.batch_norm import batch_norm
@@ -74,7 +75,7 @@ def projection_init(
     out_features: int,
     *,
     key: jax.Array | None = None,
-    dtype=jnp.float32,
+    dtype: DTypeLike = jnp.float32,
 ) -> dict[str, jax.Array]:
   """``{"kernel": (D, out), "bias": (out,)}``: zeros, or a LeCun-normal kernel with ``key``."""
   d = checks.check_positive_int("cond_features", cond_features)
@@ -143,7 +144,7 @@ def film_init(
     num_features: int,
     *,
     key: jax.Array | None = None,
-    dtype=jnp.float32,
+    dtype: DTypeLike = jnp.float32,
 ) -> dict[str, jax.Array]:
   """Returns the FiLM projection ``{"kernel": (D, 2C), "bias": (2C,)}``.
 
@@ -168,7 +169,7 @@ def film(
     eps: float = 1e-6,
     num_groups: int | None = 32,
     mask: ArrayLike | None = None,
-    dtype=None,
+    dtype: DTypeLike | None = None,
 ) -> jax.Array:
   """Feature-wise linear modulation (Perez et al., 2018) of a normalized input.
 
@@ -210,7 +211,7 @@ def film(
 
 
 def adaln_zero_init(
-    cond_features: int, num_features: int, *, dtype=jnp.float32
+    cond_features: int, num_features: int, *, dtype: DTypeLike = jnp.float32
 ) -> dict[str, jax.Array]:
   """Returns the adaLN-Zero projection, all zeros: ``{"kernel": (D, 3C), "bias": (3C,)}``.
 
@@ -234,7 +235,7 @@ def adaln_zero(
     norm: str = "layer",
     eps: float = 1e-6,
     mask: ArrayLike | None = None,
-    dtype=None,
+    dtype: DTypeLike | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Adaptive layer norm with a zero-initialized gate (Peebles & Xie, 2023, DiT, Section 3.2).
 
@@ -279,7 +280,7 @@ def adaln_zero(
 
 
 def conditional_batch_norm_init(
-    num_classes: int, num_features: int, *, dtype=jnp.float32
+    num_classes: int, num_features: int, *, dtype: DTypeLike = jnp.float32
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
   """Returns ``(params, state)``: ``scale`` ones and ``bias`` zeros of shape ``(K, C)``,
   and batch norm's ``{"mean": zeros(C), "var": ones(C)}`` (float32).
@@ -297,7 +298,7 @@ def conditional_batch_norm_init(
 
 def conditional_batch_norm(
     params: Mapping[str, ArrayLike],
-    state: Mapping[str, ArrayLike],
+    state: Mapping[str, jax.Array],
     x: ArrayLike,
     labels: ArrayLike,
     *,
@@ -306,8 +307,8 @@ def conditional_batch_norm(
     eps: float = 1e-5,
     axis_name: str | None = None,
     mask: ArrayLike | None = None,
-    dtype=None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+    dtype: DTypeLike | None = None,
+) -> tuple[jax.Array, Mapping[str, jax.Array]]:
   """Class-conditional batch norm (de Vries et al., 2017; Miyato & Koyama, 2018).
 
   ``y[n] = (x[n] - mean) / sqrt(var + eps) * scale[labels[n]] + bias[labels[n]]``:
@@ -338,11 +339,7 @@ def conditional_batch_norm(
   checks.check_array("x", x, allow_complex=False)
   x = jnp.asarray(x)
   checks.check_min_rank("x", x, 2, "batch first, channels last")
-  if not isinstance(params, Mapping):
-    raise TypeError(
-        "`params` must be a dict with keys among ['bias', 'scale'], got "
-        f"{type(params).__name__}."
-    )
+  checks.check_param_keys(params, ("scale", "bias"))
   dtype_l = getattr(labels, "dtype", None)
   if dtype_l is None or not jnp.issubdtype(dtype_l, jnp.integer):
     raise TypeError(
@@ -356,12 +353,6 @@ def conditional_batch_norm(
         f"`x`, got {tuple(labels.shape)}."
     )
   c = x.shape[-1]
-  unknown = sorted(set(params) - {"scale", "bias"})
-  if unknown:
-    raise ValueError(
-        f"`params` has unexpected keys {unknown}; expected keys among ['bias', "
-        "'scale'] (a missing key turns that term off)."
-    )
   params = {k: v for k, v in params.items() if v is not None}
   arrays: dict[str, jax.Array] = {}
   for key, value in params.items():

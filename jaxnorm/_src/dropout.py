@@ -108,11 +108,12 @@ def dropout(
   if key is None:
     raise ValueError("`key` is None but `train=True`; pass a PRNG key such as "
                      "`jax.random.key(0)`.")
+  keep_prob: float | jax.Array
+  safe_keep: float | jax.Array
   if r is not None:
-    keep_prob = 1.0 - r
-    safe_keep = keep_prob
-  else:
-    keep_prob = 1.0 - rate
+    keep_prob = safe_keep = 1.0 - r
+  else:  # a traced rate
+    keep_prob = 1.0 - jnp.asarray(rate)
     safe_keep = jnp.where(keep_prob > 0, keep_prob, 1.0)
   mask = keep_mask(key, x.shape, keep_prob, dims)
   kept = (x / safe_keep).astype(x.dtype)

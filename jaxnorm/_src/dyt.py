@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
+from jax.typing import DTypeLike
 
 from jaxnorm._src import checks
 from jaxnorm._src.layer_norm import layer_norm_init
@@ -22,7 +23,7 @@ def dyt_init(
     num_features: int | tuple[int, ...],
     *,
     alpha: float = 0.5,
-    dtype=jnp.float32,
+    dtype: DTypeLike = jnp.float32,
     use_scale: bool = True,
     use_bias: bool = True,
 ) -> dict[str, jax.Array]:
@@ -50,7 +51,7 @@ def dyt(
     x: ArrayLike,
     *,
     axis: int | tuple[int, ...] = -1,
-    dtype=None,
+    dtype: DTypeLike | None = None,
 ) -> jax.Array:
   """Dynamic Tanh (Zhu et al., 2025, Algorithm 1): ``y = scale * tanh(alpha * x) + bias``.
 

@@ -15,7 +15,9 @@ Sec. 3.2, fold it before quantization).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +25,14 @@ import jax.numpy as jnp
 from jaxnorm._src import checks
 
 
-def fold_batch_norm(kernel, bias, params, state, *, eps=1e-5):
+def fold_batch_norm(
+    kernel: jax.Array,
+    bias: jax.Array | None,
+    params: Mapping[str, jax.Array] | None,
+    state: Mapping[str, jax.Array],
+    *,
+    eps: float = 1e-5,
+) -> tuple[jax.Array, jax.Array]:
   """Folds an inference-mode batch norm into the preceding Dense/Conv layer.
 
   Returns ``(kernel', bias')`` such that, for every input ``x``,
@@ -153,7 +162,7 @@ def _copy(tree):
   return tree
 
 
-def _get(tree: Mapping, path: tuple[str, ...], collection: str, role: str):
+def _get(tree: Mapping, path: tuple[str, ...], collection: str, role: str) -> Any:
   node = tree
   for i, key in enumerate(path):
     if not isinstance(node, Mapping) or key not in node:
@@ -173,13 +182,18 @@ def _pop(tree: dict, path: tuple[str, ...]) -> None:
   for key in path[:-1]:
     parents.append(parents[-1][key])
   del parents[-1][path[-1]]
-  for parent, key in zip(reversed(parents[:-1]), reversed(path[:-1])):
+  for parent, key in zip(reversed(parents[:-1]), reversed(path[:-1]), strict=True):
     if parent[key]:
       break
     del parent[key]
 
 
-def fold_batch_norm_tree(variables, pairs, *, eps=1e-5):
+def fold_batch_norm_tree(
+    variables: Mapping[str, Any],
+    pairs: Any,
+    *,
+    eps: float = 1e-5,
+) -> dict[str, Any]:
   """Folds every listed batch norm of a ``flax.linen`` model into its layer.
 
   ``variables`` is what ``model.init`` returns:
@@ -243,7 +257,8 @@ def fold_batch_norm_tree(variables, pairs, *, eps=1e-5):
       bn_params = _get(out["params"], bn, "params", "batch norm")
     except KeyError:  # use_scale=False and use_bias=False: no params at all.
       bn_params = {}
-    if not isinstance(layer_vars, Mapping) or "kernel" not in layer_vars:
+    # `out` is plain nested dicts (_copy), so the layer's entry can be updated in place.
+    if not isinstance(layer_vars, dict) or "kernel" not in layer_vars:
       raise KeyError(
           f"The layer '{'/'.join(layer)}' of `pairs` has no 'kernel' in "
           "`variables['params']`; expected a Dense or Conv module."

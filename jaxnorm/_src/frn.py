@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
+from jax.typing import DTypeLike
 
 from jaxnorm._src import checks
 from jaxnorm._src.layer_norm import rms_norm
@@ -25,7 +26,7 @@ _KEYS = ("scale", "bias", "tau", "eps")
 def frn_init(
     num_features: int,
     *,
-    dtype=jnp.float32,
+    dtype: DTypeLike = jnp.float32,
     use_tlu: bool = True,
     learn_eps: bool = False,
     eps_init: float = 1e-4,
@@ -56,7 +57,7 @@ def frn(
     *,
     eps: float = 1e-6,
     mask: ArrayLike | None = None,
-    dtype=None,
+    dtype: DTypeLike | None = None,
 ) -> jax.Array:
   """Filter response normalization and TLU (Singh & Krishnan, 2020, Eq. 1-3).
 
@@ -93,17 +94,7 @@ def frn(
   x = jnp.asarray(x)
   checks.check_min_rank("x", x, 2, "batch first, channels last")
   c = x.shape[-1]
-  if not isinstance(params, Mapping):
-    raise TypeError(
-        f"`params` must be a dict with keys among {sorted(_KEYS)}, got "
-        f"{type(params).__name__}."
-    )
-  unknown = sorted(set(params) - set(_KEYS))
-  if unknown:
-    raise ValueError(
-        f"`params` has unexpected keys {unknown}; expected keys among "
-        f"{sorted(_KEYS)} (a missing key turns that term off)."
-    )
+  checks.check_param_keys(params, _KEYS)
   learned = params.get("eps")
   channel_params: dict[str, jax.Array] = {}
   for key, value in params.items():

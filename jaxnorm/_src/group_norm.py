@@ -8,16 +8,22 @@ Neither depends on the batch, so both carry no state.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+from collections.abc import Mapping
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
+from jax.typing import DTypeLike
 
 from jaxnorm._src import checks
 from jaxnorm._src import layer_setup
 from jaxnorm._src import normalize as norm_lib
 
 
-def group_norm_init(num_features, *, dtype=jnp.float32, use_scale: bool = True,
-                    use_bias: bool = True) -> dict[str, jax.Array]:
+def group_norm_init(num_features: int | Sequence[int], *, dtype: DTypeLike = jnp.float32,
+                    use_scale: bool = True, use_bias: bool = True) -> dict[str, jax.Array]:
   """Returns ``{"scale": ones(C), "bias": zeros(C)}`` for group and instance norm."""
   return layer_setup.affine_init(layer_setup.feature_shape(num_features), dtype=dtype,
                                  use_scale=use_scale, use_bias=use_bias)
@@ -59,17 +65,17 @@ def _resolve_groups(num_groups, group_size, channels):
 
 
 def group_norm(
-    params,
-    x: jax.typing.ArrayLike,
+    params: Mapping[str, ArrayLike] | None,
+    x: ArrayLike,
     *,
     num_groups: int | None = 32,
     group_size: int | None = None,
-    eps=1e-6,
-    mask: jax.typing.ArrayLike | None = None,
-    reduction_axes=None,
-    axis_name=None,
-    axis_index_groups=None,
-    dtype=None,
+    eps: float = 1e-6,
+    mask: ArrayLike | None = None,
+    reduction_axes: int | Sequence[int] | None = None,
+    axis_name: Hashable | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    dtype: DTypeLike | None = None,
 ) -> jax.Array:
   """Group normalization (Wu & He, 2018), channels last.
 
@@ -129,15 +135,15 @@ def group_norm(
 
 
 def instance_norm(
-    params,
-    x: jax.typing.ArrayLike,
+    params: Mapping[str, ArrayLike] | None,
+    x: ArrayLike,
     *,
-    eps=1e-6,
-    mask: jax.typing.ArrayLike | None = None,
-    axis=-1,
-    axis_name=None,
-    axis_index_groups=None,
-    dtype=None,
+    eps: float = 1e-6,
+    mask: ArrayLike | None = None,
+    axis: int | Sequence[int] = -1,
+    axis_name: Hashable | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    dtype: DTypeLike | None = None,
 ) -> jax.Array:
   """Instance normalization (Ulyanov, Vedaldi & Lempitsky, 2016).
 
@@ -148,7 +154,8 @@ def instance_norm(
 
   >>> import jax.numpy as jnp, numpy as np, jaxnorm
   >>> x = jnp.array([[[1.0], [3.0]]])          # (N=1, W=2, C=1)
-  >>> np.asarray(jaxnorm.instance_norm(jaxnorm.group_norm_init(1), x), float).round(3).ravel().tolist()
+  >>> y = jaxnorm.instance_norm(jaxnorm.group_norm_init(1), x)
+  >>> np.asarray(y, float).round(3).ravel().tolist()
   [-1.0, 1.0]
   """
   x = layer_setup.input_array(x, min_ndim=3,

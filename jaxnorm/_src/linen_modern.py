@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.core import unfreeze
+from flax.typing import Dtype
 from jax.nn import initializers
 from jax.typing import ArrayLike
 
@@ -80,8 +81,8 @@ class FiLM(nn.Module):
   norm: str | None = "layer"
   epsilon: float = 1e-6
   num_groups: int | None = 32
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
   kernel_init: Initializer = initializers.zeros
   bias_init: Initializer = initializers.zeros
 
@@ -129,8 +130,8 @@ class AdaLNZero(nn.Module):
 
   norm: str = "layer"
   epsilon: float = 1e-6
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
   kernel_init: Initializer = initializers.zeros
   bias_init: Initializer = initializers.zeros
 
@@ -167,8 +168,8 @@ class ConditionalBatchNorm(nn.Module):
   use_running_average: bool | None = None
   momentum: float = 0.99
   epsilon: float = 1e-5
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
   use_bias: bool = True
   use_scale: bool = True
   bias_init: Initializer = initializers.zeros
@@ -267,8 +268,8 @@ class QKNorm(nn.Module):
   epsilon: float = 1e-6
   use_scale: bool = True
   scale_init: Initializer = initializers.ones
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, query: ArrayLike, key: ArrayLike) -> tuple[Array, Array]:
@@ -302,8 +303,8 @@ class QKNormAttention(nn.Module):
   epsilon: float = 1e-6
   use_scale: bool = True
   scale_init: Initializer = initializers.ones
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
   attention_fn: Callable[..., Array] = nn.dot_product_attention
 
   @nn.compact
@@ -330,7 +331,7 @@ class QKNormAttention(nn.Module):
 
 
 class DyT(nn.Module):
-  """Dynamic Tanh (Zhu et al., 2025): ``y = scale * tanh(alpha * x) + bias``, a drop-in for LayerNorm.
+  """Dynamic Tanh (Zhu et al., 2025), a drop-in for LayerNorm: ``scale * tanh(alpha * x) + bias``.
 
   ``params = {"alpha": (), "scale": (C,), "bias": (C,)}`` with ``alpha``
   initialized to ``alpha_init_value``; ``__call__(x)`` as ``LayerNorm``'s.
@@ -355,8 +356,8 @@ class DyT(nn.Module):
   scale_init: Initializer = initializers.ones
   bias_init: Initializer = initializers.zeros
   feature_axes: Any = -1
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: ArrayLike, *, mask: ArrayLike | None = None) -> Array:
@@ -400,8 +401,8 @@ class FilterResponseNorm(nn.Module):
   use_tlu: bool = True
   learn_epsilon: bool = False
   eps_init: float = 1e-4
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
   scale_init: Initializer = initializers.ones
   bias_init: Initializer = initializers.zeros
   tau_init: Initializer = initializers.zeros
@@ -455,7 +456,7 @@ class WeightStandardization(nn.Module):
   gamma: float | str = 1.0
   use_gain: bool = True
   epsilon: float | None = None
-  param_dtype: Any = jnp.float32
+  param_dtype: Dtype = jnp.float32
   feature_axes: Any = -1
   variable_filter: Iterable | None = dataclasses.field(
       default_factory=lambda: {"kernel"})
@@ -550,7 +551,7 @@ def precise_batch_stats(
     batches: Iterable,
     *,
     unbiased: bool = False,
-    **apply_kwargs,
+    **apply_kwargs: Any,
 ) -> dict:
   """Recomputes every BatchNorm's ``batch_stats`` exactly over a dataset ("precise BN").
 

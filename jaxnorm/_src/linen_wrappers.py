@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core import FrozenDict
 from flax.core import unfreeze
 
 import jaxnorm
@@ -69,7 +70,7 @@ class WeightNorm(nn.WeightNorm):
     )(self.layer_instance)
 
   def _path(self, path):
-    return (self.layer_instance.name + "/"
+    return (f"{self.layer_instance.name}/"
             + jax.tree_util.keystr(path[1:], simple=True, separator="/"))
 
   def _normalize(self, path, value):
@@ -87,8 +88,8 @@ class WeightNorm(nn.WeightNorm):
                               eps=self.epsilon, dtype=self.dtype)
 
 
-def weight_norm_data_init(module: WeightNorm, variables, *args, eps=1e-6,
-                          **kwargs):
+def weight_norm_data_init(module: WeightNorm, variables: dict[str, Any] | FrozenDict,
+                          *args: Any, eps: float = 1e-6, **kwargs: Any) -> dict[str, Any]:
   """Data-dependent init of a linen :class:`WeightNorm` around a Dense or Conv.
 
   Runs ``module`` on the batch ``args`` with the layer's bias set to zero,
@@ -139,7 +140,7 @@ def weight_norm_data_init(module: WeightNorm, variables, *args, eps=1e-6,
         f"{sorted(layer) if isinstance(layer, dict) else layer!r}.")
   zero_bias = jax.tree.map(lambda a: a, variables)
   zero_bias["params"][layer_name]["bias"] = jnp.zeros_like(layer["bias"])
-  t = module.apply(zero_bias, *args, **kwargs)
+  t = jnp.asarray(module.apply(zero_bias, *args, **kwargs))  # the wrapped layer's output
   new_wn, bias = jaxnorm.weight_norm_data_init(
       {"v": layer["kernel"], "g": params[scale_key]}, t, eps=eps)
   out = jax.tree.map(lambda a: a, variables)
@@ -191,8 +192,7 @@ class SpectralNorm(nn.SpectralNorm):
     value = jnp.asarray(value)
     if value.ndim <= 1 or self.n_steps < 1:
       return value
-    base = (self.layer_instance.name + "/"
-            + "/".join(k.key for k in path[1:]))
+    base = f"{self.layer_instance.name}/" + "/".join(k.key for k in path[1:])
     if value.ndim > 2 and self.error_on_non_matrix:
       raise ValueError(
           f"SpectralNorm: Input is {value.ndim}D but error_on_non_matrix is "

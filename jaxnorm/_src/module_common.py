@@ -18,7 +18,8 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -246,8 +247,7 @@ def check_dropout_rate(module_name: str, rate: Any) -> None:
         f"be in [0, 1], got {rate}.")
 
 
-def shape_tuple(num_features: int | Sequence[int]) -> tuple[int, ...]:
-  """``num_features`` (an int or a tuple of ints) as a shape."""
-  if isinstance(num_features, int) and not isinstance(num_features, bool):
-    return (num_features,)
-  return tuple(num_features)
+def shape_tuple(module_name: str, num_features: int | Sequence[int]) -> tuple[int, ...]:
+  """``num_features`` (an int or a tuple of ints) as a shape, checked as the core checks it."""
+  with module_errors(module_name):
+    return checks.feature_shape("num_features", num_features)

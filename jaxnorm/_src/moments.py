@@ -37,9 +37,10 @@ communicating once, as Flax does.
   frame first, which is a second round). Under sharded ``jit`` the blocks align
   with the shards of the batch axis (``B`` is a power of two), so the partitioner
   keeps each block's pass local and gathers only the per-block statistics: no
-  all-reduce at all, three small all-gathers of the per-block numbers (XLA does
-  not combine them). RMS statistics (mean squares) have no cancellation and
-  use plain sums and one psum.
+  all-reduce at all, one small all-gather of the per-block numbers, packed in
+  one array (``_merge_blocks``). Layer norm there takes one block per device
+  along the features, in case they are split. RMS statistics (mean squares)
+  have no cancellation and use plain sums and one psum.
 * **Summation.** Per-block sums are XLA's reductions in float32 (float64 for
   float64 input), which are tree-shaped on CPU: the sum of ``2**24`` squares
   was measured within 2e-9 of float64.
@@ -54,6 +55,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
+from typing import Any
 from typing import NamedTuple
 
 import jax
@@ -75,7 +78,7 @@ class Moments(NamedTuple):
   """Statistics in block-view shapes (see :func:`block_view`).
 
   ``x - mean == (x - shift) - mean_off`` per block; ``mean`` is the mean
-  itself, ``var`` the (real) variance and ``count`` the number of selected
+  itself, ``var`` the (real) variance and ``num_values`` the number of selected
   values behind them (all devices), all three merged over the blocks (unless
   each block keeps its own, as in ghost batch norm). For RMS statistics
   ``shift`` and ``mean_off`` are ``None``, ``mean`` is 0 and ``var`` is the
@@ -86,7 +89,7 @@ class Moments(NamedTuple):
   mean_off: jax.Array | None
   mean: jax.Array
   var: jax.Array
-  count: jax.Array
+  num_values: jax.Array
 
 
 class View(NamedTuple):
@@ -156,6 +159,82 @@ def blocks_for(x, axes: tuple[int, ...], max_blocks: int = _MAX_BLOCKS) -> int:
     if shards > 1 and blocks % shards and x.shape[axes[0]] % shards == 0:
       blocks = shards
   return blocks
+
+
+# Sharded `jit` (meshes with Auto axes): the partitioner, not this code,
+# decides the collectives. Two things keep them few: callers that may see
+# their reduced axis split (layer norm's features) ask for one block per
+# device, so that every frame and sum is local (see `auto_mesh_devices`), and
+# the per-block statistics are gathered in one collective before they are
+# merged (`_gather_blocks`; otherwise XLA gathers each operand of the merge's
+# reduce on its own).
+
+
+def _auto_mesh(x):
+  """The mesh of ``x``'s type when it has several devices and only Auto axes
+  (the partitioner's choice); ``None`` otherwise (one device, Explicit or
+  manual axes, inside ``shard_map``, an older JAX)."""
+  try:
+    mesh = jax.typeof(x).sharding.mesh
+    if math.prod(mesh.axis_sizes) <= 1:
+      return None
+    if any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
+      return None
+    return mesh
+  except (AttributeError, TypeError):
+    return None
+
+
+def auto_mesh_devices(x) -> int:
+  """Devices of the Auto-axes mesh ``x`` is placed on (1 without one).
+
+  Tracing cannot tell which axes of ``x`` the partitioner will split on such
+  a mesh, only that it may: the number of blocks that lets every device keep
+  its blocks' frames and sums local if it splits the reduced axis.
+  """
+  mesh = _auto_mesh(x)
+  return 1 if mesh is None else math.prod(mesh.axis_sizes)
+
+
+def _gather_blocks(stats, axis: int, mesh, n_block):
+  """``(n, s, m, q)`` made whole along the block ``axis`` in one collective
+  on ``mesh``; the other axes stay as the partitioner has them. With
+  ``n_block`` (the count of every block, a Python number: no mask) ``n`` is
+  not sent but made again from it."""
+  n, s, m, q = stats
+  sent = (s, m, q) if n_block is not None else (n, s, m, q)
+  parts = jnp.broadcast_arrays(*sent)
+  dt = jnp.result_type(*parts)
+  spec = tuple(None if i == axis else jax.sharding.PartitionSpec.UNCONSTRAINED
+               for i in range(parts[0].ndim + 1))
+  packed = lax.with_sharding_constraint(
+      jnp.stack([v.astype(dt) for v in parts], axis=-1),
+      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+  back = lambda v, w: (lax.real(v) if jnp.iscomplexobj(v) and not jnp.iscomplexobj(w)
+                       else v).astype(w.dtype)
+  got = tuple(back(packed[..., i], w) for i, w in enumerate(sent))
+  if n_block is None:
+    return got
+  return (jnp.full(got[0].shape, n_block, n.dtype),) + got
+
+
+def _merge_blocks(stats, axis: int, like, n_block):
+  """:func:`merge` along the block ``axis``; on an Auto-axes mesh first each
+  group of blocks one device would hold (local wherever the partitioner splits
+  the block axis evenly), then the groups, gathered in one collective.
+  ``n_block``: every block's count when it is a constant, else ``None``."""
+  mesh = _auto_mesh(like)
+  if mesh is None:
+    return merge(stats, axis)
+  blocks = stats[1].shape[axis]
+  devices = math.prod(mesh.axis_sizes)
+  if blocks > devices and blocks % devices == 0:
+    group = blocks // devices
+    split = lambda v: v.reshape(v.shape[:axis] + (devices, group) + v.shape[axis + 1:])
+    stats = merge(tuple(split(v) for v in jnp.broadcast_arrays(*stats)), axis + 1)
+    stats = tuple(jnp.squeeze(v, axis + 1) for v in stats)
+    n_block = None if n_block is None else n_block * group
+  return merge(_gather_blocks(stats, axis, mesh, n_block), axis)
 
 
 def block_view(shape: tuple[int, ...], axes: tuple[int, ...], blocks: int) -> View:
@@ -277,8 +356,8 @@ def merge(stats, axis: int):
   """
   n, s, m, q = stats
   if jnp.iscomplexobj(s):
-    zero = lambda v: jnp.zeros((), v.dtype)
-    out = lax.reduce((n, s, m, q), tuple(zero(v) for v in stats), _merge, (axis,))
+    out = lax.reduce((n, s, m, q), tuple(jnp.zeros((), v.dtype) for v in stats), _merge,
+                     (axis,))
   else:
     # Two complex operands carry the four real numbers: a sharded reduce is
     # partitioned into a local reduce and one all-gather per operand.
@@ -324,6 +403,7 @@ def _all_gather(x, axis_name, axis_index_groups):
   return lax.all_gather(x, axis_name, axis_index_groups=axis_index_groups)
 
 
+_all_gather_invariant: Callable[..., Any] | None
 try:
   from jax._src.lax.parallel import all_gather_invariant as _all_gather_invariant
 except ImportError:  # an older or newer JAX without it: the plain gather.
@@ -430,7 +510,7 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
     q = jnp.maximum(s2 - count * _abs2(m), 0)
   stats = (count, frame, m, q)
   if merge_over is not None and xv.shape[merge_over] > 1:
-    stats = merge(stats, merge_over)
+    stats = _merge_blocks(stats, merge_over, xv, n_const if mask is None else None)
   if axis_name is not None:
     stats = _gather_merge(stats, axis_name, axis_index_groups)
   n, r, m, q = stats

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes as flax_dtypes
+from flax.typing import Dtype
 from flax.typing import PromoteDtypeFn
 from jax.nn import initializers
 from jax.typing import ArrayLike
@@ -32,9 +33,10 @@ from jaxnorm._src import frn as frn_lib
 from jaxnorm._src import precise_bn as precise_lib
 from jaxnorm._src import qk_norm as qk_lib
 from jaxnorm._src import weight_standardization as ws_lib
+from jaxnorm._src.module_common import module_errors
+from jaxnorm._src.module_common import shape_tuple
 from jaxnorm._src.nnx_norm import BatchNorm as _JaxnormBatchNorm
 from jaxnorm._src.nnx_norm import BatchRenorm as _JaxnormBatchRenorm
-from jaxnorm._src.module_common import module_errors
 from jaxnorm._src.nnx_wrappers import _swapped
 
 Array = jax.Array
@@ -53,19 +55,16 @@ def _value(var):
 def _promote(module, arrays, names=("x",)):
   """Checks the leading inputs, then ``module.promote_dtype`` as Flax calls it."""
   with module_errors(type(module).__name__):
-    for name, a in zip(names, arrays):
+    for name, a in zip(names, arrays, strict=False):  # the leading ones only
       checks.check_array(name, a, allow_complex=False)
   return module.promote_dtype(arrays, dtype=module.dtype)
 
 
-def _shape(num_features) -> tuple[int, ...]:
-  if isinstance(num_features, int) and not isinstance(num_features, bool):
-    return (checks.check_positive_int("num_features", num_features),)
-  return tuple(checks.check_positive_int("num_features", n) for n in num_features)
-
-
 class _Projected(nnx.Module):
   """FiLM and AdaLNZero: a ``(D, parts * C)`` projection of the condition."""
+
+  kernel: nnx.Param
+  bias: nnx.Param
 
   def _init_projection(self, cond_features, num_features, parts, *, kernel_init,
                        bias_init, param_dtype, rngs):
@@ -94,6 +93,13 @@ class FiLM(_Projected):
   (2, 4, 3)
   """
 
+  norm: str | None
+  epsilon: float
+  num_groups: int | None
+  dtype: Dtype | None
+  param_dtype: Dtype
+  promote_dtype: PromoteDtypeFn
+
   def __init__(
       self,
       cond_features: int,
@@ -102,8 +108,8 @@ class FiLM(_Projected):
       norm: str | None = "layer",
       epsilon: float = 1e-6,
       num_groups: int | None = 32,
-      dtype: Any = None,
-      param_dtype: Any = jnp.float32,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
       kernel_init: Initializer = initializers.zeros,
       bias_init: Initializer = initializers.zeros,
       promote_dtype: PromoteDtypeFn = flax_dtypes.promote_dtype,
@@ -143,6 +149,12 @@ class AdaLNZero(_Projected):
   True
   """
 
+  norm: str
+  epsilon: float
+  dtype: Dtype | None
+  param_dtype: Dtype
+  promote_dtype: PromoteDtypeFn
+
   def __init__(
       self,
       cond_features: int,
@@ -150,8 +162,8 @@ class AdaLNZero(_Projected):
       *,
       norm: str = "layer",
       epsilon: float = 1e-6,
-      dtype: Any = None,
-      param_dtype: Any = jnp.float32,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
       kernel_init: Initializer = initializers.zeros,
       bias_init: Initializer = initializers.zeros,
       promote_dtype: PromoteDtypeFn = flax_dtypes.promote_dtype,
@@ -175,11 +187,12 @@ class AdaLNZero(_Projected):
 
 
 class ConditionalBatchNorm(nnx.Module):
-  """Class-conditional batch norm (de Vries et al., 2017); see :func:`jaxnorm.conditional_batch_norm`.
+  """Class-conditional batch norm (de Vries et al., 2017): one scale/bias row per class.
 
   ``mean``/``var`` (``nnx.BatchStat``, float32, shape ``(C,)``) as
   :class:`jaxnorm.nnx.BatchNorm`; ``scale``/``bias`` of shape
   ``(num_classes, C)``. ``model.train()``/``model.eval()`` switch the mode.
+  See :func:`jaxnorm.conditional_batch_norm`.
 
   >>> import jax.numpy as jnp, jaxnorm.nnx as jn
   >>> from flax import nnx
@@ -187,6 +200,22 @@ class ConditionalBatchNorm(nnx.Module):
   >>> cbn(jnp.ones((4, 3)), jnp.array([0, 1, 2, 3])).shape, cbn.scale.shape
   ((4, 3), (10, 3))
   """
+
+  mean: nnx.BatchStat
+  var: nnx.BatchStat
+  scale: nnx.Param | None
+  bias: nnx.Param | None
+  num_classes: int
+  num_features: int
+  use_running_average: bool | None
+  momentum: float
+  epsilon: float
+  dtype: Dtype | None
+  param_dtype: Dtype
+  use_bias: bool
+  use_scale: bool
+  axis_name: str | None
+  promote_dtype: PromoteDtypeFn
 
   def __init__(
       self,
@@ -196,8 +225,8 @@ class ConditionalBatchNorm(nnx.Module):
       use_running_average: bool | None = False,
       momentum: float = 0.99,
       epsilon: float = 1e-5,
-      dtype: Any = None,
-      param_dtype: Any = jnp.float32,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
       use_bias: bool = True,
       use_scale: bool = True,
       bias_init: Initializer = initializers.zeros,
@@ -249,7 +278,7 @@ class ConditionalBatchNorm(nnx.Module):
       self.var[...] = jax.lax.stop_gradient(new["var"])
     return y
 
-  def set_view(self, use_running_average: bool | None = None):
+  def set_view(self, use_running_average: bool | None = None) -> None:
     """Used by ``nnx.view(model, use_running_average=...)``."""
     if use_running_average is not None:
       self.use_running_average = use_running_average
@@ -264,6 +293,8 @@ class AdaIN(nnx.Module):
   >>> jn.AdaIN()(jnp.ones((1, 4, 2)), jnp.ones((1, 3, 2))).shape
   (1, 4, 2)
   """
+
+  epsilon: float
 
   def __init__(self, *, epsilon: float = 1e-5):
     self.epsilon = epsilon
@@ -296,6 +327,16 @@ class QKNorm(nnx.Module):
   ((1, 3, 2, 4), (1, 5, 2, 4))
   """
 
+  head_dim: int
+  kind: str
+  epsilon: float
+  use_scale: bool
+  dtype: Dtype | None
+  param_dtype: Dtype
+  promote_dtype: PromoteDtypeFn
+  query_norm: _Scale
+  key_norm: _Scale
+
   def __init__(
       self,
       head_dim: int,
@@ -304,8 +345,8 @@ class QKNorm(nnx.Module):
       epsilon: float = 1e-6,
       use_scale: bool = True,
       scale_init: Initializer = initializers.ones,
-      dtype: Any = None,
-      param_dtype: Any = jnp.float32,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
       promote_dtype: PromoteDtypeFn = flax_dtypes.promote_dtype,
       rngs: nnx.Rngs,
   ):
@@ -359,6 +400,8 @@ class QKNormAttention(QKNorm):
   (1, 3, 8)
   """
 
+  attention_fn: Callable[..., Array]
+
   def __init__(self, head_dim: int, *,
                attention_fn: Callable[..., Array] = nnx.dot_product_attention,
                **kwargs):
@@ -373,7 +416,9 @@ class QKNormAttention(QKNorm):
 
 
 class DyT(nnx.Module):
-  """Dynamic Tanh (Zhu et al., 2025), a drop-in for ``nnx.LayerNorm``: ``scale * tanh(alpha * x) + bias``.
+  """Dynamic Tanh (Zhu et al., 2025), a drop-in for ``nnx.LayerNorm``.
+
+  ``y = scale * tanh(alpha * x) + bias``, elementwise with a learned scalar ``alpha``.
 
   ``self.alpha`` (scalar, ``alpha_init_value``), ``self.scale`` (ones) and
   ``self.bias`` (zeros) of shape ``num_features``; see :func:`jaxnorm.dyt`.
@@ -385,6 +430,17 @@ class DyT(nnx.Module):
   (0.5, (2, 3))
   """
 
+  alpha: nnx.Param
+  scale: nnx.Param | None
+  bias: nnx.Param | None
+  num_features: int | tuple[int, ...]
+  feature_axes: Any
+  use_scale: bool
+  use_bias: bool
+  dtype: Dtype | None
+  param_dtype: Dtype
+  promote_dtype: PromoteDtypeFn
+
   def __init__(
       self,
       num_features: int | tuple[int, ...],
@@ -395,12 +451,12 @@ class DyT(nnx.Module):
       scale_init: Initializer = initializers.ones,
       bias_init: Initializer = initializers.zeros,
       feature_axes: Any = -1,
-      dtype: Any = None,
-      param_dtype: Any = jnp.float32,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
       promote_dtype: PromoteDtypeFn = flax_dtypes.promote_dtype,
       rngs: nnx.Rngs,
   ):
-    shape = _shape(num_features)
+    shape = shape_tuple(type(self).__name__, num_features)
     self.alpha = nnx.Param(jnp.asarray(alpha_init_value, param_dtype))
     self.scale = _param(scale_init, rngs, shape, param_dtype) if use_scale else nnx.data(None)
     self.bias = _param(bias_init, rngs, shape, param_dtype) if use_bias else nnx.data(None)
@@ -436,6 +492,18 @@ class FilterResponseNorm(nnx.Module):
   (2, 4, 4, 3)
   """
 
+  scale: nnx.Param
+  bias: nnx.Param
+  tau: nnx.Param | None
+  eps: nnx.Param | None
+  num_features: int
+  epsilon: float
+  use_tlu: bool
+  learn_epsilon: bool
+  dtype: Dtype | None
+  param_dtype: Dtype
+  promote_dtype: PromoteDtypeFn
+
   def __init__(
       self,
       num_features: int,
@@ -444,8 +512,8 @@ class FilterResponseNorm(nnx.Module):
       use_tlu: bool = True,
       learn_epsilon: bool = False,
       eps_init: float = 1e-4,
-      dtype: Any = None,
-      param_dtype: Any = jnp.float32,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
       scale_init: Initializer = initializers.ones,
       bias_init: Initializer = initializers.zeros,
       tau_init: Initializer = initializers.zeros,
@@ -471,7 +539,7 @@ class FilterResponseNorm(nnx.Module):
     values = _promote(self, (x, self.scale[...], self.bias[...], _value(self.tau),
                              _value(self.eps)))
     x = values[0]
-    params = {k: v for k, v in zip(("scale", "bias", "tau", "eps"), values[1:])
+    params = {k: v for k, v in zip(("scale", "bias", "tau", "eps"), values[1:], strict=True)
               if v is not None}
     with module_errors(type(self).__name__):
       return frn_lib.frn(params, x, eps=self.epsilon, mask=mask, dtype=self.dtype)
@@ -496,6 +564,16 @@ class WeightStandardization(nnx.Module):
   (2, 4)
   """
 
+  layer_instance: nnx.Module
+  scaled: bool
+  gamma: float | str
+  use_gain: bool
+  epsilon: float
+  feature_axes: Any
+  param_dtype: Dtype
+  variable_filter: Callable[..., bool]
+  gains: dict | None
+
   def __init__(
       self,
       layer_instance: nnx.Module,
@@ -505,7 +583,7 @@ class WeightStandardization(nnx.Module):
       use_gain: bool = True,
       epsilon: float | None = None,
       feature_axes: Any = -1,
-      param_dtype: Any = jnp.float32,
+      param_dtype: Dtype = jnp.float32,
       variable_filter: Any = nnx.PathContains("kernel"),
       rngs: nnx.Rngs,
   ):
@@ -563,6 +641,8 @@ class StdConv(nnx.Conv):
   (1, 5, 5, 8)
   """
 
+  ws_epsilon: float
+
   def __init__(self, *args, ws_epsilon: float = 1e-6, **kwargs):
     super().__init__(*args, **kwargs)
     self.ws_epsilon = ws_epsilon
@@ -617,7 +697,7 @@ def precise_batch_stats(
     batches: Iterable,
     *,
     unbiased: bool = False,
-    **call_kwargs,
+    **call_kwargs: Any,
 ) -> None:
   """Recomputes every BatchNorm's ``mean``/``var`` of an nnx model exactly, in place.
 

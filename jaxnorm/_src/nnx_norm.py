@@ -23,15 +23,19 @@ This file imports no ``flax.linen`` code of jaxnorm's.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 from types import MappingProxyType
 from typing import Any
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes as flax_dtypes
-from flax.typing import Dtype, Initializer, PromoteDtypeFn
+from flax.typing import Dtype
+from flax.typing import Initializer
+from flax.typing import PromoteDtypeFn
 from jax.nn import initializers
 
 import jaxnorm
@@ -52,7 +56,14 @@ def _value(var: nnx.Variable | None) -> Array | None:
   return None if var is None else var[...]
 
 
-def _promote(module: nnx.Module, arrays: tuple) -> tuple:
+class _Promotes(Protocol):
+  """A module with Flax's dtype attributes: what :func:`_promote` reads."""
+
+  dtype: Dtype | None
+  promote_dtype: PromoteDtypeFn
+
+
+def _promote(module: _Promotes, arrays: tuple) -> tuple:
   """``module.promote_dtype(arrays, dtype=module.dtype)``, as Flax calls it,
   after checking ``x`` (the first array): Flax's promotion would turn an
   integer ``x`` into floats, where jaxnorm refuses it as the core does."""
@@ -61,22 +72,20 @@ def _promote(module: nnx.Module, arrays: tuple) -> tuple:
   return module.promote_dtype(arrays, dtype=module.dtype)
 
 
-def _affine(module: nnx.Module, shape: tuple[int, ...], *, rngs: nnx.Rngs,
-            use_scale: bool, use_bias: bool, scale_init: Initializer,
-            bias_init: Initializer, param_dtype: Dtype,
-            scale_metadata: Mapping[str, Any],
-            bias_metadata: Mapping[str, Any]) -> None:
-  """Declares ``scale`` then ``bias`` (Flax's order, so keys match)."""
-  if use_scale:
-    module.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype),
-                             **scale_metadata)
-  else:
-    module.scale = nnx.data(None)
-  if use_bias:
-    module.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype),
-                            **bias_metadata)
-  else:
-    module.bias = nnx.data(None)
+def _affine(shape: tuple[int, ...], *, rngs: nnx.Rngs, use_scale: bool,
+            use_bias: bool, scale_init: Initializer, bias_init: Initializer,
+            param_dtype: Dtype, scale_metadata: Mapping[str, Any],
+            bias_metadata: Mapping[str, Any]) -> tuple[nnx.Param | None, nnx.Param | None]:
+  """``(scale, bias)`` as Flax makes them: ``scale``'s key is drawn first.
+
+  Assign them in that order (``self.scale, self.bias = _affine(...)``) so
+  that the modules' variables come in Flax's order.
+  """
+  scale = (nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata)
+           if use_scale else nnx.data(None))
+  bias = (nnx.Param(bias_init(rngs.params(), shape, param_dtype), **bias_metadata)
+          if use_bias else nnx.data(None))
+  return scale, bias
 
 
 def _store(module: nnx.Module, args: Mapping[str, Any],
@@ -117,9 +126,11 @@ class _BatchNormShell(nnx.BatchNorm):
   var: nnx.BatchStat
   scale: nnx.Param | None
   bias: nnx.Param | None
-  num_features: int | Sequence[int]
+  # Wider than Flax's `int` on purpose: a tuple for several feature axes.
+  num_features: int | Sequence[int]  # type: ignore[assignment]
   use_running_average: bool | None
-  axis: Axes
+  # Wider than Flax's `int` on purpose: batch norm over several feature axes.
+  axis: Axes  # type: ignore[assignment]
   momentum: float
   epsilon: float
   dtype: Dtype | None
@@ -138,14 +149,14 @@ class _BatchNormShell(nnx.BatchNorm):
     to their values (the subclass's ``__init__`` passes its ``locals()``);
     ``num_features`` may also be a tuple (several feature axes).
     """
-    shape = common.shape_tuple(args["num_features"])
+    shape = common.shape_tuple(type(self).__name__, args["num_features"])
     self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
-    _affine(self, shape, rngs=args["rngs"], use_scale=args["use_scale"],
-            use_bias=args["use_bias"], scale_init=args["scale_init"],
-            bias_init=args["bias_init"], param_dtype=args["param_dtype"],
-            scale_metadata=args["scale_metadata"],
-            bias_metadata=args["bias_metadata"])
+    self.scale, self.bias = _affine(
+        shape, rngs=args["rngs"], use_scale=args["use_scale"],
+        use_bias=args["use_bias"], scale_init=args["scale_init"],
+        bias_init=args["bias_init"], param_dtype=args["param_dtype"],
+        scale_metadata=args["scale_metadata"], bias_metadata=args["bias_metadata"])
     _store(self, args, _BATCH_NORM_ATTRS)
 
   def _core(self, params: dict, state: dict, x: Array, *, train: bool,
@@ -345,7 +356,8 @@ class LayerNorm(nnx.LayerNorm):
 
   scale: nnx.Param | None
   bias: nnx.Param | None
-  num_features: int | Sequence[int]
+  # Wider than Flax's `int` on purpose: a tuple for several feature axes.
+  num_features: int | Sequence[int]  # type: ignore[assignment]
   epsilon: float
   dtype: Dtype | None
   param_dtype: Dtype
@@ -383,10 +395,11 @@ class LayerNorm(nnx.LayerNorm):
   ):
     if zero_centered_scale and scale_init is initializers.ones:
       scale_init = initializers.zeros
-    _affine(self, common.shape_tuple(num_features), rngs=rngs,
-            use_scale=use_scale, use_bias=use_bias, scale_init=scale_init,
-            bias_init=bias_init, param_dtype=param_dtype,
-            scale_metadata=scale_metadata, bias_metadata=bias_metadata)
+    self.scale, self.bias = _affine(
+        common.shape_tuple(type(self).__name__, num_features), rngs=rngs, use_scale=use_scale,
+        use_bias=use_bias, scale_init=scale_init, bias_init=bias_init,
+        param_dtype=param_dtype, scale_metadata=scale_metadata,
+        bias_metadata=bias_metadata)
     _store(self, locals(), _NORM_ATTRS + ("reduction_axes", "feature_axes"))
     self.zero_centered_scale = zero_centered_scale
 
@@ -421,7 +434,8 @@ class RMSNorm(nnx.RMSNorm):
   """
 
   scale: nnx.Param | None
-  num_features: int | Sequence[int]
+  # Wider than Flax's `int` on purpose: a tuple for several feature axes.
+  num_features: int | Sequence[int]  # type: ignore[assignment]
   epsilon: float
   dtype: Dtype | None
   param_dtype: Dtype
@@ -457,7 +471,7 @@ class RMSNorm(nnx.RMSNorm):
       scale_init = initializers.zeros
     if use_scale:
       self.scale = nnx.Param(
-          scale_init(rngs.params(), common.shape_tuple(num_features),
+          scale_init(rngs.params(), common.shape_tuple(type(self).__name__, num_features),
                      param_dtype), **scale_metadata)
     else:
       self.scale = nnx.data(None)
@@ -540,10 +554,10 @@ class GroupNorm(nnx.GroupNorm):
   ):
     groups = common.resolve_groups(type(self).__name__, num_features,
                                    num_groups, group_size)
-    _affine(self, (num_features,), rngs=rngs, use_scale=use_scale,
-            use_bias=use_bias, scale_init=scale_init, bias_init=bias_init,
-            param_dtype=param_dtype, scale_metadata=scale_metadata,
-            bias_metadata=bias_metadata)
+    self.scale, self.bias = _affine(
+        (num_features,), rngs=rngs, use_scale=use_scale, use_bias=use_bias,
+        scale_init=scale_init, bias_init=bias_init, param_dtype=param_dtype,
+        scale_metadata=scale_metadata, bias_metadata=bias_metadata)
     self.feature_axis = -1
     _store(self, locals(), tuple(n for n in _NORM_ATTRS if n != "num_features")
            + ("reduction_axes",))
@@ -581,7 +595,8 @@ class InstanceNorm(nnx.InstanceNorm):
 
   scale: nnx.Param | None
   bias: nnx.Param | None
-  num_features: int | Sequence[int]
+  # Wider than Flax's `int` on purpose: a tuple for several feature axes.
+  num_features: int | Sequence[int]  # type: ignore[assignment]
   epsilon: float
   dtype: Dtype | None
   param_dtype: Dtype
@@ -613,10 +628,11 @@ class InstanceNorm(nnx.InstanceNorm):
       bias_metadata: Mapping[str, Any] = _NO_METADATA,
       scale_metadata: Mapping[str, Any] = _NO_METADATA,
   ):
-    _affine(self, common.shape_tuple(num_features), rngs=rngs,
-            use_scale=use_scale, use_bias=use_bias, scale_init=scale_init,
-            bias_init=bias_init, param_dtype=param_dtype,
-            scale_metadata=scale_metadata, bias_metadata=bias_metadata)
+    self.scale, self.bias = _affine(
+        common.shape_tuple(type(self).__name__, num_features), rngs=rngs, use_scale=use_scale,
+        use_bias=use_bias, scale_init=scale_init, bias_init=bias_init,
+        param_dtype=param_dtype, scale_metadata=scale_metadata,
+        bias_metadata=bias_metadata)
     _store(self, locals(), _NORM_ATTRS + ("feature_axes",))
 
   def __call__(self, x: Array, *, mask: Array | None = None) -> Array:

@@ -23,14 +23,18 @@ outputs equal Flax's either way, and the kernel stays ``v`` as in the paper.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
+from collections.abc import Iterator
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes as flax_dtypes
-from flax.typing import Dtype, Initializer, PromoteDtypeFn
+from flax.typing import Dtype
+from flax.typing import Initializer
+from flax.typing import PromoteDtypeFn
 
 import jaxnorm
 from jaxnorm._src import checks
@@ -134,6 +138,7 @@ class WeightNorm(nnx.WeightNorm):
 
   def _normalized(self) -> list:
     pairs = []
+    scales = self.scales or {}
     for path, param in nnx.to_flat_state(nnx.state(self.layer_instance)):
       if not self.variable_filter(path, param):
         continue
@@ -141,24 +146,24 @@ class WeightNorm(nnx.WeightNorm):
       feature = _feature_axes(self.feature_axes, value.ndim)
       wn = {"v": value}
       if self.use_scale:
-        if path not in self.scales:
+        if path not in scales:
           raise RuntimeError(
               f"WeightNorm: Could not find the scale corresponding to the "
               f"param {path} in scales dict. Parameters of the layer_instance "
               "should not change! The scales were made at construction for "
-              f"{sorted(self.scales)}.")
-        wn["g"] = self.scales[path].get_value()
+              f"{sorted(scales)}.")
+        wn["g"] = scales[path].get_value()
       pairs.append((param, jaxnorm.weight_norm(
           wn, axis=feature if feature else None, eps=self.epsilon,
           dtype=self.dtype)))
     return pairs
 
-  def __call__(self, x: Array, *args, **kwargs) -> Any:
+  def __call__(self, x: Array, *args: Any, **kwargs: Any) -> Any:
     """Calls the wrapped layer with its selected parameters weight-normalized."""
     with _swapped(self._normalized()):
       return self.layer_instance(x, *args, **kwargs)
 
-  def data_init(self, x: Array, *args, eps: float = 1e-6, **kwargs) -> Any:
+  def data_init(self, x: Array, *args: Any, eps: float = 1e-6, **kwargs: Any) -> Any:
     """Data-dependent init (Salimans & Kingma 2016, §3), in place.
 
     Runs the layer on the batch ``x`` with its bias at zero, then sets the
@@ -170,9 +175,12 @@ class WeightNorm(nnx.WeightNorm):
     normalized parameter. Returns the normalized outputs.
     """
     layer = self.layer_instance
+    kernel = getattr(layer, "kernel", None)
     bias = getattr(layer, "bias", None)
-    paths = list(self.scales or {})
+    scales = self.scales or {}
+    paths = list(scales)
     if (not self.use_scale or self.feature_axes not in (-1, (-1,))
+        or not isinstance(kernel, nnx.Variable)
         or not isinstance(bias, nnx.Variable) or bias.get_value() is None
         or paths != [("kernel",)]):
       raise ValueError(
@@ -182,9 +190,9 @@ class WeightNorm(nnx.WeightNorm):
           f"normalized parameters {paths}.")
     with _swapped([(bias, jnp.zeros_like(bias.get_value()))]):
       t = self(x, *args, **kwargs)
-    scale = self.scales[("kernel",)]
+    scale = scales[("kernel",)]
     new_wn, new_bias = jaxnorm.weight_norm_data_init(
-        {"v": layer.kernel.get_value(), "g": scale.get_value()}, t, eps=eps)
+        {"v": kernel.get_value(), "g": scale.get_value()}, t, eps=eps)
     scale.set_value(new_wn["g"].astype(scale.get_value().dtype))
     bias.set_value(new_bias.astype(bias.get_value().dtype))
     return self(x, *args, **kwargs)

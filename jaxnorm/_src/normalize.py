@@ -67,14 +67,14 @@ class Batch(NamedTuple):
   """What :func:`normalize_batch` returns.
 
   ``mean`` and ``var`` have the features' shape (one entry per block and
-  feature for ghost batch norm, blocks first); ``count`` is the number of
+  feature for ghost batch norm, blocks first); ``num_values`` is the number of
   selected values behind them (all devices).
   """
 
   y: jax.Array
   mean: jax.Array
   var: jax.Array
-  count: jax.Array
+  num_values: jax.Array
 
 
 def normalize_batch(
@@ -210,7 +210,7 @@ def _outputs(config, xv, scale, bias, m, eps, renorm):
   y = _centered(xv.astype(sdt), m) * mul
   if add is not None:
     y = y + add
-  return (y.astype(config.out_dtype), m.mean, m.var, m.count.astype(m.var.dtype))
+  return (y.astype(config.out_dtype), m.mean, m.var, m.num_values.astype(m.var.dtype))
 
 
 def _forward(config, xv, scale, bias, mask, eps, renorm):
@@ -267,9 +267,10 @@ def _fused_jvp(config, primals, tangents):
       v = jnp.sum(v, axis=block_axis, keepdims=True)
     return v
 
-  count = m.count.astype(m.var.dtype)
+  count = m.num_values.astype(m.var.dtype)
   inv_n = 1.0 / jnp.maximum(count, 1)
   rstd = lax.rsqrt(m.var + eps)
+  sums: tuple[jax.Array, ...]
   if config.rms:
     (e,) = block_sums(d_sel * dx_sel)
     sums = (total(e),)
@@ -317,6 +318,9 @@ def _fused_jvp(config, primals, tangents):
     # sums read `G * dy` and `d` with no per-block array broadcast to full
     # size (each would be written out: measured 3 full-size temporaries in
     # layer norm's backward pass with `xhat` written out, against Flax's 1).
+    # For RMS norm with the features split over devices, those sums then do
+    # not wait for the forward's statistics, and XLA all-reduces them together
+    # with the forward's sum of squares (one all-reduce in all, as Flax).
     xhat = (d_hat if off is None else d_hat - off) * rstd
     v = None if off is None else rstd * h * off
     if a is not None:

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
+from jax.typing import DTypeLike
 
 from jaxnorm._src import checks
 
@@ -129,7 +130,7 @@ def precise_stats_result(
     *,
     unbiased: bool = False,
     fallback: Mapping[str, ArrayLike] | None = None,
-    dtype=jnp.float32,
+    dtype: DTypeLike = jnp.float32,
 ) -> dict[str, jax.Array]:
   """The population ``{"mean", "var"}`` of everything added, as batch-norm ``state``.
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
+from jax.typing import DTypeLike
 
 from jaxnorm._src import checks
 from jaxnorm._src.layer_norm import layer_norm
@@ -21,7 +22,7 @@ from jaxnorm._src.layer_norm import rms_norm
 KINDS = ("rms", "layer")
 
 
-def check_kind(kind) -> str:
+def check_kind(kind: object) -> str:
   """``kind`` must be ``"rms"`` or ``"layer"``."""
   if kind not in KINDS:
     raise ValueError(f"`kind` must be 'rms' or 'layer', got {kind!r}.")
@@ -29,7 +30,7 @@ def check_kind(kind) -> str:
 
 
 def qk_norm_init(
-    head_dim: int, *, kind: str = "rms", dtype=jnp.float32
+    head_dim: int, *, kind: str = "rms", dtype: DTypeLike = jnp.float32
 ) -> dict[str, dict[str, jax.Array]]:
   """Returns ``{"query_norm": {"scale": ones}, "key_norm": {"scale": ones}}``.
 
@@ -56,7 +57,7 @@ def qk_norm(
     *,
     kind: str = "rms",
     eps: float = 1e-6,
-    dtype=None,
+    dtype: DTypeLike | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Normalizes queries and keys over their last axis, ``head_dim`` (Dehghani et al., 2023).
 

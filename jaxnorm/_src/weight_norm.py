@@ -15,10 +15,12 @@ Both reparametrize a layer's weight rather than its activations:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import DTypeLike
 
 from jaxnorm._src import checks
 from jaxnorm._src import moments as moments_lib
@@ -53,7 +55,7 @@ def _inverse_norm(v, reduction_axes, eps):
   return jnp.where(positive, lax.rsqrt(jnp.where(positive, sq, 1)), 0)
 
 
-def weight_norm_init(w: jax.Array, *, axis=-1) -> dict:
+def weight_norm_init(w: jax.Array, *, axis: int | Sequence[int] = -1) -> dict[str, jax.Array]:
   """Splits a weight into direction and length: ``{"v": w, "g": ||w||}``.
 
   Args:
@@ -77,7 +79,8 @@ def weight_norm_init(w: jax.Array, *, axis=-1) -> dict:
   return {"v": w, "g": g.astype(w.dtype)}
 
 
-def weight_norm(wn: Mapping, *, axis=-1, eps=0.0, dtype=None) -> jax.Array:
+def weight_norm(wn: Mapping[str, jax.Array], *, axis: int | Sequence[int] | None = -1,
+                eps: float = 0.0, dtype: DTypeLike | None = None) -> jax.Array:
   """Weight normalization: ``w = g * v / ||v||``.
 
   The norm is over every axis of ``v`` but ``axis`` (the output axes), so each
@@ -122,7 +125,8 @@ def weight_norm(wn: Mapping, *, axis=-1, eps=0.0, dtype=None) -> jax.Array:
   return w.astype(out_dtype)
 
 
-def weight_norm_data_init(wn: Mapping, t: jax.Array, *, eps=1e-6):
+def weight_norm_data_init(wn: Mapping[str, jax.Array], t: jax.Array, *, eps: float = 1e-6
+                          ) -> tuple[dict[str, jax.Array], jax.Array]:
   """Data-dependent init of weight normalization (Salimans & Kingma 2016, §3).
 
   Given ``t``, the layer's output on a batch computed with ``weight_norm(wn)``
@@ -168,7 +172,7 @@ def _l2_normalize(x, eps):
   return x * lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
-def spectral_norm_init(w: jax.Array, key: jax.Array) -> dict:
+def spectral_norm_init(w: jax.Array, key: jax.Array) -> dict[str, jax.Array]:
   """State of spectral normalization: a random unit vector ``u``, ``sigma`` 1.
 
   Args:
@@ -189,13 +193,13 @@ def spectral_norm_init(w: jax.Array, key: jax.Array) -> dict:
 
 def spectral_norm(
     w: jax.Array,
-    state: Mapping,
+    state: Mapping[str, jax.Array],
     *,
     n_steps: int = 1,
     train: bool = True,
-    eps=1e-12,
-    dtype=None,
-):
+    eps: float = 1e-12,
+    dtype: DTypeLike | None = None,
+) -> tuple[jax.Array, Mapping[str, jax.Array]]:
   """Spectral normalization: ``w / sigma(w)`` by power iteration.
 
   ``w`` is viewed as the matrix ``W`` of shape ``(prod(w.shape[:-1]),
