@@ -101,7 +101,9 @@ CASES = {
         _fn(lambda p, x: jaxnorm.group_norm(p, x, num_groups=2), P3, jnp.ones((2, 4))),
         ValueError,
         "`x` has features of shape (4,) along the last axis but `params['scale']` has "
-        "shape (3,); pass `axis=` to choose the feature axis."),
+        "shape (3,); group norm takes the channels last, so build `params` with "
+        "`group_norm_init(4)`, or move `x`'s channels last (`jnp.moveaxis(x, 1, -1)` for "
+        "NCHW)."),
     "bn_int": _case(_bn(x=jnp.ones((4, 3), jnp.int32)), TypeError,
                     "`x` must have a floating-point or complex dtype, got int32; cast it "
                     "first, for example `x.astype(jnp.float32)`."),

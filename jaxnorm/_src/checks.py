@@ -389,8 +389,13 @@ def check_params(
     expected_shape: tuple[int, ...],
     allowed: Sequence[str],
     where: str,
+    *,
+    hint: str = "pass `axis=` to choose the feature axis",
 ) -> dict[str, jax.Array]:
   """Validates a params dict: known keys, float dtypes, the features' shape.
+
+  ``where`` says where ``x``'s features are (``"along axis -1"``) and ``hint``
+  how the caller's layer chooses them; both go into the shape error.
 
   Returns:
     The dict without None values (``{}`` for ``None``). A missing key means
@@ -410,8 +415,7 @@ def check_params(
       if tuple(value.shape) != tuple(expected_shape):
         raise ValueError(
             f"`x` has features of shape {tuple(expected_shape)} {where} but "
-            f"`params['{key}']` has shape {tuple(value.shape)}; pass `axis=` to "
-            f"choose the feature axis."
+            f"`params['{key}']` has shape {tuple(value.shape)}; {hint}."
         )
   return {k: v for k, v in params.items() if v is not None}
 

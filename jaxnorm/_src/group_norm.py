@@ -126,6 +126,9 @@ def group_norm(
   groups = _resolve_groups(num_groups, group_size, channels)
   s = layer_setup.setup(params, x, feature_axes=(x.ndim - 1,), reduction_axes=reduction,
                         allowed=("scale", "bias"), where="along the last axis",
+                        hint=("group norm takes the channels last, so build `params` "
+                              f"with `group_norm_init({channels})`, or move `x`'s "
+                              "channels last (`jnp.moveaxis(x, 1, -1)` for NCHW)"),
                         eps=eps, mask=mask, dtype=dtype)
   # Per-channel sums over the other reduction axes, pooled over each group's
   # channels, all in x's own (N, ..., C) layout: no grouped reshape of x.

@@ -63,14 +63,16 @@ def setup(
     mask,
     dtype,
     zero_centered_scale: bool = False,
+    hint: str = "pass `axis=` to choose the feature axis",
 ) -> Setup:
   """Checks ``params``, ``eps``, ``mask`` and ``dtype`` against ``x`` (already
-  checked) and broadcasts the parameters to ``x``'s rank."""
+  checked) and broadcasts the parameters to ``x``'s rank. ``where`` and
+  ``hint`` are as in :func:`checks.check_params`."""
   checks.check_eps(eps)
   checks.check_mask(mask, x)
   checks.check_float_dtype("dtype", dtype)
   fshape = tuple(x.shape[a] for a in feature_axes)
-  params = checks.check_params(params, fshape, allowed, where)
+  params = checks.check_params(params, fshape, allowed, where, hint=hint)
   bshape = tuple(x.shape[a] if a in feature_axes else 1 for a in range(x.ndim))
   scale = params.get("scale")
   bias = params.get("bias")
