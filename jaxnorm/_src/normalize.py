@@ -133,9 +133,9 @@ def normalize_batch(
   real = mom_lib.real_dtype(x.dtype)
   eps = jnp.asarray(eps, real)
   if jnp.issubdtype(x.dtype, jnp.floating):
-    y, mean, var, count = _fused(config, xv, scale_v, bias_v, mv, eps, renorm_v)
+    y, mean, var, count = _fused_jit(config, xv, scale_v, bias_v, mv, eps, renorm_v)
   else:
-    y, mean, var, count = _forward(config, xv, scale_v, bias_v, mv, eps, renorm_v)
+    y, mean, var, count = _forward_jit(config, xv, scale_v, bias_v, mv, eps, renorm_v)
   stats_shape = tuple(d for a, d in enumerate(x.shape) if a not in axes)
   return Batch(y.reshape(x.shape), *(_from_view(v, config, stats_shape)
                                      for v in (mean, var, count)))
@@ -220,6 +220,13 @@ def _forward(config, xv, scale, bias, mask, eps, renorm):
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _fused(config, xv, scale, bias, mask, eps, renorm):
   return _forward(config, xv, scale, bias, mask, eps, renorm)
+
+
+# Called through `jax.jit`: inside a jitted program the call is inlined (the
+# same HLO), and an eager call compiles the layer once per signature instead of
+# dispatching, and compiling, each of its ~100 operations one by one
+# (measured: an eager value_and_grad of group_norm took 8 s before).
+_fused_jit = jax.jit(_fused, static_argnums=0)
 
 
 @_fused.defjvp
@@ -336,6 +343,9 @@ def _fused_jvp(config, primals, tangents):
   dmean = jnp.zeros_like(mean) if a is None else jnp.broadcast_to(a, mean.shape).astype(mean.dtype)
   dvar = jnp.broadcast_to(2.0 * c / rstd, var.shape).astype(var.dtype)
   return out, (dy.astype(y.dtype), dmean, dvar, jnp.zeros_like(cnt))
+
+
+_forward_jit = jax.jit(_forward, static_argnums=0)
 
 
 def normalize_with(
