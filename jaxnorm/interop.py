@@ -287,11 +287,13 @@ def torch_batch_norm(
   if not train and tracking:
     return batch_norm_lib.batch_norm(params, state, x, train=False, axis=axis,
                                      eps=eps, mask=mask, dtype=dtype)
-  stats_state = ({k: state[k] for k in ("mean", "var")} if tracking else
-                 None)
+  # Running averages are checked (both keys, shapes, dtypes) with the layer's
+  # own state check; without them there is nothing to check.
+  stats_state = ({k: state[k] for k in ("mean", "var") if k in state} if tracking
+                 else None)
   x = jnp.asarray(x) if isinstance(x, np.ndarray) else x
-  s = batch_norm_lib._setup(params, stats_state or _no_state(x, axis), x, axis, eps,
-                            mask, dtype)
+  s = batch_norm_lib.setup_call(params, stats_state, x, axis, eps, mask, dtype,
+                                stateless=not tracking)
   if s.x.size == 0:
     return jnp.zeros(s.x.shape, s.out_dtype), state
   st = batch_norm_lib.batch_statistics(s, eps=eps, mask=mask)
@@ -305,9 +307,3 @@ def torch_batch_norm(
       cumulative=momentum is None)
   return st.y, new_state
 
-
-def _no_state(x, axis):
-  """Placeholder running averages, for checking a state-less call."""
-  checks.check_array("x", x)
-  shape = tuple(x.shape[a] for a in checks.normalize_axes("axis", axis, max(x.ndim, 1)))
-  return {"mean": jnp.zeros(shape, jnp.float32), "var": jnp.zeros(shape, jnp.float32)}

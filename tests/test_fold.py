@@ -100,20 +100,22 @@ def test_fold_batch_norm_errors():
   params, state = _random_bn(3, 4)
   cases = [
       ((jnp.ones((3, 5)), None, params, state),
-       "`params['scale']` has shape (4,) but `kernel` of shape (3, 5) has 5 output "
-       "features on its last axis; the batch norm must act on this layer's output."),
+       "`kernel` of shape (3, 5) has features of shape (5,) on its last axis (the "
+       "layer's output features) but `params['scale']` has shape (4,); the batch "
+       "norm must act on this layer's output."),
       ((jnp.ones((3, 4)), None, {"bias": params["bias"]}, dict(state, var=jnp.ones(5))),
-       "`state['var']` has shape (5,) but `kernel` of shape (3, 4) has 4 output "
-       "features on its last axis; the batch norm must act on this layer's output."),
+       "`kernel` of shape (3, 4) has features of shape (4,) on its last axis (the "
+       "layer's output features) but `state['var']` has shape (5,); the batch norm "
+       "must act on this layer's output."),
       ((jnp.ones((2, 2, 3, 4)), jnp.ones(3), params, state),
        "`bias` must have shape (4,) to match the 4 output features on the last axis "
        "of `kernel` of shape (2, 2, 3, 4), got shape (3,)."),
       ((jnp.ones((3, 4)), None, params, {"mean": state["mean"]}),
-       "`state` must have keys among ['mean', 'var'] including ['mean', 'var'], got "
-       "keys ['mean']."),
+       "`state` is missing ['var']; it must hold 'mean' and 'var' (build it with "
+       "`batch_norm_init`), got keys ['mean']."),
       ((jnp.ones((3, 4)), None, dict(params, gamma=params["scale"]), state),
-       "`params` must have keys among ['bias', 'scale'], got keys ['bias', 'gamma', "
-       "'scale']."),
+       "`params` has unexpected keys ['gamma']; expected keys among ['bias', "
+       "'scale'] (a missing key turns that term off)."),
       ((jnp.ones(()), None, params, state),
        "`kernel` must have at least 1 dimension (output features last), got a scalar."),
   ]
@@ -263,9 +265,9 @@ def test_fold_batch_norm_tree_errors():
   with pytest.raises(ValueError) as err:  # Conv_0 has 4 channels, BatchNorm_1 has 5
     jaxnorm.fold_batch_norm_tree(variables, {"Conv_0": "BatchNorm_1"})
   assert str(err.value) == (
-      "`params['scale']` has shape (5,) but `kernel` of shape (3, 3, 3, 4) has 4 "
-      "output features on its last axis; the batch norm must act on this layer's "
-      "output."
+      "`kernel` of shape (3, 3, 3, 4) has features of shape (4,) on its last axis "
+      "(the layer's output features) but `params['scale']` has shape (5,); the "
+      "batch norm must act on this layer's output."
   )
   with pytest.raises(ValueError) as err:
     jaxnorm.fold_batch_norm_tree({"params": variables["params"]}, {"Conv_0": "BatchNorm_0"})

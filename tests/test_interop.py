@@ -162,6 +162,26 @@ def test_torch_batch_norm_rejects_bad_momentum():
   assert str(err.value) == "`momentum` must be in [0, 1], got 1.5."
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_torch_batch_norm_checks_a_partial_state(train):
+  # Only one running average: the batch norm's own state check names the
+  # missing one (it was a raw KeyError in train mode).
+  with pytest.raises(ValueError) as err:
+    interop.torch_batch_norm(None, {"mean": jnp.zeros(3)}, jnp.ones((4, 3)),
+                             train=train, axis=-1)
+  assert str(err.value) == (
+      "`state` is missing ['var']; it must hold 'mean' and 'var' (build it with "
+      "`batch_norm_init`), got keys ['mean']."
+  )
+  with pytest.raises(ValueError) as err:
+    interop.torch_batch_norm(None, {"mean": jnp.zeros(2), "var": jnp.ones(2)},
+                             jnp.ones((4, 3)), train=train, axis=-1)
+  assert str(err.value) == (
+      "`x` has features of shape (3,) along axis -1 but `state['mean']` has shape "
+      "(2,); pass `axis=` to choose the feature axis."
+  )
+
+
 @pytest.mark.parametrize("make", [
     lambda: torch.nn.BatchNorm1d(4),
     lambda: torch.nn.BatchNorm2d(4, affine=False),

@@ -60,14 +60,19 @@ def batch_norm_init(
   return params, state
 
 
-def _setup(params, state, x, axis, eps, mask, dtype):
+def setup_call(params, state, x, axis, eps, mask, dtype, *,
+               stateless: bool = False) -> layer_setup.Setup:
+  """A batch norm call's checked setup; ``stateless`` (a call without running
+  averages, as :func:`jaxnorm.interop.torch_batch_norm` makes) skips the state
+  check."""
   x = layer_setup.input_array(x)
   feature_axes = checks.normalize_axes("axis", axis, x.ndim)
   reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
   s = layer_setup.setup(params, x, feature_axes=feature_axes,
                         reduction_axes=reduction_axes, allowed=("scale", "bias"),
                         where=f"along axis {axis}", eps=eps, mask=mask, dtype=dtype)
-  checks.check_state(state, s.feature_shape, f"along axis {axis}")
+  if not stateless:
+    checks.check_state(state, s.feature_shape, f"along axis {axis}")
   return s
 
 
@@ -97,12 +102,14 @@ def _check_ghost(x, reduction_axes, virtual_batch_size, axis_name):
         "`virtual_batch_size` needs a batch axis, but `axis` leaves `x` of shape "
         f"{tuple(x.shape)} no axis to reduce over."
     )
-  k = checks.check_virtual_batch_size(
-      virtual_batch_size, values_per_example=values_per_feature(x, reduction_axes[1:]))
   n = x.shape[reduction_axes[0]]
+  # Divisibility: the shared check words it for one device; with `axis_name`
+  # the message says that chunks stay within each device's batch.
+  k = checks.check_virtual_batch_size(
+      virtual_batch_size, batch_size=n if axis_name is None else None,
+      batch_axis=reduction_axes[0],
+      values_per_example=values_per_feature(x, reduction_axes[1:]))
   if n % k:
-    if axis_name is None:
-      checks.check_virtual_batch_size(k, batch_size=n, batch_axis=reduction_axes[0])
     raise ValueError(
         f"`virtual_batch_size`={k} must divide the batch size on each device, but "
         f"`x` has {n} examples along axis {reduction_axes[0]} on this device. Chunks "
@@ -250,7 +257,7 @@ def batch_norm(
   [1.0, 10.9]
   """
   train = checks.check_train("train", train)
-  s = _setup(params, state, x, axis, eps, mask, dtype)
+  s = setup_call(params, state, x, axis, eps, mask, dtype)
   checks.check_momentum(momentum)
   if s.x.size == 0:
     return layer_setup.empty_output(s), state
@@ -304,7 +311,7 @@ def batch_renorm(
   Arguments and returns are those of :func:`batch_norm`.
   """
   train = checks.check_train("train", train)
-  s = _setup(params, state, x, axis, eps, mask, dtype)
+  s = setup_call(params, state, x, axis, eps, mask, dtype)
   checks.check_momentum(momentum)
   if not jnp.issubdtype(s.x.dtype, jnp.floating):
     raise TypeError(

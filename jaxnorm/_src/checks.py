@@ -391,11 +391,14 @@ def check_params(
     where: str,
     *,
     hint: str = "pass `axis=` to choose the feature axis",
+    subject: str = "`x`",
+    allow_complex: bool = True,
 ) -> dict[str, jax.Array]:
   """Validates a params dict: known keys, float dtypes, the features' shape.
 
-  ``where`` says where ``x``'s features are (``"along axis -1"``) and ``hint``
-  how the caller's layer chooses them; both go into the shape error.
+  ``where`` says where ``subject``'s features are (``"along axis -1"``) and
+  ``hint`` how the caller's layer chooses them; all three go into the shape
+  error.
 
   Returns:
     The dict without None values (``{}`` for ``None``). A missing key means
@@ -411,10 +414,10 @@ def check_params(
   for key in allowed:
     if key in params and params[key] is not None:
       value = params[key]
-      check_array(f"params['{key}']", value)
+      check_array(f"params['{key}']", value, allow_complex=allow_complex)
       if tuple(value.shape) != tuple(expected_shape):
         raise ValueError(
-            f"`x` has features of shape {tuple(expected_shape)} {where} but "
+            f"{subject} has features of shape {tuple(expected_shape)} {where} but "
             f"`params['{key}']` has shape {tuple(value.shape)}; {hint}."
         )
   return {k: v for k, v in params.items() if v is not None}
@@ -441,8 +444,14 @@ def check_state(
     where: str,
     *,
     allowed: Collection[str] = BATCH_NORM_STATE_KEYS,
+    hint: str = "pass `axis=` to choose the feature axis",
+    subject: str = "`x`",
+    allow_complex: bool = True,
 ) -> None:
   """A batch-norm state: a dict with 'mean' and 'var' of the features' shape.
+
+  ``where``, ``hint`` and ``subject`` are as in :func:`check_params`;
+  ``allow_complex`` allows a complex mean (a complex batch norm's).
 
   Raises:
     TypeError: not a dict, or values that are not float arrays (complex
@@ -463,12 +472,11 @@ def check_state(
   check_state_keys(state, allowed)
   for key in ("mean", "var"):
     value = state[key]
-    check_array(f"state['{key}']", value, allow_complex=(key == "mean"))
+    check_array(f"state['{key}']", value, allow_complex=allow_complex and key == "mean")
     if tuple(value.shape) != tuple(expected_shape):
       raise ValueError(
-          f"`x` has features of shape {tuple(expected_shape)} {where} but "
-          f"`state['{key}']` has shape {tuple(value.shape)}; pass `axis=` to "
-          f"choose the feature axis."
+          f"{subject} has features of shape {tuple(expected_shape)} {where} but "
+          f"`state['{key}']` has shape {tuple(value.shape)}; {hint}."
       )
 
 

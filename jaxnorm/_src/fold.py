@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxnorm._src import checks
+from jaxnorm._src import layer_setup
 
 
 def fold_batch_norm(
@@ -81,33 +82,11 @@ def fold_batch_norm(
           f"features on the last axis of `kernel` of shape "
           f"{tuple(kernel.shape)}, got shape {tuple(bias.shape)}."
       )
-  params = {} if params is None else params
-  for name, tree, allowed, required in (("params", params, ("scale", "bias"), ()),
-                                        ("state", state, ("mean", "var"), ("mean", "var"))):
-    if not isinstance(tree, Mapping):
-      raise TypeError(
-          f"`{name}` must be a dict with keys among {sorted(allowed)}, got "
-          f"{type(tree).__name__}."
-      )
-    unknown = sorted(set(tree) - set(allowed))
-    missing = [k for k in required if k not in tree]
-    if unknown or missing:
-      raise ValueError(
-          f"`{name}` must have keys among {sorted(allowed)}"
-          + (f" including {sorted(required)}" if required else "")
-          + f", got keys {sorted(tree)}."
-      )
-    for key in allowed:
-      if tree.get(key) is None:
-        continue
-      checks.check_array(f"{name}['{key}']", tree[key], allow_complex=False)
-      if tuple(tree[key].shape) != (channels,):
-        raise ValueError(
-            f"`{name}['{key}']` has shape {tuple(tree[key].shape)} but `kernel` "
-            f"of shape {tuple(kernel.shape)} has {channels} output features on "
-            f"its last axis; the batch norm must act on this layer's output."
-        )
-  params = {k: v for k, v in params.items() if v is not None}
+  params = layer_setup.batch_norm_variables(
+      params, state, (channels,),
+      subject=f"`kernel` of shape {tuple(kernel.shape)}",
+      where="on its last axis (the layer's output features)",
+      hint="the batch norm must act on this layer's output", allow_complex=False)
   checks.check_eps(eps)
 
   real = jnp.promote_types(kernel.dtype, jnp.float32)

@@ -84,6 +84,32 @@ def setup(
                scale, bias, checks.result_dtype(x, params, dtype))
 
 
+def batch_norm_variables(
+    params,
+    state,
+    feature_shape: tuple[int, ...],
+    *,
+    where: str,
+    hint: str,
+    subject: str,
+    allow_complex: bool = True,
+    state_keys: Sequence[str] = ("mean", "var"),
+) -> dict[str, jax.Array]:
+  """Checks a batch norm's ``params`` and running averages ``state`` against
+  ``feature_shape`` outside a layer call (:mod:`jaxnorm._src.fold`): the same
+  checks, and messages, as :func:`setup` and the batch norm's state check.
+
+  Returns:
+    ``params`` without ``None`` values (``{}`` for ``None``).
+  """
+  params = checks.check_params(params, feature_shape, ("scale", "bias"), where,
+                               hint=hint, subject=subject,
+                               allow_complex=allow_complex)
+  checks.check_state(state, feature_shape, where, allowed=state_keys, hint=hint,
+                     subject=subject, allow_complex=allow_complex)
+  return params
+
+
 def input_array(x, *, min_ndim: int = 1, what: str = "") -> jax.Array:
   """``x`` checked (floating point or complex) and as a JAX array."""
   checks.check_array("x", x)
