@@ -40,13 +40,6 @@ def rms_norm_init(num_features, *, dtype=jnp.float32,
                                  use_bias=False, zero_centered_scale=zero_centered_scale)
 
 
-def _feature_blocks(x) -> int:
-  """The most blocks per row: 1, or on an Auto-axes mesh its device count
-  (rounded down to a power of two, at most ``moments._MAX_BLOCKS``)."""
-  devices = mom_lib.auto_mesh_devices(x)
-  return min(1 << (devices.bit_length() - 1), mom_lib._MAX_BLOCKS)
-
-
 def _normalize(params, x, *, axis, feature_axes, eps, mask, axis_name,
                axis_index_groups, dtype, zero_centered_scale, rms):
   x = layer_setup.input_array(x)
@@ -70,7 +63,7 @@ def _normalize(params, x, *, axis, feature_axes, eps, mask, axis_name,
   # all-gather, no all-reduce; one frame per row would be broadcast from the
   # shard holding it, then two all-reduces). RMS statistics need no frame:
   # one block and one all-reduce, as Flax.
-  blocks = mom_lib.blocks_for(x, reduction, max_blocks=1 if rms else _feature_blocks(x))
+  blocks = mom_lib.blocks_for(x, reduction, max_blocks=1 if rms else None)
   return norm_lib.normalize_batch(
       x, axes=reduction, scale=s.scale, bias=s.bias, eps=eps, mask=mask,
       axis_name=axis_name, axis_index_groups=axis_index_groups,

@@ -11,7 +11,9 @@ number of devices, while reading ``x`` once, as Flax's fast variance does, and
 communicating once, as Flax does.
 
 * **Blocks, each in its own frame.** The first reduction axis (the batch axis
-  of batch norm) is split into ``B`` blocks. In each block the data is shifted
+  of batch norm) is split into ``B`` blocks: one on a single device, one per
+  device on a sharded mesh (:func:`device_blocks`; ghost batch norm's chunks
+  are blocks too). In each block the data is shifted
   by a *frame* ``s_b`` taken from the block itself: the median of three of its
   values (first, middle and last along its longest reduction axis), or, with a
   mask or pooled channels (group norm), the block's (masked) mean, one more
@@ -149,10 +151,13 @@ def _shards_along(x, axis: int) -> int:
     return 1
 
 
-def blocks_for(x, axes: tuple[int, ...], max_blocks: int = _MAX_BLOCKS) -> int:
+def blocks_for(x, axes: tuple[int, ...], max_blocks: int | None = None) -> int:
   """:func:`num_blocks` for ``x``, made a multiple of the shards of its first
   reduced axis when the type of ``x`` names them (Explicit mesh axes), so that
-  every block lies on one device."""
+  every block lies on one device. ``max_blocks`` defaults to
+  :func:`device_blocks`."""
+  if max_blocks is None:
+    max_blocks = device_blocks(x)
   blocks = num_blocks(x.shape, axes, max_blocks)
   if axes:
     shards = _shards_along(x, axes[0])
@@ -194,6 +199,23 @@ def auto_mesh_devices(x) -> int:
   """
   mesh = _auto_mesh(x)
   return 1 if mesh is None else math.prod(mesh.axis_sizes)
+
+
+def device_blocks(x) -> int:
+  """The most blocks worth making for ``x``: 1 on one device, else the
+  devices of its Auto-axes mesh (rounded down to a power of two, at most
+  ``_MAX_BLOCKS``), so that the partitioner can keep every block on one device.
+
+  Performance (XLA on CPU): with one block a statistic is a plain column or
+  row sum of ``x - frame``, which XLA's CPU reductions run on every core at
+  about the speed of ``sum(x)``. A reduction over the middle axis of the block
+  view ``(B, n // B, C)`` with the blocks' frames subtracted runs on one core
+  and ~3x slower per core (measured: 64x1024x128, 4.4 ms against 1.2 ms;
+  batch norm train fwd at 64x32x32x128 went from 3.0x Flax's time with 32
+  blocks to 1.05x with one).
+  """
+  devices = auto_mesh_devices(x)
+  return min(1 << (devices.bit_length() - 1), _MAX_BLOCKS)
 
 
 def _gather_blocks(stats, axis: int, mesh, n_block):
