@@ -493,7 +493,9 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
     return Moments(None, None, jnp.zeros_like(ms), ms, count)
 
   if mask is None and pool == 1:
-    frame = _probe_frame(xs, axes)
+    # Probes of `x` itself, converted after (a median commutes with the
+    # conversion): slices of a converted `x` make it a shared full-size value.
+    frame = _probe_frame(xv, axes).astype(sdt)
   else:
     # With a mask, or pooled over channels (group norm): the block's mean, one
     # more pass. A group's frame must be common to its channels; made from
@@ -513,8 +515,16 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
   # step) its own broadcast: one small fusion for the frame and no
   # full-size temporary (LN fwd 256x768: 1 full-size temporary -> 0).
   frame_sum, frame_sq, frame = lax.optimization_barrier((frame, frame, frame))
-  d = xs - frame_sum
-  d_sq = xs - frame_sq
+  if xv.dtype != sdt and mask is None:
+    # Low precision: each sum converts `x` itself; one converted copy shared
+    # by both sums is written out at full size in float32 (LN fwd bf16 at
+    # 2048x1024: 1.24x -> 0.75x Flax's CPU time).
+    xa, xb = lax.optimization_barrier((xv, xv))
+    d = xa.astype(sdt) - frame_sum
+    d_sq = xb.astype(sdt) - frame_sq
+  else:
+    d = xs - frame_sum
+    d_sq = xs - frame_sq
   if mask is not None:
     d = jnp.where(mask, d, jnp.zeros((), sdt))
     d_sq = jnp.where(mask, d_sq, jnp.zeros((), sdt))

@@ -207,6 +207,12 @@ def _outputs(config, xv, scale, bias, m, eps, renorm):
   if bias is not None:
     b = bias.astype(sdt)
     add = b if add is None else add + b
+  if xv.dtype != sdt:
+    # Low precision: the output converts `x` on its own, as each statistic's
+    # sum does (moments.block_moments); a conversion shared with them is
+    # written out at full size in float32 (LN fwd 8192x1024 bf16: 4.6x -> 1.7x
+    # Flax's CPU time).
+    xv = lax.optimization_barrier(xv)
   y = _centered(xv.astype(sdt), m) * mul
   if add is not None:
     y = y + add
