@@ -271,7 +271,7 @@ def _fused_jvp(config, primals, tangents):
     dx_sel = dx
 
   def block_sums(*values):
-    return tuple(mom_lib.pool_channels_linear(jnp.sum(v, axis=axes, keepdims=True), config.pool)
+    return tuple(mom_lib.pool_channels(jnp.sum(v, axis=axes, keepdims=True), config.pool)
                  for v in values)
 
   def total(v):
