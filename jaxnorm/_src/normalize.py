@@ -252,11 +252,15 @@ def _fused_jvp(config, primals, tangents):
   # copies of the frame (see moments.block_moments): one per full-size use
   # (the tangent sums, the tangent's `d` term, `xhat`), so that no `x - frame`
   # shared by a reduction and another consumer is written out at full size.
+  # Low precision: each use converts `x` on its own, as in the forward pass
+  # (a shared float32 conversion is written out at full size).
+  xs3 = ((xs,) * 3 if xv.dtype == sdt else
+         tuple(v.astype(sdt) for v in lax.optimization_barrier((xv,) * 3)))
   if m.shift is None:
-    d_sel = d = d_hat = xs
+    d_sel, d, d_hat = xs3
   else:
     shifts = lax.optimization_barrier((m.shift,) * 3)
-    d_sel, d, d_hat = (xs - sh for sh in shifts)
+    d_sel, d, d_hat = (v - sh for v, sh in zip(xs3, shifts, strict=True))
   if mask is not None:
     # The statistics' sums read selected entries only; the output term reads
     # every finite entry (a masked-out output is the same formula), and 0 for
