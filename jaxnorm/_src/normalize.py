@@ -338,7 +338,13 @@ def _fused_jvp(config, primals, tangents):
     # For RMS norm with the features split over devices, those sums then do
     # not wait for the forward's statistics, and XLA all-reduces them together
     # with the forward's sum of squares (one all-reduce in all, as Flax).
-    xhat = (d_hat if off is None else d_hat - off) * rstd
+    # `xhat` (for the scale's gradient, a column sum) gets its own copies of
+    # the per-row `off` and `rstd`: shared with the other full-size uses,
+    # their broadcasts were written out at full size (LN fwd+bwd returning
+    # y, dx and the parameter gradients: 0.84x -> 0.67x Flax's CPU time,
+    # geometric mean over the sweep's 16 rows).
+    off_h, rstd_h = lax.optimization_barrier((off, rstd))
+    xhat = (d_hat if off is None else d_hat - off_h) * rstd_h
     v = None if off is None else rstd * h * off
     if a is not None:
       v = -rstd * a if v is None else v - rstd * a
