@@ -289,11 +289,12 @@ def torch_batch_norm(
                                      eps=eps, mask=mask, dtype=dtype)
   # Running averages are checked (both keys, shapes, dtypes) with the layer's
   # own state check; without them there is nothing to check.
-  stats_state = ({k: state[k] for k in ("mean", "var") if k in state} if tracking
-                 else None)
   x = jnp.asarray(x) if isinstance(x, np.ndarray) else x
-  s = batch_norm_lib.setup_call(params, stats_state, x, axis, eps, mask, dtype,
-                                stateless=not tracking)
+  if tracking:
+    stats_state = {k: state[k] for k in ("mean", "var") if k in state}
+    s = batch_norm_lib.setup_with_state(params, stats_state, x, axis, eps, mask, dtype)
+  else:
+    s = batch_norm_lib.setup_call(params, x, axis, eps, mask, dtype)
   if s.x.size == 0:
     return jnp.zeros(s.x.shape, s.out_dtype), state
   st = batch_norm_lib.batch_statistics(s, eps=eps, mask=mask)

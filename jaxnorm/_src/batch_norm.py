@@ -60,19 +60,21 @@ def batch_norm_init(
   return params, state
 
 
-def setup_call(params, state, x, axis, eps, mask, dtype, *,
-               stateless: bool = False) -> layer_setup.Setup:
-  """A batch norm call's checked setup; ``stateless`` (a call without running
-  averages, as :func:`jaxnorm.interop.torch_batch_norm` makes) skips the state
-  check."""
+def setup_call(params, x, axis, eps, mask, dtype) -> layer_setup.Setup:
+  """A batch norm call's checked setup, without running averages (as
+  :func:`jaxnorm.interop.torch_batch_norm` may make it)."""
   x = layer_setup.input_array(x)
   feature_axes = checks.normalize_axes("axis", axis, x.ndim)
   reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
-  s = layer_setup.setup(params, x, feature_axes=feature_axes,
-                        reduction_axes=reduction_axes, allowed=("scale", "bias"),
-                        where=f"along axis {axis}", eps=eps, mask=mask, dtype=dtype)
-  if not stateless:
-    checks.check_state(state, s.feature_shape, f"along axis {axis}")
+  return layer_setup.setup(params, x, feature_axes=feature_axes,
+                           reduction_axes=reduction_axes, allowed=("scale", "bias"),
+                           where=f"along axis {axis}", eps=eps, mask=mask, dtype=dtype)
+
+
+def setup_with_state(params, state, x, axis, eps, mask, dtype) -> layer_setup.Setup:
+  """:func:`setup_call`, and ``state`` checked against the features."""
+  s = setup_call(params, x, axis, eps, mask, dtype)
+  checks.check_state(state, s.feature_shape, f"along axis {axis}")
   return s
 
 
@@ -257,7 +259,7 @@ def batch_norm(
   [1.0, 10.9]
   """
   train = checks.check_train("train", train)
-  s = setup_call(params, state, x, axis, eps, mask, dtype)
+  s = setup_with_state(params, state, x, axis, eps, mask, dtype)
   checks.check_momentum(momentum)
   if s.x.size == 0:
     return layer_setup.empty_output(s), state
@@ -311,7 +313,7 @@ def batch_renorm(
   Arguments and returns are those of :func:`batch_norm`.
   """
   train = checks.check_train("train", train)
-  s = setup_call(params, state, x, axis, eps, mask, dtype)
+  s = setup_with_state(params, state, x, axis, eps, mask, dtype)
   checks.check_momentum(momentum)
   if not jnp.issubdtype(s.x.dtype, jnp.floating):
     raise TypeError(
