@@ -203,6 +203,91 @@ def test_moments_exact_at_millions_of_values(n):
     assert_exact_stats(*f(x), x)
 
 
+# Plain sums where they are exact enough (moments._plain_or_shifted): statistics
+# across features (here over the last axis) whose every row has
+# mean^2 <= var take sums in frame 0, the others sums in a frame taken from
+# the data. Both must meet the targets above, on either side of the
+# threshold; the frame the statistics come back in tells which sums were taken.
+
+# mean / std of every row: plain sums up to 1.
+RATIOS = (0.0, 0.5, 0.99, 1.01, 3.0, 1e3)
+
+
+def around_threshold(kind, n, ratio, seed=0):
+  """float32 (n, 4) with mean = ratio * std in every column, std 1e-3 to 1e3;
+  its transpose has the statistics of rows."""
+  rng = np.random.default_rng(seed)
+  z = rng.standard_t(3, (n, 4)) if kind == "student_t3" else rng.standard_normal((n, 4))
+  if kind == "outlier":
+    z[int(rng.integers(n))] = 40.0
+  z = (z - z.mean(0)) / z.std(0)
+  scale = np.array([1e-3, 1.0, 7.0, 1e3])
+  return ((ratio + z) * scale).astype(np.float32)
+
+
+def _frames(x, axis=-1):
+  axis = axis % x.ndim
+  view = moments_lib.block_view(x.shape, (axis,), 1)
+  return moments_lib.block_moments(jnp.asarray(x), view)
+
+
+def _plain(stats):
+  return np.asarray(stats.shift) == 0
+
+
+@pytest.mark.parametrize("n", [3, 1000, 2**16])
+@pytest.mark.parametrize("kind", ["gaussian", "student_t3", "outlier"])
+def test_moments_exact_on_both_sides_of_the_plain_sums_threshold(n, kind):
+  f = jax.jit(lambda x: jaxnorm.moments(x, -1))
+  for ratio in RATIOS:
+    x = around_threshold(kind, n, ratio)
+    assert_exact_stats(*f(x.T), x)
+
+
+def test_plain_sums_are_taken_for_centred_rows_only():
+  f = jax.jit(_frames)
+  for ratio in RATIOS:
+    x = around_threshold("gaussian", 1000, ratio).T
+    assert np.all(_plain(f(x)) == (ratio <= 1.0)), ratio
+  # One offset row is enough for frames from the data, for every row.
+  x = around_threshold("gaussian", 1000, 0.0).T
+  x[2] += 100.0
+  assert not np.any(_plain(f(x)))
+  # NaN and inf never pass (their statistics are NaN, as before).
+  for bad in (np.nan, np.inf):
+    x = around_threshold("gaussian", 1000, 0.0).T
+    x[1, 5] = bad
+    assert not np.any(_plain(f(x)))
+  # Statistics of single features (over the first axis, as batch norm's)
+  # always take frames from the data.
+  x = around_threshold("gaussian", 1000, 0.0)
+  assert not np.any(_plain(jax.jit(_frames, static_argnums=1)(x, 0)))
+
+
+def test_plain_sums_are_decided_once_for_a_vmapped_batch():
+  centred = around_threshold("gaussian", 64, 0.0).T
+  offset = around_threshold("gaussian", 64, 1e3, seed=1).T
+  f = jax.jit(jax.vmap(_frames))
+  assert np.all(_plain(f(np.stack([centred, centred]))))
+  mixed = f(np.stack([centred, offset]))
+  assert not np.any(_plain(mixed))
+  for i, x in enumerate((centred, offset)):
+    assert_exact_stats(mixed.mean[i][:, 0], mixed.var[i][:, 0], x.T)
+  # A per-example choice would make the `cond` a select running both branches.
+  jaxpr = str(jax.make_jaxpr(jax.vmap(_frames))(np.stack([centred, offset])))
+  assert "cond[" in jaxpr
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.99, 3.0])
+def test_plain_sums_gradients_match_the_textbook_formula(ratio):
+  x = jnp.asarray(around_threshold("gaussian", 16, ratio)[:, 1:3].T)
+  def loss(f):
+    return lambda x: jnp.sum(jnp.stack(f(x)) * jnp.array([[0.3], [-1.7]]))
+  textbook = lambda x: (x.mean(-1), x.var(-1))
+  chex.assert_trees_all_close(jax.grad(loss(lambda x: jaxnorm.moments(x, -1)))(x),
+                              jax.grad(loss(textbook))(x), atol=1e-4, rtol=1e-4)
+
+
 def test_zero_size_input_gives_an_empty_result():
   mean, var = jaxnorm.moments(jnp.zeros((0, 3)), 0)
   assert mean.shape == (3,) and var.shape == (3,)

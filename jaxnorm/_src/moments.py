@@ -26,6 +26,15 @@ communicating once, as Flax does.
   offset, and one outlier (even among the probes) cannot move the frame. The
   first-sample shift used before this rewrite lost 2% of the variance when that
   sample was a 1e3 outlier.
+* **Plain sums where they are as exact.** Frame 0 is a frame too: it loses
+  the factor ``1 + mean^2 / var``. For statistics across features (layer and
+  group norm) on one device the two plain sums ``sum(x)`` and ``sum(x^2)``
+  are taken first, as Flax's fast variance does, and kept when that factor
+  is at most 2 for every feature (``mean^2 <= var``; a median-of-three frame
+  often loses more on Gaussian data); otherwise the sums are taken again in a
+  frame from the data (:func:`_plain_or_shifted`, one ``lax.cond`` for the
+  whole call, under ``vmap`` too). Centred data then cost what Flax's do;
+  offset data pay for both.
 * **Blocks combine exactly.** Blocks (and devices) are merged with Chan et al.'s
   pairwise update, ``delta = mean_b - mean_a``,
   ``q = q_a + q_b + delta^2 n_a n_b / n``, where ``delta`` is taken as
@@ -65,6 +74,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_batching import custom_vmap
 
 from jaxnorm._src import checks
 
@@ -465,6 +475,90 @@ def _counts(mask, xv, axes, pool, real):
   return _sum(jnp.broadcast_to(mask, xv.shape).astype(real), axes, pool)
 
 
+# Plain sums, when the data allow them. The one-pass form in frame 0 loses a
+# factor `1 + mean^2 / var` of precision (see the module docstring); where
+# that factor is at most `_PLAIN_MAX_LOSS` for every feature, plain sums are
+# as exact as the shifted ones (a median-of-three frame loses more than that
+# on Gaussian data about one time in seven) and cost less. Factor 4 was tried
+# and measured: variance errors up to 1.0e-6 against float64, above the 1e-6
+# target (tests/test_moments.py); factor 2: 3.6e-7.
+_PLAIN_MAX_LOSS = 2
+
+
+@custom_vmap
+def _all_over_batch(ok):
+  """``jnp.all(ok)``; under ``vmap``, over the mapped examples too.
+
+  The choice of sums is made once for a whole call: a per-example predicate
+  would turn :func:`lax.cond` into a select that runs both branches.
+  """
+  return jnp.all(ok)
+
+
+@_all_over_batch.def_vmap
+def _all_over_batch_vmap(axis_size, in_batched, ok):
+  del axis_size, in_batched
+  return _all_over_batch(ok), False
+
+
+def _plain_sums_allowed(xv, axes, pool, merge_over) -> bool:
+  """Whether to try plain sums first (:func:`_plain_or_shifted`).
+
+  * Only for statistics across features: over the last axis (layer norm) or
+    pooled over channels (group norm). There the features' own offsets mix
+    and the mean is small next to the spread: every layer and group norm
+    call of the model benchmarks took the plain sums. The statistics of
+    single features (batch and instance norm) often have a large mean for
+    some feature (57 of the 60 batch norm calls of the ResNet-18 step), and
+    one such feature sends a call to the shifted sums after it has paid for
+    the plain ones.
+  * On one device, or inside ``shard_map``/``pmap`` (each device decides for
+    its own data; the merge takes any frames); not where the partitioner
+    splits ``x`` (the decision would cost a collective), nor for complex
+    data.
+  """
+  across_features = pool > 1 or (xv.ndim - 1) in axes
+  if not across_features or merge_over is not None or jnp.iscomplexobj(xv):
+    return False
+  try:
+    mesh = jax.typeof(xv).sharding.mesh
+    return all(size == 1 or kind == jax.sharding.AxisType.Manual
+               for size, kind in zip(mesh.axis_sizes, mesh.axis_types, strict=True))
+  except (AttributeError, TypeError):
+    return True
+
+
+def _plain_or_shifted(xv, xs, axes, mask, pool, n_sum, shifted):
+  """``(frame, s1, s2)``: the sums in frame 0 when they are exact enough for
+  every feature (:data:`_PLAIN_MAX_LOSS`), else ``shifted()``, the sums in a
+  frame taken from the data (one decision for all features; ``lax.cond``).
+
+  Performance (XLA on CPU): plain sums are the two reductions Flax's fast
+  variance runs, with the square inside YNNPACK's kernel; a subtracted frame
+  is not (2048x1024: ``sum(x)`` 217 us, ``sum(x - f)`` 315 us,
+  ``sum((x - f)^2)`` 380 us). Data far from centred pay for both.
+  """
+  sdt = xs.dtype
+  if xv.dtype != sdt and mask is None:
+    # Each sum converts `x` itself (see `shifted`).
+    xa, xb = lax.optimization_barrier((xv, xv))
+    xa, xb = xa.astype(sdt), xb.astype(sdt)
+  else:
+    xa = xb = xs
+  p1 = _sum(xa, axes, pool)
+  p2 = _sum(xb * xb, axes, pool)
+  # n mean^2 <= (L - 1) q, with q = p2 - p1 mean; NaN, inf (and overflowed
+  # squares) fail it. Rounding in p1 and p2 cannot make badly offset data
+  # pass: it would have to cancel most of `p2`.
+  loss = _PLAIN_MAX_LOSS
+  slack = (loss - 1) * p2 - loss * p1 * (p1 / n_sum)
+  ok = _all_over_batch((slack >= 0) & (slack < jnp.inf))
+  # Otherwise, where the frame is the (masked or pooled) mean, it is this
+  # one, with no pass of its own.
+  mean_frame = None if mask is None and pool == 1 else lax.stop_gradient(p1 / n_sum)
+  return lax.cond(ok, lambda: (jnp.zeros_like(p1), p1, p2), lambda: shifted(mean_frame))
+
+
 def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False,
                   merge_blocks: bool = True, axis_name=None,
                   axis_index_groups=None) -> Moments:
@@ -502,55 +596,65 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
     ms = total / jnp.maximum(count, 1)
     return Moments(None, None, jnp.zeros_like(ms), ms, count)
 
-  if mask is None and pool == 1:
-    # Probes of `x` itself, converted after (a median commutes with the
-    # conversion): slices of a converted `x` make it a shared full-size value.
-    frame = _probe_frame(xv, axes).astype(sdt)
-  else:
-    # With a mask, or pooled over channels (group norm): the block's mean, one
-    # more pass. A group's frame must be common to its channels; made from
-    # probes (a median of the channels' medians), it is a small computation on
-    # slices of `x` that XLA fuses into every full-size loop that uses it and
-    # recomputes per element (measured: group norm fwd+bwd 4-5x Flax's time).
-    # A reduction is never fused that way, and group norm's per-channel sums
-    # are cheap column sums (fwd+bwd 0.5-0.6x Flax's).
-    frame = _sum(xs, axes, pool) / jnp.maximum(count, 1)
-  frame = lax.stop_gradient(frame)
-  # Performance (XLA on CPU; values unchanged). Reductions run as YNNPACK
-  # fusions, which take elementwise work and the broadcast of a small array,
-  # but a broadcast shared by two reductions (the frame's, after CSE) cannot
-  # be fused into both and is written out at full size, with the slices
-  # that make the frame. Three identical copies of the frame out of one
-  # barrier give each full-size consumer (the two sums here, the output
-  # step) its own broadcast: one small fusion for the frame and no
-  # full-size temporary (LN fwd 256x768: 1 full-size temporary -> 0).
-  frame_sum, frame_sq, frame = lax.optimization_barrier((frame, frame, frame))
-  if xv.dtype != sdt and mask is None:
-    # Low precision: each sum converts `x` itself; one converted copy shared
-    # by both sums is written out at full size in float32 (LN fwd bf16 at
-    # 2048x1024: 1.24x -> 0.75x Flax's CPU time).
-    xa, xb = lax.optimization_barrier((xv, xv))
-    d = xa.astype(sdt) - frame_sum
-    d_sq = xb.astype(sdt) - frame_sq
-  else:
-    d = xs - frame_sum
-    d_sq = xs - frame_sq
-  if mask is not None:
-    d = jnp.where(mask, d, jnp.zeros((), sdt))
-    d_sq = jnp.where(mask, d_sq, jnp.zeros((), sdt))
-  s1 = _fusion_boundary(_sum(d, axes, pool))
-  s2 = _fusion_boundary(_sum(_abs2(d_sq), axes, pool))
+  def shifted(frame=None):
+    # `frame`: the mean, already summed (see `_plain_or_shifted`).
+    if frame is not None:
+      pass
+    elif mask is None and pool == 1:
+      # Probes of `x` itself, converted after (a median commutes with the
+      # conversion): slices of a converted `x` make it a shared full-size value.
+      frame = _probe_frame(xv, axes).astype(sdt)
+    else:
+      # With a mask, or pooled over channels (group norm): the block's mean, one
+      # more pass. A group's frame must be common to its channels; made from
+      # probes (a median of the channels' medians), it is a small computation on
+      # slices of `x` that XLA fuses into every full-size loop that uses it and
+      # recomputes per element (measured: group norm fwd+bwd 4-5x Flax's time).
+      # A reduction is never fused that way, and group norm's per-channel sums
+      # are cheap column sums (fwd+bwd 0.5-0.6x Flax's).
+      frame = _sum(xs, axes, pool) / jnp.maximum(count, 1)
+    frame = lax.stop_gradient(frame)
+    # Performance (XLA on CPU; values unchanged). Reductions run as YNNPACK
+    # fusions, which take elementwise work and the broadcast of a small array,
+    # but a broadcast shared by two reductions (the frame's, after CSE) cannot
+    # be fused into both and is written out at full size, with the slices
+    # that make the frame. Three identical copies of the frame out of one
+    # barrier give each full-size consumer (the two sums here, the output
+    # step) its own broadcast: one small fusion for the frame and no
+    # full-size temporary (LN fwd 256x768: 1 full-size temporary -> 0).
+    frame_sum, frame_sq, frame = lax.optimization_barrier((frame, frame, frame))
+    if xv.dtype != sdt and mask is None:
+      # Low precision: each sum converts `x` itself; one converted copy shared
+      # by both sums is written out at full size in float32 (LN fwd bf16 at
+      # 2048x1024: 1.24x -> 0.75x Flax's CPU time).
+      xa, xb = lax.optimization_barrier((xv, xv))
+      d = xa.astype(sdt) - frame_sum
+      d_sq = xb.astype(sdt) - frame_sq
+    else:
+      d = xs - frame_sum
+      d_sq = xs - frame_sq
+    if mask is not None:
+      d = jnp.where(mask, d, jnp.zeros((), sdt))
+      d_sq = jnp.where(mask, d_sq, jnp.zeros((), sdt))
+    s1 = _fusion_boundary(_sum(d, axes, pool))
+    s2 = _fusion_boundary(_sum(_abs2(d_sq), axes, pool))
+    return frame, s1, s2
+
+  # Without a mask the count is a Python number: a constant array would be
+  # broadcast by its own thunk.
   if mask is None:
-    # A Python count: a constant array would be broadcast by its own thunk.
-    n_const = math.prod(xv.shape[a] for a in axes) * pool
-    m = s1 / n_const
-    q = jnp.maximum(s2 - n_const * _abs2(m), 0)
+    n_sum = math.prod(xv.shape[a] for a in axes) * pool
   else:
-    m = s1 / jnp.maximum(count, 1)
-    q = jnp.maximum(s2 - count * _abs2(m), 0)
+    n_sum = jnp.maximum(count, 1)
+  if _plain_sums_allowed(xv, axes, pool, merge_over):
+    frame, s1, s2 = _plain_or_shifted(xv, xs, axes, mask, pool, n_sum, shifted)
+  else:
+    frame, s1, s2 = shifted()
+  m = s1 / n_sum
+  q = jnp.maximum(s2 - n_sum * _abs2(m), 0)
   stats = (count, frame, m, q)
   if merge_over is not None and xv.shape[merge_over] > 1:
-    stats = _merge_blocks(stats, merge_over, xv, n_const if mask is None else None)
+    stats = _merge_blocks(stats, merge_over, xv, n_sum if mask is None else None)
   if axis_name is not None:
     stats = _gather_merge(stats, axis_name, axis_index_groups)
   n, r, m, q = stats
