@@ -28,7 +28,9 @@ communicating once, as Flax does.
   sample was a 1e3 outlier.
 * **Plain sums where they are as exact.** Frame 0 is a frame too: it loses
   the factor ``1 + mean^2 / var``. For statistics across features (layer and
-  group norm) on one device the two plain sums ``sum(x)`` and ``sum(x^2)``
+  group norm) on one device, in forward passes (the derivative's program keeps
+  a frame from the data: compile time, see ``normalize._fused_jvp``), the two
+  plain sums ``sum(x)`` and ``sum(x^2)``
   are taken first, as Flax's fast variance does, and kept when that factor
   is at most 2 for every feature (``mean^2 <= var``; a median-of-three frame
   often loses more on Gaussian data); otherwise the sums are taken again in a
@@ -561,7 +563,7 @@ def _plain_or_shifted(xv, xs, axes, mask, pool, n_sum, shifted):
 
 def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False,
                   merge_blocks: bool = True, axis_name=None,
-                  axis_index_groups=None) -> Moments:
+                  axis_index_groups=None, plain_first: bool = True) -> Moments:
   """Statistics of the block view ``xv`` (``x.reshape(view.shape)``).
 
   Args:
@@ -575,6 +577,8 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
     merge_blocks: merge the blocks into one statistic (``False``: ghost batch
       norm, each block keeps its own).
     axis_name, axis_index_groups: merge across the devices of a mapped axis.
+    plain_first: try plain sums first where :func:`_plain_sums_allowed`
+      allows them; ``False``: always a frame from the data.
   """
   axes = view.axes
   sdt = stat_dtype(xv.dtype)
@@ -646,7 +650,7 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
     n_sum = math.prod(xv.shape[a] for a in axes) * pool
   else:
     n_sum = jnp.maximum(count, 1)
-  if _plain_sums_allowed(xv, axes, pool, merge_over):
+  if plain_first and _plain_sums_allowed(xv, axes, pool, merge_over):
     frame, s1, s2 = _plain_or_shifted(xv, xs, axes, mask, pool, n_sum, shifted)
   else:
     frame, s1, s2 = shifted()
