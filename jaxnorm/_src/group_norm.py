@@ -37,7 +37,7 @@ def _normalize(s, axes, *, eps, mask, pool, axis_name, axis_index_groups):
   return norm_lib.normalize_batch(
       s.x, axes=axes, scale=s.scale, bias=s.bias, eps=eps, mask=mask, pool=pool,
       axis_name=axis_name, axis_index_groups=axis_index_groups,
-      dtype=s.out_dtype, blocks=1).y
+      dtype=s.out_dtype, blocks=1, plain_first=pool > 1).y
 
 
 def _resolve_groups(num_groups, group_size, channels):

@@ -67,7 +67,7 @@ def _normalize(params, x, *, axis, feature_axes, eps, mask, axis_name,
   return norm_lib.normalize_batch(
       x, axes=reduction, scale=s.scale, bias=s.bias, eps=eps, mask=mask,
       axis_name=axis_name, axis_index_groups=axis_index_groups,
-      dtype=s.out_dtype, rms=rms, blocks=blocks).y
+      dtype=s.out_dtype, rms=rms, blocks=blocks, plain_first=True).y
 
 
 def layer_norm(

@@ -503,24 +503,12 @@ def _all_over_batch_vmap(axis_size, in_batched, ok):
   return _all_over_batch(ok), False
 
 
-def _plain_sums_allowed(xv, axes, pool, merge_over) -> bool:
-  """Whether to try plain sums first (:func:`_plain_or_shifted`).
-
-  * Only for statistics across features: over the last axis (layer norm) or
-    pooled over channels (group norm). There the features' own offsets mix
-    and the mean is small next to the spread: every layer and group norm
-    call of the model benchmarks took the plain sums. The statistics of
-    single features (batch and instance norm) often have a large mean for
-    some feature (57 of the 60 batch norm calls of the ResNet-18 step), and
-    one such feature sends a call to the shifted sums after it has paid for
-    the plain ones.
-  * On one device, or inside ``shard_map``/``pmap`` (each device decides for
-    its own data; the merge takes any frames); not where the partitioner
-    splits ``x`` (the decision would cost a collective), nor for complex
-    data.
-  """
-  across_features = pool > 1 or (xv.ndim - 1) in axes
-  if not across_features or merge_over is not None or jnp.iscomplexobj(xv):
+def _plain_sums_allowed(xv, merge_over) -> bool:
+  """Plain sums are tried on one device, or inside ``shard_map``/``pmap``
+  (each device decides for its own data; the merge takes any frames); not
+  where the partitioner may split ``x`` (the decision would cost a
+  collective), nor for complex data."""
+  if merge_over is not None or jnp.iscomplexobj(xv):
     return False
   try:
     mesh = jax.typeof(xv).sharding.mesh
@@ -563,7 +551,7 @@ def _plain_or_shifted(xv, xs, axes, mask, pool, n_sum, shifted):
 
 def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False,
                   merge_blocks: bool = True, axis_name=None,
-                  axis_index_groups=None, plain_first: bool = True) -> Moments:
+                  axis_index_groups=None, plain_first: bool = False) -> Moments:
   """Statistics of the block view ``xv`` (``x.reshape(view.shape)``).
 
   Args:
@@ -577,8 +565,13 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
     merge_blocks: merge the blocks into one statistic (``False``: ghost batch
       norm, each block keeps its own).
     axis_name, axis_index_groups: merge across the devices of a mapped axis.
-    plain_first: try plain sums first where :func:`_plain_sums_allowed`
-      allows them; ``False``: always a frame from the data.
+    plain_first: try plain sums first (:func:`_plain_or_shifted`), where
+      :func:`_plain_sums_allowed` allows them: statistics across features
+      (layer and group norm). The statistics of single features (batch and
+      instance norm) often have a large mean for some feature (57 of the 60
+      batch norm calls of the ResNet-18 benchmark step), and one such
+      feature sends a call to the shifted sums after it has paid for the
+      plain ones.
   """
   axes = view.axes
   sdt = stat_dtype(xv.dtype)
@@ -650,7 +643,7 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
     n_sum = math.prod(xv.shape[a] for a in axes) * pool
   else:
     n_sum = jnp.maximum(count, 1)
-  if plain_first and _plain_sums_allowed(xv, axes, pool, merge_over):
+  if plain_first and _plain_sums_allowed(xv, merge_over):
     frame, s1, s2 = _plain_or_shifted(xv, xs, axes, mask, pool, n_sum, shifted)
   else:
     frame, s1, s2 = shifted()

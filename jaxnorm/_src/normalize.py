@@ -61,6 +61,7 @@ class Config(NamedTuple):
   axis_name: object                # mapped axis of the statistics
   groups: tuple | None             # axis_index_groups, as tuples
   out_dtype: object                # output dtype
+  plain_first: bool = False        # forward: try plain sums first (moments.py)
 
 
 class Batch(NamedTuple):
@@ -93,6 +94,7 @@ def normalize_batch(
     blocks: int | None = None,
     ghost: bool = False,
     renorm: tuple | None = None,
+    plain_first: bool = False,
 ) -> Batch:
   """Normalizes ``x`` with its own statistics over ``axes``.
 
@@ -111,6 +113,8 @@ def normalize_batch(
     ghost: each block is normalized with its own statistics.
     renorm: ``(running_mean, running_var, r_max, d_max)`` for batch renorm,
       the running statistics broadcastable against ``x``.
+    plain_first: forward passes try plain sums first (statistics across
+      features: layer and group norm; see :func:`moments._plain_or_shifted`).
 
   Returns:
     :class:`Batch`; the statistics are in ``stat_dtype(x.dtype)``.
@@ -121,7 +125,7 @@ def normalize_batch(
       tuple(int(i) for i in g) for g in axis_index_groups)
   view = mom_lib.block_view(tuple(x.shape), tuple(axes), int(blocks))
   config = Config(view, bool(ghost), int(pool), bool(rms), axis_name, groups,
-                  jnp.dtype(x.dtype if dtype is None else dtype))
+                  jnp.dtype(x.dtype if dtype is None else dtype), bool(plain_first))
   xv = x.reshape(view.shape)
   mv = None if mask is None else jnp.broadcast_to(mask, x.shape).reshape(view.shape)
   expand = lambda v: None if v is None else _to_view(v, x.shape, view)
@@ -163,11 +167,12 @@ def _from_view(v, config, stats_shape):
   return mom_lib.first_block(v, view).reshape(stats_shape)
 
 
-def _moments(config, xv, mask, plain_first=True):
+def _moments(config, xv, mask, plain_first=None):
   return mom_lib.block_moments(
       xv, config.view, mask=mask, pool=config.pool, rms=config.rms,
       merge_blocks=not config.ghost, axis_name=config.axis_name,
-      axis_index_groups=config.groups, plain_first=plain_first)
+      axis_index_groups=config.groups,
+      plain_first=config.plain_first if plain_first is None else plain_first)
 
 
 def _renorm_factors(m, renorm, eps):
