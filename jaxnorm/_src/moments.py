@@ -594,14 +594,12 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
     return Moments(None, None, jnp.zeros_like(ms), ms, count)
 
   def shifted(frame=None):
-    # `frame`: the mean, already summed (see `_plain_or_shifted`).
-    if frame is not None:
-      pass
-    elif mask is None and pool == 1:
+    # `frame`: given when it is the mean, already summed (`_plain_or_shifted`).
+    if frame is None and mask is None and pool == 1:
       # Probes of `x` itself, converted after (a median commutes with the
       # conversion): slices of a converted `x` make it a shared full-size value.
       frame = _probe_frame(xv, axes).astype(sdt)
-    else:
+    elif frame is None:
       # With a mask, or pooled over channels (group norm): the block's mean, one
       # more pass. A group's frame must be common to its channels; made from
       # probes (a median of the channels' medians), it is a small computation on
