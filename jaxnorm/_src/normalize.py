@@ -297,9 +297,6 @@ def _fused_jvp(config, primals, tangents):
   count = m.num_values.astype(m.var.dtype)
   inv_n = 1.0 / jnp.maximum(count, 1)
   rstd = lax.rsqrt(m.var + eps)
-  # The scale is constant along the reduced axes (batch, group and instance
-  # norm), or it varies along them (layer norm): two forms of the rule below.
-  g_const = scale is None or all(scale.shape[i] == 1 for i in axes)
   sums: tuple[jax.Array, ...]
   if config.rms:
     (e,) = block_sums(d_sel * dx_sel)
@@ -310,16 +307,9 @@ def _fused_jvp(config, primals, tangents):
     c = rstd * sums[0] * inv_n
     off = None
   else:
-    if g_const:
-      ab, eb = block_sums(dx_sel, d_sel * dx_sel)
-      # <(x - mean) dx> = <d dx> - mean_off <dx>, per block before merging.
-      sums = (total(ab), total(eb - m.mean_off * ab))
-    else:
-      # Layer norm: the second sum centred in full size, so that in the
-      # transposed program each of the two sums feeds `dx` alone (see the
-      # full-size terms below).
-      ab, eb = block_sums(dx_sel, (d_sel - m.mean_off) * dx_sel)
-      sums = (total(ab), total(eb))
+    ab, eb = block_sums(dx_sel, d_sel * dx_sel)
+    # <(x - mean) dx> = <d dx> - mean_off <dx>, per block before merging.
+    sums = (total(ab), total(eb - m.mean_off * ab))
     if config.axis_name is not None:
       sums = lax.psum(sums, config.axis_name, axis_index_groups=config.groups)
     a = sums[0] * inv_n
@@ -331,6 +321,7 @@ def _fused_jvp(config, primals, tangents):
   G = g if R is None else (R if g is None else g * R)
   # dxhat = rstd dx - rstd h d + (off rstd h - rstd a), h = rstd c + rstd^2 deps / 2.
   h = rstd * c + 0.5 * rstd * rstd * teps
+  g_const = G is None or all(G.shape[i] == 1 for i in axes)
   if g_const:
     # Per-feature factors multiply the small per-block arrays; the full-size
     # terms are `dx` and `d` alone, so the transposed program sums `dy` and
@@ -368,16 +359,18 @@ def _fused_jvp(config, primals, tangents):
       # RMS statistics.
       v, rstd_x = None, rstd
     else:
-      # Layer norm: `x - mean` in full size, `(d - off)`, and each per-row
-      # factor used once: in the transposed program the two row sums then
-      # feed only `dx`, and XLA fuses both sums and `dx` into one YNNPACK
-      # fusion, as it does Flax's backward pass (one read of `x` and `dy`
-      # for all three instead of three of `dy`; `d * (-rstd h) + rstd h off`
-      # made the first sum feed the second and `dx`, three fusions). `rstd`
-      # gets its own copy: shared with `y` and `xhat`, its broadcast was
-      # written out at full size. Measured (wall time against Flax, f32 /
-      # bf16): LN fwd+bwd dx 8192x1024 1.24 -> 1.01 / 1.05 -> 0.58,
-      # 16384x1024 1.21 -> 1.06 / 1.03 -> 0.72; rows of 256-2048 unchanged.
+      # Layer norm: `x - mean` in full size, `(d - off)`, so that `h` is
+      # used once. XLA then fuses the transposed program's two row sums and
+      # `dx` into one YNNPACK fusion at large row counts, as it does Flax's
+      # backward pass (one read of `x` and `dy` for all three; with
+      # `d * (-rstd h) + rstd h off`, three fusions read `dy` three times).
+      # `rstd` gets its own copy: shared with `y` and `xhat`, its broadcast
+      # was written out at full size (bf16 fwd+bwd with parameter
+      # gradients). Measured (wall time against Flax, interleaved, f32 /
+      # bf16): LN fwd+bwd dx 8192x1024 1.17 -> 1.03 / 1.03 -> 0.41,
+      # 16384x1024 1.21 -> 1.05 / 1.03 -> 0.63, 8192x512 1.23 -> 1.13 /
+      # 1.00 -> 0.79; the rows with parameter gradients, and the rows of
+      # 256-2048 (XLA keeps three fusions there), move by -0.12 to +0.07.
       d = d - lax.optimization_barrier(off)
       v = None if a is None else -rstd * a
       rstd_x = lax.optimization_barrier(rstd)
