@@ -554,7 +554,8 @@ def _plain_or_shifted(xv, xs, axes, mask, pool, n_sum, shifted):
 
 def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False,
                   merge_blocks: bool = True, axis_name=None,
-                  axis_index_groups=None, plain_first: bool = False) -> Moments:
+                  axis_index_groups=None, plain_first: bool = False,
+                  frame_copies: bool = True) -> Moments:
   """Statistics of the block view ``xv`` (``x.reshape(view.shape)``).
 
   Args:
@@ -575,6 +576,8 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
       batch norm calls of the ResNet-18 benchmark step), and one such
       feature sends a call to the shifted sums after it has paid for the
       plain ones.
+    frame_copies: give each full-size use of the frame its own copy (see
+      ``shifted`` below); ``False``: one shared frame.
   """
   axes = view.axes
   sdt = stat_dtype(xv.dtype)
@@ -620,7 +623,10 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
     # barrier give each full-size consumer (the two sums here, the output
     # step) its own broadcast: one small fusion for the frame and no
     # full-size temporary (LN fwd 256x768: 1 full-size temporary -> 0).
-    frame_sum, frame_sq, frame = lax.optimization_barrier((frame, frame, frame))
+    if frame_copies:
+      frame_sum, frame_sq, frame = lax.optimization_barrier((frame, frame, frame))
+    else:
+      frame_sum = frame_sq = frame
     xa, xb = _converted_twice(xv, sdt) if xv.dtype != sdt and mask is None else (xs, xs)
     d = xa - frame_sum
     d_sq = xb - frame_sq

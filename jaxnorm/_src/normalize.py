@@ -167,11 +167,12 @@ def _from_view(v, config, stats_shape):
   return mom_lib.first_block(v, view).reshape(stats_shape)
 
 
-def _moments(config, xv, mask):
+def _moments(config, xv, mask, frame_copies=True):
   return mom_lib.block_moments(
       xv, config.view, mask=mask, pool=config.pool, rms=config.rms,
       merge_blocks=not config.ghost, axis_name=config.axis_name,
-      axis_index_groups=config.groups, plain_first=config.plain_first)
+      axis_index_groups=config.groups, plain_first=config.plain_first,
+      frame_copies=frame_copies)
 
 
 def _renorm_factors(m, renorm, eps):
@@ -249,9 +250,24 @@ def _fused_jvp(config, primals, tangents):
   # longer (XLA: 216 -> 317 ms for a group norm) and the model benchmarks'
   # training steps 0.97 -> 1.02-1.18x Flax's compile time, for 0-0.1 of
   # Flax's step time.
-  m = _moments(config._replace(plain_first=False), xv, mask)
-  out = _outputs(config, xv, scale, bias, m, eps, renorm)
   sdt = mom_lib.stat_dtype(xv.dtype)
+  # Full precision with per-feature statistics over leading axes (batch,
+  # instance and group norm on channels-last data): one shared frame, not the
+  # three copies the forward pass and the other layers use (here and in
+  # `shifts` below). In isolation the copies are a little faster (BN fwd+bwd
+  # 32x16x16x128 / 64x32x32x128: 0.91 / 0.88x Flax's time with them, 0.95 /
+  # 0.95 without; 8x8x8x64: 1.03 against 0.92), but a training step is
+  # slower with them: the ResNet-18 step of `benchmarks/run.py --models` took
+  # 1.01-1.08x Flax's time with them and 0.89-0.98 without (eight runs each,
+  # alternating, 21 rounds). The normalization's own thunks are not where the
+  # time goes (12-14 ms either way, Flax's 18-23); XLA's scheduling of the
+  # whole step is my best guess. The copies lower the step's temporary memory
+  # to 31 MiB (45 without, as Flax). Layer norm (rows) keeps them: without,
+  # LN fwd+bwd dx 8192x1024 takes 1.9x Flax's time; low precision too (BN
+  # fwd+bwd bf16 64x32x32x128: 0.63 -> 0.92).
+  shared_frame = xv.dtype == sdt and xv.ndim - 1 not in config.view.axes
+  m = _moments(config._replace(plain_first=False), xv, mask, frame_copies=not shared_frame)
+  out = _outputs(config, xv, scale, bias, m, eps, renorm)
   axes = config.view.axes
   block_axis = config.view.block_axis
   zero = jnp.zeros((), sdt)
@@ -269,7 +285,7 @@ def _fused_jvp(config, primals, tangents):
   if m.shift is None:
     d_sel, d, d_hat = xs3
   else:
-    shifts = lax.optimization_barrier((m.shift,) * 3)
+    shifts = (m.shift,) * 3 if shared_frame else lax.optimization_barrier((m.shift,) * 3)
     d_sel, d, d_hat = (v - sh for v, sh in zip(xs3, shifts, strict=True))
   if mask is not None:
     # The statistics' sums read selected entries only; the output term reads
