@@ -259,10 +259,13 @@ def _fused_jvp(config, primals, tangents):
   # 0.95 without; 8x8x8x64: 1.03 against 0.92), but a training step is
   # slower with them: the ResNet-18 step of `benchmarks/run.py --models` took
   # 1.01-1.08x Flax's time with them and 0.89-0.98 without (eight runs each,
-  # alternating, 21 rounds). The normalization's own thunks are not where the
-  # time goes (12-14 ms either way, Flax's 18-23); XLA's scheduling of the
-  # whole step is my best guess. The copies lower the step's temporary memory
-  # to 31 MiB (45 without, as Flax). Layer norm (rows) keeps them: without,
+  # alternating, 21 rounds; batch 32: 0.96-0.98 -> 0.87-0.93). Without the
+  # copies each batch norm of the compiled step writes `x - frame` out once
+  # (one more full-size loop fusion) and its sums read that array as it is,
+  # the kind of sum XLA's YNNPACK reductions are fast at (moments.py,
+  # `_plain_or_shifted`); my reading, not proven, is that this wins at the
+  # step's cache-sized arrays. The step's temporary memory goes from 31 to
+  # 45 MiB, Flax's amount. Layer norm (rows) keeps the copies: without,
   # LN fwd+bwd dx 8192x1024 takes 1.9x Flax's time; low precision too (BN
   # fwd+bwd bf16 64x32x32x128: 0.63 -> 0.92).
   shared_frame = xv.dtype == sdt and xv.ndim - 1 not in config.view.axes
