@@ -28,6 +28,9 @@ Modes (they combine; with neither flag the single-shape tables below run):
 * ``--models`` (``models.py``): full jitted training steps of a ResNet-18
   (BatchNorm), a pre-LN transformer (LayerNorm, RMSNorm) and a UNet block
   (GroupNorm): step time, compile time and temporary memory.
+* ``--reductions`` (``reductions.py``): the sums of one statistic on their
+  own, plain (Flax's fast variance) and in a frame (exact), at the sweep's
+  shapes in float32: what exactness costs in XLA's reductions.
 
 Usage::
 
@@ -63,6 +66,8 @@ def _parse_args(argv=None):
                  help="training steps of three small models (models.py)")
   p.add_argument("--hlo", action="store_true",
                  help="the sweep's cases as counts from the optimized HLO, no timing (hlo.py)")
+  p.add_argument("--reductions", action="store_true",
+                 help="the sums of one statistic, plain and in a frame (reductions.py)")
   p.add_argument("--compiles", type=int, default=None,
                  help="--models: fresh compiles per library for the compile time")
   p.add_argument("--dtypes", default="f32,bf16", help="--sweep: comma-separated f32,bf16")
@@ -375,6 +380,16 @@ def _models(args, repeats, out):
              + "\n".join(models.fmt_row(r) for r in rows) + "\n")
 
 
+def _reductions(args, repeats, out):
+  import reductions  # imports jax: after the allocator re-exec
+  env = timing.environment_line(repeats)
+  print(env)
+  print(reductions.header())
+  rows = reductions.run(args.quick, repeats)
+  out.append(f"### Sums of one statistic (float32)\n\n{env}\n\n" + reductions.header() + "\n"
+             + "\n".join(reductions.fmt_row(r) for r in rows) + "\n")
+
+
 def _hlo(args, out):
   import hlo  # imports jax: after the allocator re-exec
   dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
@@ -395,7 +410,9 @@ def main():
     _models(args, args.repeats or (3 if args.quick else 11), out)
   if args.hlo:
     _hlo(args, out)
-  if not (args.sweep or args.models or args.hlo):
+  if args.reductions:
+    _reductions(args, args.repeats or (5 if args.quick else 31), out)
+  if not (args.sweep or args.models or args.hlo or args.reductions):
     repeats = args.repeats or (10 if args.quick else 20)
     _single_shape(args, repeats, timing.environment_line(repeats, "interleaved runs"), out)
   if args.out:
