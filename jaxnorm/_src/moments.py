@@ -534,7 +534,8 @@ def _plain_or_shifted(xv, xs, axes, mask, pool, n_sum, shifted):
   Performance (XLA on CPU): plain sums are the two reductions Flax's fast
   variance runs, with the square inside YNNPACK's kernel; a subtracted frame
   is not (2048x1024: ``sum(x)`` 217 us, ``sum(x - f)`` 315 us,
-  ``sum((x - f)^2)`` 380 us). Data far from centred pay for both.
+  ``sum((x - f)^2)`` 380 us; ``benchmarks/run.py --reductions`` times these
+  sums at the sweep's shapes). Data far from centred pay for both.
   """
   sdt = xs.dtype
   xa, xb = _converted_twice(xv, sdt) if xv.dtype != sdt and mask is None else (xs, xs)
