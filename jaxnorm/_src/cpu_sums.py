@@ -1,0 +1,177 @@
+"""Both framed sums of a statistic in one read of ``x``, on XLA's CPU backend.
+
+Exact statistics take ``sum(x - f)`` and ``sum((x - f)^2)`` with ``f`` a frame
+from the data (:mod:`jaxnorm._src.moments`). XLA's CPU reductions (YNNPACK
+fusions) take Flax's plain pair ``sum(x), sum(x * x)`` at memory speed, but a
+broadcast frame subtracted inside them costs 1.4-1.7x that pair for the
+column sums of batch norm (``benchmarks/run.py --reductions``), and no
+formulation in JAX's operations closed that gap (the README lists the ones
+measured). This module runs both framed column sums as one loop, compiled C
+(``_cpu_sums.c``, built at install), called as an XLA custom call.
+
+It is used where all of these hold (:func:`usable`); everywhere else the
+statistics take the sums in JAX's operations, with the same values up to
+rounding:
+
+* the compiled library was built (it is optional: an install without a C
+  compiler has the same package without it), and the environment variable
+  ``JAXNORM_CPU_KERNEL`` is not ``0`` (read when a function is traced);
+* ``x`` is float32, with no mask and no pooled channels (group norm);
+* the reduced axes are contiguous and at least 16 values per slab are kept
+  in the minor dimensions, i.e. ``x`` is ``(P, R, C)`` with sums over ``R``
+  and ``C >= 16`` (batch and instance norm on channels-last data);
+* nothing can partition ``x``: one device, or inside ``shard_map``. A custom
+  call is not split by XLA's partitioner, which would gather ``x`` first.
+
+On another backend (``lax.platform_dependent``) the same function lowers to
+the two sums in JAX's operations. It is differentiable (``custom_jvp``, the
+tangents in JAX's operations) and batches under ``vmap`` by folding the mapped
+axis into ``P``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.custom_batching import custom_vmap
+
+_extension: Any
+try:
+  _extension = importlib.import_module("jaxnorm._src._cpu_sums")
+except ImportError:  # built without a C compiler: the sums stay in JAX
+  _extension = None
+
+_TARGET = "jaxnorm_framed_column_sums"
+# Fewer kept values per slab than this and the compiled loop runs one column
+# at a time (scalar code); XLA's own sums are faster there.
+_MIN_COLUMNS = 16
+
+
+@functools.cache
+def _registered() -> bool:
+  if _extension is None:
+    return False
+  library = ctypes.CDLL(_extension.__file__)
+  jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.jaxnorm_framed_column_sums),
+                              platform="cpu", api_version=0)
+  return True
+
+
+def built() -> bool:
+  """Whether the compiled library is installed (whatever the environment says)."""
+  return _extension is not None
+
+
+def enabled() -> bool:
+  """Built, and not turned off with ``JAXNORM_CPU_KERNEL=0``."""
+  return os.environ.get("JAXNORM_CPU_KERNEL", "1") != "0" and _registered()
+
+
+def _unpartitioned(x) -> bool:
+  try:
+    mesh = jax.typeof(x).sharding.mesh
+    if mesh.axis_names and all(kind == jax.sharding.AxisType.Manual
+                               for kind in mesh.axis_types):
+      return True  # inside shard_map: every device sums its own shard
+  except (AttributeError, TypeError):
+    pass
+  return jax.device_count() == 1
+
+
+def layout(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, int, int] | None:
+  """``(P, R, C)`` when summing ``axes`` of ``shape`` is summing the middle
+  axis of ``x.reshape(P, R, C)`` with ``C >= 16``; ``None`` otherwise."""
+  if not axes:
+    return None
+  lo, hi = min(axes), max(axes)
+  if sorted(axes) != list(range(lo, hi + 1)):
+    return None
+  p, r, c = (math.prod(shape[:lo]), math.prod(shape[lo:hi + 1]), math.prod(shape[hi + 1:]))
+  if c < _MIN_COLUMNS or p * r == 0:
+    return None
+  return p, r, c
+
+
+def usable(x, axes: tuple[int, ...]) -> bool:
+  """Whether :func:`framed_sums` runs the compiled loop for ``x`` (see the module
+  docstring)."""
+  return (x.dtype == jnp.float32 and layout(x.shape, axes) is not None
+          and enabled() and _unpartitioned(x))
+
+
+def _sums_in_jax(x, f):
+  d = x - f[:, None, :]
+  return jnp.sum(d, axis=1), jnp.sum(d * d, axis=1)
+
+
+def _varying(a) -> set:
+  """The manual (shard_map) axes ``a`` varies over."""
+  aval = jax.typeof(a)
+  manual = getattr(aval, "manual_axis_type", None)
+  return set(getattr(aval, "vma", None) or getattr(manual, "varying", None) or ())
+
+
+def _sums_compiled(x, f):
+  if not _registered():
+    raise RuntimeError("jaxnorm's compiled column sums are not built (see cpu_sums.usable)")
+  p, r, c = x.shape
+  out = jax.ShapeDtypeStruct((p, c), jnp.float32)
+  call = jax.ffi.ffi_call(_TARGET, (out, out), custom_call_api_version=3,
+                          legacy_backend_config=f"{p},{r},{c}")
+  s1, s2 = call(x, f)
+  # Inside shard_map the sums vary over the devices as `x` does; a custom
+  # call's results are typed as not varying.
+  varying = tuple(sorted(_varying(x) | _varying(f)))
+  if varying:
+    s1, s2 = (lax.pcast(v, varying, to="varying") for v in (s1, s2))
+  return s1, s2
+
+
+@custom_vmap
+def _sums(x, f):
+  return lax.platform_dependent(x, f, cpu=_sums_compiled, default=_sums_in_jax)
+
+
+@_sums.def_vmap
+def _sums_vmap(axis_size, in_batched, x, f):
+  # The mapped axis becomes part of P (it is leading: custom_vmap moves it).
+  x_batched, f_batched = in_batched
+  if not x_batched:
+    x = jnp.broadcast_to(x, (axis_size,) + x.shape)
+  if not f_batched:
+    f = jnp.broadcast_to(f, (axis_size,) + f.shape)
+  s1, s2 = _sums(x.reshape((-1,) + x.shape[2:]), f.reshape((-1,) + f.shape[2:]))
+  shape = (axis_size,) + f.shape[1:]
+  return (s1.reshape(shape), s2.reshape(shape)), (True, True)
+
+
+@jax.custom_jvp
+def _framed_sums(x, f):
+  return _sums(x, f)
+
+
+@_framed_sums.defjvp
+def _framed_sums_jvp(primals, tangents):
+  x, f = primals
+  tx, tf = tangents
+  s1, s2 = _framed_sums(x, f)
+  d = x - f[:, None, :]
+  td = tx - tf[:, None, :]
+  return (s1, s2), (jnp.sum(td, axis=1), 2 * jnp.sum(d * td, axis=1))
+
+
+def framed_sums(x, frame, axes: tuple[int, ...]):
+  """``(sum(x - frame), sum((x - frame)^2))`` over ``axes`` (keepdims), with
+  the compiled loop; only where :func:`usable` says so. ``frame`` has the
+  shape of the sums."""
+  p, r, c = layout(x.shape, axes)  # type: ignore[misc]
+  s1, s2 = _framed_sums(x.reshape(p, r, c), frame.reshape(p, c))
+  return s1.reshape(frame.shape), s2.reshape(frame.shape)

@@ -1,0 +1,223 @@
+"""The compiled framed column sums of the CPU backend (cpu_sums.py, _cpu_sums.c).
+
+References are float64 NumPy sums of the same float32 values. This suite runs
+on eight CPU devices (conftest), where the statistics leave the compiled loop
+out (a custom call would make XLA's partitioner gather a sharded `x`); the
+fixture `one_device` lets it in for arrays that live on one device, which is
+what it sees in a one-device process (checked in a subprocess below).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jaxnorm
+from jaxnorm._src import cpu_sums
+
+import reference as ref
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def one_device(monkeypatch):
+  monkeypatch.setattr(cpu_sums, "_unpartitioned", lambda x: True)
+  monkeypatch.delenv("JAXNORM_CPU_KERNEL", raising=False)
+
+
+def hard_data(shape, seed=0, offset=1e4):
+  """Offset, heavy-tailed columns with an outlier: float32."""
+  rng = np.random.default_rng(seed)
+  x = offset + rng.standard_t(3, size=shape) * rng.uniform(0.5, 4, size=shape[-1])
+  x.reshape(-1)[len(x.reshape(-1)) // 3] += 1e3
+  return x.astype(np.float32)
+
+
+def framed_ref(x, f):
+  d = x.astype(np.float64) - f.astype(np.float64)[:, None, :]
+  return d.sum(1), (d * d).sum(1), np.abs(d).sum(1)
+
+
+def test_built_here():
+  # CI installs with a C compiler; a missing library would quietly leave
+  # every test below on JAX's sums.
+  assert cpu_sums.built()
+
+
+@pytest.mark.parametrize("p,r,c", [
+    (1, 1, 16), (1, 15, 17), (1, 16, 31), (1, 17, 32), (3, 33, 33), (2, 100, 48),
+    (1, 1000, 100), (5, 7, 1000),
+    (1, 4096, 256),   # 2**20 values: rows split over threads
+    (8, 512, 256),    # slabs split over threads
+])
+def test_sums_match_float64(p, r, c):
+  x = hard_data((p, r, c))
+  f = x[:, r // 2, :]
+  s1, s2 = jax.jit(cpu_sums._framed_sums)(x, f)
+  assert "jaxnorm_framed_column_sums" in jax.jit(cpu_sums._framed_sums).lower(x, f).as_text()
+  r1, r2, a1 = framed_ref(x, f)
+  # A sum's rounding is relative to the sum of magnitudes.
+  np.testing.assert_array_less(np.abs(np.asarray(s1, np.float64) - r1), 1e-6 * a1 + 1e-30)
+  np.testing.assert_allclose(np.asarray(s2, np.float64), r2, rtol=1e-6)
+
+
+def test_nan_and_inf_stay_in_their_column():
+  x = hard_data((1, 40, 32))
+  x[0, 5, 3] = np.nan
+  x[0, 7, 20] = np.inf
+  s1, s2 = cpu_sums._framed_sums(x, x[:, 0, :])
+  s1, s2 = np.asarray(s1)[0], np.asarray(s2)[0]
+  assert np.isnan(s1[3]) and np.isnan(s2[3])
+  assert s1[20] == np.inf and s2[20] == np.inf
+  others = np.setdiff1d(np.arange(32), [3, 20])
+  assert np.all(np.isfinite(s1[others])) and np.all(np.isfinite(s2[others]))
+
+
+def test_gradient_is_the_formula():
+  x = hard_data((2, 30, 16), offset=3.0)
+  f = x[:, 0, :] + 0.5
+  rng = np.random.default_rng(1)
+  w1, w2 = rng.standard_normal((2, 2, 16)).astype(np.float32)
+
+  def loss(x, f):
+    s1, s2 = cpu_sums._framed_sums(x, f)
+    return jnp.sum(w1 * s1 + w2 * s2)
+
+  gx, gf = jax.jit(jax.grad(loss, (0, 1)))(x, f)
+  d = x.astype(np.float64) - f.astype(np.float64)[:, None, :]
+  w1, w2 = w1.astype(np.float64), w2.astype(np.float64)
+  want_gx = w1[:, None, :] + 2 * w2[:, None, :] * d
+  want_gf = -30 * w1 - 2 * w2 * d.sum(1)
+  np.testing.assert_allclose(gx, want_gx, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gf, want_gf, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("f_batched", [True, False])
+def test_vmap_folds_the_mapped_axis(f_batched):
+  x = hard_data((4, 3, 20, 32))
+  f = x[:, :, 0, :] if f_batched else x[0, :, 0, :]
+  in_axes = (0, 0 if f_batched else None)
+  s1, s2 = jax.jit(jax.vmap(cpu_sums._framed_sums, in_axes))(x, f)
+  fb = f if f_batched else np.broadcast_to(f, (4,) + f.shape)
+  for i in range(4):
+    r1, r2, a1 = framed_ref(x[i], fb[i])
+    np.testing.assert_array_less(np.abs(np.asarray(s1[i], np.float64) - r1), 1e-6 * a1)
+    np.testing.assert_allclose(np.asarray(s2[i], np.float64), r2, rtol=1e-6)
+
+
+def test_vmap_of_grad():
+  x = hard_data((3, 2, 20, 16), offset=2.0)
+
+  def var_sum(x):
+    return jnp.sum(jaxnorm.moments(x, (0,))[1])
+
+  with_loop = jnp.stack([jax.grad(var_sum)(xi) for xi in x])
+  chex.assert_trees_all_close(jax.vmap(jax.grad(var_sum))(x), with_loop, rtol=1e-5, atol=1e-6)
+
+
+def test_layout():
+  assert cpu_sums.layout((8, 4, 4, 64), (0, 1, 2)) == (1, 128, 64)
+  assert cpu_sums.layout((8, 4, 4, 64), (1, 2)) == (8, 16, 64)    # instance norm
+  assert cpu_sums.layout((8, 4, 4, 64), (0, 2)) is None           # not contiguous
+  assert cpu_sums.layout((256, 768), (1,)) is None                # rows: 1 column
+  assert cpu_sums.layout((8, 15), (0,)) is None                   # under 16 columns
+
+
+def test_used_only_where_it_applies(one_device, monkeypatch):
+  x = jnp.asarray(hard_data((8, 4, 4, 32)))
+  assert cpu_sums.usable(x, (0, 1, 2))
+  assert not cpu_sums.usable(x.astype(jnp.bfloat16), (0, 1, 2))
+  assert not cpu_sums.usable(x, (0, 2))
+  monkeypatch.setenv("JAXNORM_CPU_KERNEL", "0")
+  assert not cpu_sums.usable(x, (0, 1, 2))
+
+
+def uses_kernel(f, *args):
+  return "jaxnorm_framed_column_sums" in jax.jit(f).lower(*args).as_text()
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e5])
+@pytest.mark.parametrize("shape", [(16, 4, 4, 64), (7, 3, 5, 33), (64, 130)])
+def test_batch_norm_matches_float64(one_device, shape, offset):
+  x = hard_data(shape, offset=offset)
+  c = shape[-1]
+  params = {"scale": np.linspace(0.5, 2, c, dtype=np.float32),
+            "bias": np.linspace(-1, 1, c, dtype=np.float32)}
+  state = {"mean": jnp.zeros(c), "var": jnp.ones(c)}
+
+  def f(x):
+    return jaxnorm.batch_norm(params, state, x, train=True)
+
+  assert uses_kernel(f, x)
+  y, new_state = jax.jit(f)(x)
+  y_ref, mu, var = ref.batch_norm_train(x, params["scale"], params["bias"])
+  np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=0)
+  mu, std = mu.ravel(), np.sqrt(var.ravel())
+  assert np.all(np.abs(new_state["mean"] - 0.01 * mu) <= 1e-6 * 0.01 * (np.abs(mu) + std))
+  np.testing.assert_allclose(new_state["var"], 0.99 + 0.01 * var.ravel(), rtol=1e-6)
+  # The derivative of a scalar loss against the float64 closed form.
+  dy = np.cos(y_ref).astype(np.float32)
+  gx = jax.jit(jax.grad(lambda x: jnp.sum(f(x)[0] * dy)))(x)
+  gx_ref = ref.batch_norm_input_grad(x, dy, params["scale"])
+  np.testing.assert_allclose(gx, gx_ref, atol=2e-4 * np.abs(gx_ref).max())
+
+
+def test_instance_norm_matches_float64(one_device):
+  x = hard_data((3, 8, 8, 48), offset=1e5)
+  f = lambda x: jaxnorm.instance_norm(None, x)
+  assert uses_kernel(f, x)
+  np.testing.assert_allclose(jax.jit(f)(x), ref.instance_norm(x), atol=2e-5)
+
+
+def test_ghost_batch_norm_blocks(one_device):
+  x = hard_data((32, 4, 48), offset=1e4)
+  state = {"mean": jnp.zeros(48), "var": jnp.ones(48)}
+  f = lambda x: jaxnorm.batch_norm(None, state, x, train=True, virtual_batch_size=8)[0]
+  assert uses_kernel(f, x)
+  want = np.concatenate([ref.batch_norm_train(x[i:i + 8])[0] for i in range(0, 32, 8)])
+  np.testing.assert_allclose(jax.jit(f)(x), want, atol=2e-5)
+
+
+def test_left_out_on_a_partitioned_mesh_and_used_in_shard_map():
+  # No fixture: eight devices, as the suite runs.
+  x = jnp.asarray(hard_data((16, 4, 32)))
+  state = {"mean": jnp.zeros(32), "var": jnp.ones(32)}
+  mesh = jax.make_mesh((8,), ("b",))
+  sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, P("b")))
+  f = lambda x: jaxnorm.batch_norm(None, state, x, train=True)[0]
+  assert not uses_kernel(f, sharded)
+
+  def per_device(x):
+    return jaxnorm.batch_norm(None, state, x, train=True, axis_name="b")[0]
+
+  g = jax.shard_map(per_device, mesh=mesh, in_specs=P("b"), out_specs=P("b"))
+  assert uses_kernel(g, sharded)
+  np.testing.assert_allclose(jax.jit(g)(sharded), ref.batch_norm_train(x)[0], atol=2e-5)
+
+
+def test_one_device_process_uses_it_by_default():
+  code = textwrap.dedent("""
+      import jax, jax.numpy as jnp, jaxnorm
+      assert jax.device_count() == 1
+      x = jnp.ones((8, 4, 4, 32)) + jnp.arange(32.0)
+      state = {"mean": jnp.zeros(32), "var": jnp.ones(32)}
+      f = lambda x: jaxnorm.batch_norm(None, state, x, train=True)[0]
+      print("jaxnorm_framed_column_sums" in jax.jit(f).lower(x).as_text())
+  """)
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXNORM_CPU_KERNEL")}
+  env["JAX_PLATFORMS"] = "cpu"
+  out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
+                       text=True, timeout=300, check=True)
+  assert out.stdout.split()[-1] == "True"
+  env["JAXNORM_CPU_KERNEL"] = "0"
+  out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
+                       text=True, timeout=300, check=True)
+  assert out.stdout.split()[-1] == "False"
