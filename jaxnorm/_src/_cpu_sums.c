@@ -12,17 +12,18 @@
    added into float64 accumulators, so the error does not grow with R.
 
    Called through XLA's original custom-call interface (no XLA headers): the
-   shape arrives as the opaque string "P,R,C". Large inputs are split over a
-   few threads, each with its own accumulators. */
+   shape arrives as an opaque string. Inputs of 2**20 values or more are
+   split over a few threads, each with its own accumulators. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <pthread.h>
 #include <sched.h>
+#include <semaphore.h>
+#include <unistd.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #define BLOCK 16
 #define MAX_THREADS 4
@@ -30,11 +31,9 @@
 
 typedef float vec16 __attribute__((vector_size(64)));
 
-static inline vec16 load16(const float* p) {
-  vec16 v;
-  memcpy(&v, p, sizeof v);
-  return v;
-}
+/* An unaligned vector load (a macro: a function returning a vector of 64
+   bytes has a different ABI in each target_clones variant). */
+#define LOAD16(v, p) memcpy(&(v), (p), sizeof(vec16))
 
 /* Adds the framed sums of rows [r0, r1) of one (R, C) slab into a1, a2. */
 __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -44,10 +43,14 @@ static void slab_sums(const float* x, const float* f, int64_t C, int64_t r0, int
     int64_t re = r + BLOCK < r1 ? r + BLOCK : r1;
     int64_t c = 0;
     for (; c + 32 <= C; c += 32) {
-      vec16 f0 = load16(f + c), f1 = load16(f + c + 16);
+      vec16 f0, f1, x0, x1;
+      LOAD16(f0, f + c);
+      LOAD16(f1, f + c + 16);
       vec16 p0 = {0}, p1 = {0}, q0 = {0}, q1 = {0};
       for (int64_t i = r; i < re; i++) {
-        vec16 d0 = load16(x + i * C + c) - f0, d1 = load16(x + i * C + c + 16) - f1;
+        LOAD16(x0, x + i * C + c);
+        LOAD16(x1, x + i * C + c + 16);
+        vec16 d0 = x0 - f0, d1 = x1 - f1;
         p0 += d0;
         p1 += d1;
         q0 += d0 * d0;
@@ -61,9 +64,11 @@ static void slab_sums(const float* x, const float* f, int64_t C, int64_t r0, int
       }
     }
     for (; c + 16 <= C; c += 16) {
-      vec16 f0 = load16(f + c), p0 = {0}, q0 = {0};
+      vec16 f0, x0, p0 = {0}, q0 = {0};
+      LOAD16(f0, f + c);
       for (int64_t i = r; i < re; i++) {
-        vec16 d0 = load16(x + i * C + c) - f0;
+        LOAD16(x0, x + i * C + c);
+        vec16 d0 = x0 - f0;
         p0 += d0;
         q0 += d0 * d0;
       }
@@ -96,10 +101,9 @@ typedef struct {
   float* s2;
 } job;
 
-static void* run_job(void* arg) {
-  job* j = arg;
+static void run_job(job* j) {
   for (int64_t p = j->p0; p < j->p1; p++) {
-    memset(j->acc, 0, 2 * j->C * sizeof(double));
+    memset(j->acc, 0, (size_t)(2 * j->C) * sizeof(double));
     slab_sums(j->x + p * j->R * j->C, j->f + p * j->C, j->C, j->r0, j->r1, j->acc,
               j->acc + j->C);
     if (j->s1 != NULL) {
@@ -109,7 +113,78 @@ static void* run_job(void* arg) {
       }
     }
   }
+}
+
+/* Helper threads for large inputs, started on first use and kept (starting
+   threads on every call cost more than the split saved at a few MB). One
+   call at a time uses them (pool_lock, taken with trylock): a call that finds
+   them busy runs its jobs on its own thread. A forked child starts new ones.
+   XLA's runtime does not run two custom calls of one program at once (two
+   calls on halves of the rows measured as slow as one), and its reductions
+   use both cores, so below VALUES_PER_THREAD per thread one thread is used. */
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+static sem_t pool_go[MAX_THREADS], pool_done;
+static job* pool_slot[MAX_THREADS];
+static int pool_helpers = 0;
+
+static void* helper_main(void* arg) {
+  int h = (int)(intptr_t)arg;
+  for (;;) {
+    while (sem_wait(&pool_go[h]) != 0) {
+    }
+    run_job(pool_slot[h]);
+    sem_post(&pool_done);
+  }
   return NULL;
+}
+
+static void pool_after_fork(void) {
+  pool_helpers = 0;
+  pthread_mutex_init(&pool_lock, NULL);
+  sem_init(&pool_done, 0, 0);
+}
+
+static void pool_init(void) {
+  sem_init(&pool_done, 0, 0);
+  pthread_atfork(NULL, NULL, pool_after_fork);
+}
+
+/* Under pool_lock: up to `want` helpers, as many as could be started. */
+static int pool_grow(int want) {
+  while (pool_helpers < want) {
+    int h = pool_helpers;
+    pthread_t id;
+    sem_init(&pool_go[h], 0, 0);
+    if (pthread_create(&id, NULL, helper_main, (void*)(intptr_t)h) != 0) break;
+    pthread_detach(id);
+    pool_helpers++;
+  }
+  return pool_helpers < want ? pool_helpers : want;
+}
+
+/* Runs jobs[0..n): jobs[0] on the calling thread, the others on helpers. */
+static void run_jobs(job* jobs, int n) {
+  int helpers = 0;
+  if (n > 1) {
+    pthread_once(&pool_once, pool_init);
+    if (pthread_mutex_trylock(&pool_lock) == 0) {
+      helpers = pool_grow(n - 1);
+      for (int h = 0; h < helpers; h++) {
+        pool_slot[h] = &jobs[h + 1];
+        sem_post(&pool_go[h]);
+      }
+    }
+  }
+  run_job(&jobs[0]);
+  for (int t = helpers + 1; t < n; t++) run_job(&jobs[t]);
+  if (helpers > 0) {
+    for (int h = 0; h < helpers; h++) {
+      while (sem_wait(&pool_done) != 0) {
+      }
+    }
+    pthread_mutex_unlock(&pool_lock);
+  }
 }
 
 static int cpu_count(void) {
@@ -119,11 +194,8 @@ static int cpu_count(void) {
   return n > 0 ? (int)n : 1;
 }
 
-static void fill_nan(float* s1, float* s2, int64_t n) {
-  for (int64_t i = 0; i < n; i++) s1[i] = s2[i] = __builtin_nanf("");
-}
-
-/* XLA custom call, API_VERSION_STATUS_RETURNING_UNIFIED (the status is not used). */
+/* XLA custom call, API_VERSION_STATUS_RETURNING_UNIFIED (the status is not
+   used). opaque: "P,R,C". */
 void jaxnorm_framed_column_sums(void* out, const void** in, const char* opaque,
                                 size_t opaque_len, void* status) {
   (void)status;
@@ -135,33 +207,34 @@ void jaxnorm_framed_column_sums(void* out, const void** in, const char* opaque,
   size_t len = opaque_len < sizeof buf - 1 ? opaque_len : sizeof buf - 1;
   memcpy(buf, opaque, len);
   buf[len] = '\0';
-  char* end;
-  long long P = strtoll(buf, &end, 10);
-  long long R = strtoll(end + 1, &end, 10);
-  long long C = strtoll(end + 1, &end, 10);
+  char* at;
+  int64_t P = strtoll(buf, &at, 10);
+  int64_t R = *at == ',' ? strtoll(at + 1, &at, 10) : 0;
+  int64_t C = *at == ',' ? strtoll(at + 1, &at, 10) : 0;
   if (P <= 0 || C <= 0) return;
 
   int64_t total = P * R * C;
   int threads = cpu_count();
   if (threads > MAX_THREADS) threads = MAX_THREADS;
   if (threads > total / VALUES_PER_THREAD) threads = (int)(total / VALUES_PER_THREAD);
-  if (threads < 1) threads = 1;
   /* One slab: threads take rows (whole BLOCKs); several: they take slabs. */
   int split_rows = P == 1;
-  if (split_rows && R / BLOCK < threads) threads = (int)(R / BLOCK > 0 ? R / BLOCK : 1);
-  if (!split_rows && P < threads) threads = (int)P;
+  if (split_rows && threads > R / BLOCK) threads = (int)(R / BLOCK);
+  if (!split_rows && threads > P) threads = (int)P;
+  if (threads < 1) threads = 1;
 
-  double* acc = calloc((size_t)(2 * C * threads), sizeof(double));
+  double small[2 * 256];
+  size_t n_acc = (size_t)(2 * C * threads);
+  double* acc = n_acc <= 2 * 256 ? small : malloc(n_acc * sizeof(double));
   if (acc == NULL) {
-    fill_nan(s1, s2, P * C);
+    for (int64_t i = 0; i < P * C; i++) s1[i] = s2[i] = __builtin_nanf("");
     return;
   }
   job jobs[MAX_THREADS];
+  int64_t blocks = (R + BLOCK - 1) / BLOCK;
   for (int t = 0; t < threads; t++) {
     job j = {x, f, R, C, 0, P, 0, R, acc + 2 * C * t, s1, s2};
     if (split_rows) {
-      /* Each thread sums whole BLOCKs of rows of the one slab. */
-      int64_t blocks = (R + BLOCK - 1) / BLOCK;
       j.r0 = blocks * t / threads * BLOCK;
       j.r1 = t + 1 == threads ? R : blocks * (t + 1) / threads * BLOCK;
       j.s1 = j.s2 = NULL;
@@ -171,18 +244,8 @@ void jaxnorm_framed_column_sums(void* out, const void** in, const char* opaque,
     }
     jobs[t] = j;
   }
-  pthread_t ids[MAX_THREADS];
-  int started[MAX_THREADS] = {0};
-  for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], NULL, run_job, &jobs[t]) == 0;
-  run_job(&jobs[0]);
-  for (int t = 1; t < threads; t++) {
-    if (started[t]) {
-      pthread_join(ids[t], NULL);
-    } else {
-      run_job(&jobs[t]);
-    }
-  }
-  if (split_rows) { /* P == 1 */
+  run_jobs(jobs, threads);
+  if (split_rows) { /* P == 1: add the threads' accumulators */
     for (int64_t c = 0; c < C; c++) {
       double u = 0, v = 0;
       for (int t = 0; t < threads; t++) {
@@ -193,12 +256,13 @@ void jaxnorm_framed_column_sums(void* out, const void** in, const char* opaque,
       s2[c] = (float)v;
     }
   }
-  free(acc);
+  if (acc != small) free(acc);
 }
 
 /* A module only so that setuptools builds and installs the library; Python
    finds the function with ctypes (cpu_sums.py). */
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_sums",
-                                    "Framed column sums for XLA's CPU backend.", -1, NULL};
+                                    "Framed column sums for XLA's CPU backend.", -1, NULL,
+                                    NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__cpu_sums(void) { return PyModule_Create(&module); }

@@ -617,9 +617,10 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
       # are cheap column sums (fwd+bwd 0.5-0.6x Flax's).
       frame = _sum(xs, axes, pool) / jnp.maximum(count, 1)
     frame = lax.stop_gradient(frame)
-    if mask is None and pool == 1 and cpu_sums.usable(xs, axes):
-      # Column sums (batch and instance norm) on the CPU backend: both in one
-      # read of `x`, the time of Flax's plain pair (see cpu_sums).
+    if mask is None and pool == 1 and cpu_sums.usable(xv, axes):
+      # Float32 column sums (batch and instance norm) on the CPU backend: both
+      # in one read of `x`, the time of Flax's plain pair (see cpu_sums). Not
+      # for low precision: the loop would read a converted copy of `x`.
       s1, s2 = cpu_sums.framed_sums(xs, frame, axes)
       return frame, s1, s2
     # Performance (XLA on CPU; values unchanged). Reductions run as YNNPACK
