@@ -557,7 +557,7 @@ def _plain_or_shifted(xv, xs, axes, mask, pool, n_sum, shifted):
 def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False,
                   merge_blocks: bool = True, axis_name=None,
                   axis_index_groups=None, plain_first: bool = False,
-                  frame_copies: bool = True) -> Moments:
+                  frame_copies: bool = True, compiled_sums: bool = True) -> Moments:
   """Statistics of the block view ``xv`` (``x.reshape(view.shape)``).
 
   Args:
@@ -580,6 +580,8 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
       plain ones.
     frame_copies: give each full-size use of the frame its own copy (see
       ``shifted`` below); ``False``: one shared frame.
+    compiled_sums: take float32 column sums with :mod:`cpu_sums`'s compiled
+      loop where it applies (``False``: always in JAX's operations).
   """
   axes = view.axes
   sdt = stat_dtype(xv.dtype)
@@ -617,7 +619,7 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
       # are cheap column sums (fwd+bwd 0.5-0.6x Flax's).
       frame = _sum(xs, axes, pool) / jnp.maximum(count, 1)
     frame = lax.stop_gradient(frame)
-    if mask is None and pool == 1 and cpu_sums.usable(xv, axes):
+    if compiled_sums and mask is None and pool == 1 and cpu_sums.usable(xv, axes):
       # Float32 column sums (batch and instance norm) on the CPU backend: both
       # in one read of `x`, the time of Flax's plain pair (see cpu_sums). Not
       # for low precision: the loop would read a converted copy of `x`.

@@ -167,12 +167,12 @@ def _from_view(v, config, stats_shape):
   return mom_lib.first_block(v, view).reshape(stats_shape)
 
 
-def _moments(config, xv, mask, frame_copies=True):
+def _moments(config, xv, mask, frame_copies=True, compiled_sums=True):
   return mom_lib.block_moments(
       xv, config.view, mask=mask, pool=config.pool, rms=config.rms,
       merge_blocks=not config.ghost, axis_name=config.axis_name,
       axis_index_groups=config.groups, plain_first=config.plain_first,
-      frame_copies=frame_copies)
+      frame_copies=frame_copies, compiled_sums=compiled_sums)
 
 
 def _renorm_factors(m, renorm, eps):
@@ -269,7 +269,13 @@ def _fused_jvp(config, primals, tangents):
   # LN fwd+bwd dx 8192x1024 takes 1.9x Flax's time; low precision too (BN
   # fwd+bwd bf16 64x32x32x128: 0.63 -> 0.92).
   shared_frame = xv.dtype == sdt and xv.ndim - 1 not in config.view.axes
-  m = _moments(config._replace(plain_first=False), xv, mask, frame_copies=not shared_frame)
+  # The compiled column sums (cpu_sums) are for forward passes: in the
+  # ResNet-18 step they made the step slower (0.94-0.96 -> 1.03x Flax's time,
+  # two runs each, `JAXNORM_CPU_KERNEL=0/1`), where XLA's own sums of the
+  # shared `x - frame` below run on both cores and the loop, at those sizes
+  # (0.5M values), on one.
+  m = _moments(config._replace(plain_first=False), xv, mask, frame_copies=not shared_frame,
+               compiled_sums=False)
   out = _outputs(config, xv, scale, bias, m, eps, renorm)
   axes = config.view.axes
   block_axis = config.view.block_axis
