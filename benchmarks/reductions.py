@@ -11,6 +11,10 @@ inside them (on the CPU backend each sum is one YNNPACK fusion). Batch norm's
 statistics are column sums (the features are the last axis), layer norm's are
 row sums.
 
+"compiled" is the framed pair as batch norm's forward pass takes it on the CPU backend: both
+sums in one read of ``x`` by jaxnorm's compiled loop (``jaxnorm/_src/cpu_sums.py``; columns
+only, where the library is built).
+
 Each pair is timed in one jitted program, as in the layers: "plain" is
 ``sum(x), sum(x*x)``, "framed" is ``sum(x - f), sum((x - f)^2)``, each use of
 ``f`` its own copy out of one ``optimization_barrier`` (as
@@ -27,6 +31,8 @@ import jax.numpy as jnp
 import timing
 from jax import lax
 
+from jaxnorm._src import cpu_sums
+
 SHAPES = (((8, 8, 8, 64), (32, 16, 16, 128), (64, 32, 32, 128)),
           ((256, 768), (2048, 1024), (8192, 1024)))
 QUICK_SHAPES = (((32, 16, 16, 128),), ((2048, 1024),))
@@ -42,7 +48,7 @@ def _cases(shape, rows):
     f1, f2 = lax.optimization_barrier((f, f))
     return s(x - f1), s((x - f2) * (x - f2))
 
-  return {
+  cases = {
       "sum(x)": lambda x, f: s(x),
       "sum(x*x)": lambda x, f: s(x * x),
       "sum(x-f)": lambda x, f: s(x - f),
@@ -50,6 +56,10 @@ def _cases(shape, rows):
       "plain pair": lambda x, f: (s(x), s(x * x)),
       "framed pair": framed,
   }
+  if cpu_sums.layout(shape, axes) is not None and cpu_sums.enabled():
+    # The framed pair as batch norm's forward pass takes it on CPU.
+    cases["compiled pair"] = lambda x, f: cpu_sums.framed_sums(x, f, axes)
+  return cases
 
 
 def run(quick, repeats, log=print):
@@ -70,17 +80,22 @@ def run(quick, repeats, log=print):
   return rows_out
 
 
-NAMES = ("sum(x)", "sum(x*x)", "sum(x-f)", "sum((x-f)^2)", "plain pair", "framed pair")
+NAMES = ("sum(x)", "sum(x*x)", "sum(x-f)", "sum((x-f)^2)", "plain pair", "framed pair",
+         "compiled pair")
 
 
 def header() -> str:
   return ("| sums of | shape | " + " | ".join(f"`{n}`" for n in NAMES)
-          + " | framed / plain pair |\n|---|---|" + "---:|" * (len(NAMES) + 1))
+          + " | framed / plain pair | compiled / plain pair |\n|---|---|"
+          + "---:|" * (len(NAMES) + 2))
 
 
 def fmt_row(r) -> str:
   us = r["us"]
   base = us["sum(x)"]
-  cells = [f"{us[n]:.0f} us" if n == "sum(x)" else f"{us[n] / base:.2f}" for n in NAMES]
+  cells = [f"{us[n]:.0f} us" if n == "sum(x)" else f"{us[n] / base:.2f}" if n in us else "-"
+           for n in NAMES]
+  compiled = (f"{us['compiled pair'] / us['plain pair']:.2f}" if "compiled pair" in us
+              else "-")
   return (f"| {r['kind']} | {r['shape']} | " + " | ".join(cells)
-          + f" | {us['framed pair'] / us['plain pair']:.2f} |")
+          + f" | {us['framed pair'] / us['plain pair']:.2f} | {compiled} |")

@@ -57,6 +57,10 @@ def test_built_here():
     (1, 1000, 100), (5, 7, 1000),
     (1, 4096, 256),   # 2**20 values: rows split over threads
     (8, 512, 256),    # slabs split over threads
+    # One kept value (row sums, layer norm): along the rows.
+    (1, 1, 1), (3, 15, 1), (2, 16, 1), (5, 257, 1), (64, 768, 1),
+    (1, 1 << 20, 1),   # one row split over threads
+    (1024, 1024, 1),   # rows split over threads
 ])
 def test_sums_match_float64(p, r, c):
   x = hard_data((p, r, c))
@@ -127,7 +131,8 @@ def test_layout():
   assert cpu_sums.layout((8, 4, 4, 64), (0, 1, 2)) == (1, 128, 64)
   assert cpu_sums.layout((8, 4, 4, 64), (1, 2)) == (8, 16, 64)    # instance norm
   assert cpu_sums.layout((8, 4, 4, 64), (0, 2)) is None           # not contiguous
-  assert cpu_sums.layout((256, 768), (1,)) is None                # rows: 1 column
+  assert cpu_sums.layout((256, 768), (1,)) == (256, 768, 1)       # rows (layer norm)
+  assert cpu_sums.layout((4, 8, 96), (1, 2)) == (4, 768, 1)
   assert cpu_sums.layout((8, 15), (0,)) is None                   # under 16 columns
 
 
@@ -168,6 +173,21 @@ def test_batch_norm_matches_float64(one_device, shape, offset):
   gx = jax.jit(jax.grad(lambda x: jnp.sum(f(x)[0] * dy)))(x)
   gx_ref = ref.batch_norm_input_grad(x, dy, params["scale"])
   np.testing.assert_allclose(gx, gx_ref, atol=2e-4 * np.abs(gx_ref).max())
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e5])
+@pytest.mark.parametrize("shape,axes", [((64, 768), (-1,)), ((4, 8, 96), (-2, -1)), ((7, 33), (-1,))])
+def test_layer_norm_matches_float64(one_device, shape, axes, offset):
+  x = hard_data(shape, offset=offset)
+  feat = shape[axes[0]:]
+  params = {"scale": np.linspace(0.5, 2, np.prod(feat), dtype=np.float32).reshape(feat),
+            "bias": np.linspace(-1, 1, np.prod(feat), dtype=np.float32).reshape(feat)}
+  f = lambda x: jaxnorm.layer_norm(params, x, axis=axes)
+  assert uses_kernel(f, x)
+  want = ref.layer_norm(x, params["scale"], params["bias"], axes=axes)
+  np.testing.assert_allclose(jax.jit(f)(x), want, atol=2e-5)
+  # The derivative's program keeps JAX's sums; its values are checked in test_layer_norm.py.
+  assert not uses_kernel(jax.grad(lambda x: jnp.sum(f(x) ** 2)), x)
 
 
 def test_instance_norm_matches_float64(one_device):
@@ -221,3 +241,14 @@ def test_one_device_process_uses_it_by_default():
   out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
                        text=True, timeout=300, check=True)
   assert out.stdout.split()[-1] == "False"
+
+
+def test_without_the_library_the_sums_stay_in_jax(one_device, monkeypatch):
+  # An install without a C compiler: same results, no custom call.
+  monkeypatch.setattr(cpu_sums, "_extension", None)
+  x = hard_data((16, 4, 4, 32), offset=1e5)
+  state = {"mean": jnp.zeros(32), "var": jnp.ones(32)}
+  f = lambda x: jaxnorm.batch_norm(None, state, x, train=True)[0]
+  assert not cpu_sums.usable(jnp.asarray(x), (0, 1, 2))
+  assert not uses_kernel(f, x)
+  np.testing.assert_allclose(jax.jit(f)(x), ref.batch_norm_train(x)[0], atol=2e-5)

@@ -17,11 +17,15 @@ rounding:
   compiler has the same package without it), and the environment variable
   ``JAXNORM_CPU_KERNEL`` is not ``0`` (read when a function is traced);
 * ``x`` is float32, with no mask and no pooled channels (group norm);
-* the reduced axes are contiguous and at least 16 values per slab are kept
-  in the minor dimensions, i.e. ``x`` is ``(P, R, C)`` with sums over ``R``
-  and ``C >= 16`` (batch and instance norm on channels-last data);
+* the reduced axes are contiguous: ``x`` is ``(P, R, C)`` with sums over
+  ``R``, and either ``C >= 16`` (batch and instance norm on channels-last
+  data: column sums) or ``C == 1`` (layer norm: row sums);
 * nothing can partition ``x``: one device, or inside ``shard_map``. A custom
   call is not split by XLA's partitioner, which would gather ``x`` first.
+
+:mod:`jaxnorm._src.moments` takes it in forward passes only; the
+derivative's program keeps XLA's sums (``compiled_sums=False``), which made
+the ResNet-18 training step faster (README, Benchmark).
 
 On another backend (``lax.platform_dependent``) the same function lowers to
 the two sums in JAX's operations. It is differentiable (``custom_jvp``, the
@@ -32,10 +36,10 @@ axis into ``P``.
 from __future__ import annotations
 
 import ctypes
-import functools
 import importlib
 import math
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -50,18 +54,33 @@ except ImportError:  # built without a C compiler: the sums stay in JAX
   _extension = None
 
 _TARGET = "jaxnorm_framed_column_sums"
-# Fewer kept values per slab than this and the compiled loop runs one column
-# at a time (scalar code); XLA's own sums are faster there.
+# Between 1 and this many kept values per slab the compiled loop runs one
+# column at a time (scalar code); XLA's own sums are faster there. With one
+# (row statistics, layer norm) it runs along the rows.
 _MIN_COLUMNS = 16
 
 
-@functools.cache
+_state = {"registered": False, "failed": False}
+
+
 def _registered() -> bool:
-  if _extension is None:
+  """Registers the loop with XLA once; whether it is there to call."""
+  if _extension is None or _state["failed"]:
     return False
-  library = ctypes.CDLL(_extension.__file__)
-  jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.jaxnorm_framed_column_sums),
-                              platform="cpu", api_version=0)
+  if not _state["registered"]:
+    try:
+      library = ctypes.CDLL(_extension.__file__)
+      # XLA's original custom-call interface (api_version 0): no XLA headers
+      # at build time. A JAX that no longer takes it leaves the sums in JAX.
+      jax.ffi.register_ffi_target(
+          _TARGET, jax.ffi.pycapsule(library.jaxnorm_framed_column_sums),
+          platform="cpu", api_version=0)
+    except Exception as e:  # any failure means: do without the loop
+      _state["failed"] = True
+      warnings.warn(f"jaxnorm: the compiled column sums could not be registered ({e}); "
+                    "batch norm's statistics use JAX's sums", RuntimeWarning, stacklevel=2)
+      return False
+    _state["registered"] = True
   return True
 
 
@@ -88,14 +107,15 @@ def _unpartitioned(x) -> bool:
 
 def layout(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, int, int] | None:
   """``(P, R, C)`` when summing ``axes`` of ``shape`` is summing the middle
-  axis of ``x.reshape(P, R, C)`` with ``C >= 16``; ``None`` otherwise."""
+  axis of ``x.reshape(P, R, C)`` with ``C >= 16`` or ``C == 1``; ``None``
+  otherwise."""
   if not axes:
     return None
   lo, hi = min(axes), max(axes)
   if sorted(axes) != list(range(lo, hi + 1)):
     return None
   p, r, c = (math.prod(shape[:lo]), math.prod(shape[lo:hi + 1]), math.prod(shape[hi + 1:]))
-  if c < _MIN_COLUMNS or p * r == 0:
+  if (c < _MIN_COLUMNS and c != 1) or p * r == 0:
     return None
   return p, r, c
 

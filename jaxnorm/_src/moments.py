@@ -603,6 +603,13 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
     ms = total / jnp.maximum(count, 1)
     return Moments(None, None, jnp.zeros_like(ms), ms, count)
 
+  # Float32 statistics on the CPU backend (batch and instance norm's column
+  # sums, layer norm's row sums): both sums in one read of `x`, below the time
+  # of Flax's plain pair (see cpu_sums); exact in any data, so layer norm needs
+  # no plain sums first. Not for low precision: the loop would read a
+  # converted copy of `x`.
+  use_loop = compiled_sums and mask is None and pool == 1 and cpu_sums.usable(xv, axes)
+
   def shifted(frame=None):
     # `frame`: given when it is the mean, already summed (`_plain_or_shifted`).
     if frame is None and mask is None and pool == 1:
@@ -619,10 +626,7 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
       # are cheap column sums (fwd+bwd 0.5-0.6x Flax's).
       frame = _sum(xs, axes, pool) / jnp.maximum(count, 1)
     frame = lax.stop_gradient(frame)
-    if compiled_sums and mask is None and pool == 1 and cpu_sums.usable(xv, axes):
-      # Float32 column sums (batch and instance norm) on the CPU backend: both
-      # in one read of `x`, the time of Flax's plain pair (see cpu_sums). Not
-      # for low precision: the loop would read a converted copy of `x`.
+    if use_loop:
       s1, s2 = cpu_sums.framed_sums(xs, frame, axes)
       return frame, s1, s2
     # Performance (XLA on CPU; values unchanged). Reductions run as YNNPACK
@@ -653,7 +657,7 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
     n_sum = math.prod(xv.shape[a] for a in axes) * pool
   else:
     n_sum = jnp.maximum(count, 1)
-  if plain_first and _plain_sums_allowed(xv, merge_over):
+  if plain_first and not use_loop and _plain_sums_allowed(xv, merge_over):
     frame, s1, s2 = _plain_or_shifted(xv, xs, axes, mask, pool, n_sum, shifted)
   else:
     frame, s1, s2 = shifted()
