@@ -176,7 +176,8 @@ def test_batch_norm_matches_float64(one_device, shape, offset):
 
 
 @pytest.mark.parametrize("offset", [0.0, 1e5])
-@pytest.mark.parametrize("shape,axes", [((64, 768), (-1,)), ((4, 8, 96), (-2, -1)), ((7, 33), (-1,))])
+@pytest.mark.parametrize("shape,axes", [((64, 768), (-1,)), ((4, 8, 96), (-2, -1)),
+                                        ((7, 33), (-1,))])
 def test_layer_norm_matches_float64(one_device, shape, axes, offset):
   x = hard_data(shape, offset=offset)
   feat = shape[axes[0]:]
@@ -221,6 +222,26 @@ def test_left_out_on_a_partitioned_mesh_and_used_in_shard_map():
   g = jax.shard_map(per_device, mesh=mesh, in_specs=P("b"), out_specs=P("b"))
   assert uses_kernel(g, sharded)
   np.testing.assert_allclose(jax.jit(g)(sharded), ref.batch_norm_train(x)[0], atol=2e-5)
+
+
+def test_left_out_under_a_mesh_of_one_device(monkeypatch):
+  # As on a one-device machine with `jax.set_mesh` and Explicit axes: the
+  # types carry the sharding, which a custom call's results would lack.
+  monkeypatch.setattr(jax, "device_count", lambda *args, **kwargs: 1)
+  mesh = jax.make_mesh((1,), ("d",), axis_types=(jax.sharding.AxisType.Explicit,),
+                       devices=jax.devices()[:1])
+  x = hard_data((16, 4, 32))
+  state = {"mean": jnp.zeros(32), "var": jnp.ones(32)}
+  seen = []
+
+  def f(x):
+    seen.append(cpu_sums._unpartitioned(x))
+    return jaxnorm.batch_norm(None, state, x, train=True)[0]
+
+  with jax.set_mesh(mesh):
+    y = jax.jit(f)(jax.device_put(x, jax.sharding.NamedSharding(mesh, P("d"))))
+  assert seen == [False]
+  np.testing.assert_allclose(y, ref.batch_norm_train(x)[0], atol=2e-5)
 
 
 def test_one_device_process_uses_it_by_default():

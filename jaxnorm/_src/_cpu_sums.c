@@ -1,15 +1,17 @@
-/* Framed column sums for XLA's CPU backend, one read of x (see cpu_sums.py).
+/* Framed sums for XLA's CPU backend, both in one read of x (see cpu_sums.py).
 
    For x of shape (P, R, C) and a frame f of shape (P, C), all float32 and
    row-major, writes
        s1[p, c] = sum_r (x[p, r, c] - f[p, c])
        s2[p, c] = sum_r (x[p, r, c] - f[p, c])^2.
-   XLA's CPU reductions take sum(x) and sum(x * x) at memory speed, but a
-   broadcast frame subtracted inside them costs 1.4-1.7x that pair; this loop
-   takes both framed sums in the time of the plain pair or less.
+   C >= 16: column sums (batch norm), vectors of 16 columns; C == 1: row sums
+   (layer norm), vectors of 16 values along the row. XLA's CPU reductions
+   take sum(x) and sum(x * x) at memory speed, but a broadcast frame
+   subtracted inside them costs 1.4-1.7x that pair; this loop takes both
+   framed sums in the time of the plain pair or less.
 
-   Rounding: BLOCK rows are summed in float32 (vectors of 16 columns), then
-   added into float64 accumulators, so the error does not grow with R.
+   Rounding: BLOCK rows (or BLOCK vectors of a row) are summed in float32,
+   then added into float64 accumulators, so the error does not grow with R.
 
    Called through XLA's original custom-call interface (no XLA headers): the
    shape arrives as an opaque string. Inputs of 2**20 values or more are

@@ -6,8 +6,11 @@ fusions) take Flax's plain pair ``sum(x), sum(x * x)`` at memory speed, but a
 broadcast frame subtracted inside them costs 1.4-1.7x that pair for the
 column sums of batch norm (``benchmarks/run.py --reductions``), and no
 formulation in JAX's operations closed that gap (the README lists the ones
-measured). This module runs both framed column sums as one loop, compiled C
-(``_cpu_sums.c``, built at install), called as an XLA custom call.
+measured). This module runs both framed sums as one loop, compiled C
+(``_cpu_sums.c``, built at install), called as an XLA custom call: column
+sums for batch and instance norm, row sums for layer norm (whose forward pass
+then needs no plain sums first: the loop is exact on any data and faster
+than Flax's plain pair).
 
 It is used where all of these hold (:func:`usable`); everywhere else the
 statistics take the sums in JAX's operations, with the same values up to
@@ -95,11 +98,14 @@ def enabled() -> bool:
 
 
 def _unpartitioned(x) -> bool:
+  """Inside ``shard_map`` (every mesh axis in the type of ``x`` Manual: each
+  device sums its own shard), or no mesh in its type and one device. Under
+  Explicit or Auto mesh axes, even of one device, a custom call's results
+  would lack the sharding in the types JAX checks."""
   try:
     mesh = jax.typeof(x).sharding.mesh
-    if mesh.axis_names and all(kind == jax.sharding.AxisType.Manual
-                               for kind in mesh.axis_types):
-      return True  # inside shard_map: every device sums its own shard
+    if mesh.axis_names:
+      return all(kind == jax.sharding.AxisType.Manual for kind in mesh.axis_types)
   except (AttributeError, TypeError):
     pass
   return jax.device_count() == 1

@@ -37,6 +37,13 @@ communicating once, as Flax does.
   frame from the data (:func:`_plain_or_shifted`, one ``lax.cond`` for the
   whole call, under ``vmap`` too). Centred data then cost what Flax's do;
   offset data pay for both.
+* **One read for both sums, on CPU.** XLA's CPU reductions slow down by half
+  with a frame subtracted inside them. In forward passes of float32 data
+  with no mask, both framed sums run as one compiled loop
+  (:mod:`jaxnorm._src.cpu_sums`, an XLA custom call) where it applies:
+  column sums (batch and instance norm), row sums (layer norm, which then
+  takes no plain sums first). Its float32 partial sums of 16 values go into
+  float64 accumulators.
 * **Blocks combine exactly.** Blocks (and devices) are merged with Chan et al.'s
   pairwise update, ``delta = mean_b - mean_a``,
   ``q = q_a + q_b + delta^2 n_a n_b / n``, where ``delta`` is taken as
@@ -572,16 +579,17 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
       norm, each block keeps its own).
     axis_name, axis_index_groups: merge across the devices of a mapped axis.
     plain_first: try plain sums first (:func:`_plain_or_shifted`), where
-      :func:`_plain_sums_allowed` allows them: statistics across features
-      (layer and group norm). The statistics of single features (batch and
-      instance norm) often have a large mean for some feature (57 of the 60
-      batch norm calls of the ResNet-18 benchmark step), and one such
-      feature sends a call to the shifted sums after it has paid for the
-      plain ones.
+      :func:`_plain_sums_allowed` allows them and the compiled loop does not
+      apply: statistics across features (layer and group norm). The
+      statistics of single features (batch and instance norm) often have a
+      large mean for some feature (57 of the 60 batch norm calls of the
+      ResNet-18 benchmark step), and one such feature sends a call to the
+      shifted sums after it has paid for the plain ones.
     frame_copies: give each full-size use of the frame its own copy (see
       ``shifted`` below); ``False``: one shared frame.
-    compiled_sums: take float32 column sums with :mod:`cpu_sums`'s compiled
-      loop where it applies (``False``: always in JAX's operations).
+    compiled_sums: take float32 column or row sums with :mod:`cpu_sums`'s
+      compiled loop where it applies (``False``: always in JAX's operations;
+      derivative programs).
   """
   axes = view.axes
   sdt = stat_dtype(xv.dtype)
