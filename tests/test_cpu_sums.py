@@ -62,10 +62,12 @@ def test_built_here():
     (1, 1 << 20, 1),   # one row split over threads
     (1024, 1024, 1),   # rows split over threads
 ])
-def test_sums_match_float64(p, r, c):
-  x = hard_data((p, r, c))
-  f = x[:, r // 2, :]
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sums_match_float64(p, r, c, dtype):
+  x = jnp.asarray(hard_data((p, r, c), offset=1e4 if dtype == "float32" else 30.0), dtype)
+  f = x[:, r // 2, :].astype(jnp.float32)
   s1, s2 = jax.jit(cpu_sums._framed_sums)(x, f)
+  x, f = np.asarray(x.astype(jnp.float32)), np.asarray(f)
   assert "jaxnorm_framed_column_sums" in jax.jit(cpu_sums._framed_sums).lower(x, f).as_text()
   r1, r2, a1 = framed_ref(x, f)
   # A sum's rounding is relative to the sum of magnitudes.
@@ -139,7 +141,10 @@ def test_layout():
 def test_used_only_where_it_applies(one_device, monkeypatch):
   x = jnp.asarray(hard_data((8, 4, 4, 32)))
   assert cpu_sums.usable(x, (0, 1, 2))
-  assert not cpu_sums.usable(x.astype(jnp.bfloat16), (0, 1, 2))
+  assert cpu_sums.usable(x.astype(jnp.bfloat16), (0, 1, 2))
+  assert not cpu_sums.usable(x.astype(jnp.bfloat16), (3,))     # bf16 rows: XLA's sums
+  assert cpu_sums.usable(x, (3,))
+  assert not cpu_sums.usable(x.astype(jnp.float16), (0, 1, 2))
   assert not cpu_sums.usable(x, (0, 2))
   monkeypatch.setenv("JAXNORM_CPU_KERNEL", "0")
   assert not cpu_sums.usable(x, (0, 1, 2))
@@ -189,6 +194,27 @@ def test_layer_norm_matches_float64(one_device, shape, axes, offset):
   np.testing.assert_allclose(jax.jit(f)(x), want, atol=2e-5)
   # The derivative's program keeps JAX's sums; its values are checked in test_layer_norm.py.
   assert not uses_kernel(jax.grad(lambda x: jnp.sum(f(x) ** 2)), x)
+
+
+@pytest.mark.parametrize("layer", ["batch_norm", "instance_norm"])
+def test_bfloat16_is_read_as_it_is(one_device, layer):
+  x = jnp.asarray(hard_data((32, 96), offset=20.0), jnp.bfloat16)
+  if layer == "batch_norm":
+    state = {"mean": jnp.zeros(96), "var": jnp.ones(96)}
+    f = lambda x: jaxnorm.batch_norm(None, state, x, train=True)[0]
+    want = ref.batch_norm_train(x)[0]
+  else:
+    x = x.reshape(2, 16, 96)
+    f = lambda x: jaxnorm.instance_norm(None, x)
+    want = ref.instance_norm(x)
+  assert uses_kernel(f, x)
+  # No float32 copy of x is written for the loop: the program's temporaries
+  # stay below one (32 x 96 float32 = 12 KiB).
+  temp = jax.jit(f).lower(x).compile().memory_analysis().temp_size_in_bytes
+  assert temp < 32 * 96 * 4, temp
+  y = jax.jit(f)(x)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y, np.float32), want, atol=2e-2)
 
 
 def test_instance_norm_matches_float64(one_device):

@@ -1,7 +1,7 @@
 /* Framed sums for XLA's CPU backend, both in one read of x (see cpu_sums.py).
 
-   For x of shape (P, R, C) and a frame f of shape (P, C), all float32 and
-   row-major, writes
+   For x of shape (P, R, C) (float32 or bfloat16) and a frame f of shape
+   (P, C) (float32), row-major, writes
        s1[p, c] = sum_r (x[p, r, c] - f[p, c])
        s2[p, c] = sum_r (x[p, r, c] - f[p, c])^2.
    C >= 16: column sums (batch norm), vectors of 16 columns; C == 1: row sums
@@ -37,100 +37,130 @@ typedef float vec16 __attribute__((vector_size(64)));
    bytes has a different ABI in each target_clones variant). */
 #define LOAD16(v, p) memcpy(&(v), (p), sizeof(vec16))
 
-/* Adds the framed sums of rows [r0, r1) of one (R, C) slab into a1, a2. */
-__attribute__((target_clones("avx512f", "avx2", "default")))
-static void slab_sums(const float* x, const float* f, int64_t C, int64_t r0, int64_t r1,
-                      double* a1, double* a2) {
-  for (int64_t r = r0; r < r1; r += BLOCK) {
-    int64_t re = r + BLOCK < r1 ? r + BLOCK : r1;
-    int64_t c = 0;
-    for (; c + 32 <= C; c += 32) {
-      vec16 f0, f1, x0, x1;
-      LOAD16(f0, f + c);
-      LOAD16(f1, f + c + 16);
-      vec16 p0 = {0}, p1 = {0}, q0 = {0}, q1 = {0};
-      for (int64_t i = r; i < re; i++) {
-        LOAD16(x0, x + i * C + c);
-        LOAD16(x1, x + i * C + c + 16);
-        vec16 d0 = x0 - f0, d1 = x1 - f1;
-        p0 += d0;
-        p1 += d1;
-        q0 += d0 * d0;
-        q1 += d1 * d1;
-      }
-      for (int k = 0; k < 16; k++) {
-        a1[c + k] += p0[k];
-        a1[c + 16 + k] += p1[k];
-        a2[c + k] += q0[k];
-        a2[c + 16 + k] += q1[k];
-      }
-    }
-    for (; c + 16 <= C; c += 16) {
-      vec16 f0, x0, p0 = {0}, q0 = {0};
-      LOAD16(f0, f + c);
-      for (int64_t i = r; i < re; i++) {
-        LOAD16(x0, x + i * C + c);
-        vec16 d0 = x0 - f0;
-        p0 += d0;
-        q0 += d0 * d0;
-      }
-      for (int k = 0; k < 16; k++) {
-        a1[c + k] += p0[k];
-        a2[c + k] += q0[k];
-      }
-    }
-    for (; c < C; c++) {
-      float p = 0.f, q = 0.f;
-      for (int64_t i = r; i < re; i++) {
-        float d = x[i * C + c] - f[c];
-        p += d;
-        q += d * d;
-      }
-      a1[c] += p;
-      a2[c] += q;
-    }
-  }
+/* Loads of 16 bfloat16 values as 16 floats (a bfloat16 is the top half of
+   a float32), and one such value. */
+typedef uint16_t vecu16 __attribute__((vector_size(32)));
+typedef uint32_t vecu32 __attribute__((vector_size(64)));
+#define LOAD16_BF16(v, p)                                      \
+  do {                                                         \
+    vecu16 h_;                                                 \
+    memcpy(&h_, (p), sizeof h_);                               \
+    vecu32 w_ = __builtin_convertvector(h_, vecu32) << 16;     \
+    memcpy(&(v), &w_, sizeof(vec16));                          \
+  } while (0)
+
+static inline float bf16_to_float(uint16_t h) {
+  uint32_t w = (uint32_t)h << 16;
+  float v;
+  memcpy(&v, &w, sizeof v);
+  return v;
 }
 
-/* Adds the framed sums of one row of R values into *a1, *a2 (C == 1: the
-   statistics of layer norm). 16 lanes along the row; BLOCK vectors per
-   float32 partial. */
-__attribute__((target_clones("avx512f", "avx2", "default")))
-static void row_sums(const float* x, float f, int64_t R, double* a1, double* a2) {
-  double u[16] = {0}, v[16] = {0};
-  vec16 fv, xv;
-  for (int k = 0; k < 16; k++) fv[k] = f;
-  int64_t r = 0;
-  while (r + 16 <= R) {
-    vec16 p0 = {0}, q0 = {0};
-    int64_t end = r + 16 * BLOCK <= R ? r + 16 * BLOCK : R - (R - r) % 16;
-    for (; r < end; r += 16) {
-      LOAD16(xv, x + r);
-      vec16 d = xv - fv;
-      p0 += d;
-      q0 += d * d;
-    }
-    for (int k = 0; k < 16; k++) {
-      u[k] += p0[k];
-      v[k] += q0[k];
-    }
-  }
-  double su = 0, sv = 0;
-  for (int k = 0; k < 16; k++) {
-    su += u[k];
-    sv += v[k];
-  }
-  for (; r < R; r++) {
-    double d = (double)(x[r] - f);
-    su += d;
-    sv += d * d;
-  }
-  *a1 += su;
-  *a2 += sv;
+#define FLOAT_ID(v) (v)
+
+/* slab_sums_*: adds the framed sums of rows [r0, r1) of one (R, C) slab into
+   a1, a2. row_sums_*: adds those of one row of R values into *a1, *a2 (C == 1:
+   the statistics of layer norm), 16 lanes along the row, BLOCK vectors per
+   float32 partial. One version per input type (float32, bfloat16). */
+#define DEFINE_SUMS(NAME, T, LOADX, TOF) \
+/* Adds the framed sums of rows [r0, r1) of one (R, C) slab into a1, a2. */ \
+__attribute__((target_clones("avx512f", "avx2", "default"))) \
+static void slab_sums_##NAME(const T* x, const float* f, int64_t C, int64_t r0, int64_t r1, \
+                      double* a1, double* a2) { \
+  for (int64_t r = r0; r < r1; r += BLOCK) { \
+    int64_t re = r + BLOCK < r1 ? r + BLOCK : r1; \
+    int64_t c = 0; \
+    for (; c + 32 <= C; c += 32) { \
+      vec16 f0, f1, x0, x1; \
+      LOAD16(f0, f + c); \
+      LOAD16(f1, f + c + 16); \
+      vec16 p0 = {0}, p1 = {0}, q0 = {0}, q1 = {0}; \
+      for (int64_t i = r; i < re; i++) { \
+        LOADX(x0, x + i * C + c); \
+        LOADX(x1, x + i * C + c + 16); \
+        vec16 d0 = x0 - f0, d1 = x1 - f1; \
+        p0 += d0; \
+        p1 += d1; \
+        q0 += d0 * d0; \
+        q1 += d1 * d1; \
+      } \
+      for (int k = 0; k < 16; k++) { \
+        a1[c + k] += p0[k]; \
+        a1[c + 16 + k] += p1[k]; \
+        a2[c + k] += q0[k]; \
+        a2[c + 16 + k] += q1[k]; \
+      } \
+    } \
+    for (; c + 16 <= C; c += 16) { \
+      vec16 f0, x0, p0 = {0}, q0 = {0}; \
+      LOAD16(f0, f + c); \
+      for (int64_t i = r; i < re; i++) { \
+        LOADX(x0, x + i * C + c); \
+        vec16 d0 = x0 - f0; \
+        p0 += d0; \
+        q0 += d0 * d0; \
+      } \
+      for (int k = 0; k < 16; k++) { \
+        a1[c + k] += p0[k]; \
+        a2[c + k] += q0[k]; \
+      } \
+    } \
+    for (; c < C; c++) { \
+      float p = 0.f, q = 0.f; \
+      for (int64_t i = r; i < re; i++) { \
+        float d = TOF(x[i * C + c]) - f[c]; \
+        p += d; \
+        q += d * d; \
+      } \
+      a1[c] += p; \
+      a2[c] += q; \
+    } \
+  } \
+} \
+ \
+/* Adds the framed sums of one row of R values into *a1, *a2 (C == 1: the \
+   statistics of layer norm). 16 lanes along the row; BLOCK vectors per \
+   float32 partial. */ \
+__attribute__((target_clones("avx512f", "avx2", "default"))) \
+static void row_sums_##NAME(const T* x, float f, int64_t R, double* a1, double* a2) { \
+  double u[16] = {0}, v[16] = {0}; \
+  vec16 fv, xv; \
+  for (int k = 0; k < 16; k++) fv[k] = f; \
+  int64_t r = 0; \
+  while (r + 16 <= R) { \
+    vec16 p0 = {0}, q0 = {0}; \
+    int64_t end = r + 16 * BLOCK <= R ? r + 16 * BLOCK : R - (R - r) % 16; \
+    for (; r < end; r += 16) { \
+      LOADX(xv, x + r); \
+      vec16 d = xv - fv; \
+      p0 += d; \
+      q0 += d * d; \
+    } \
+    for (int k = 0; k < 16; k++) { \
+      u[k] += p0[k]; \
+      v[k] += q0[k]; \
+    } \
+  } \
+  double su = 0, sv = 0; \
+  for (int k = 0; k < 16; k++) { \
+    su += u[k]; \
+    sv += v[k]; \
+  } \
+  for (; r < R; r++) { \
+    double d = (double)(TOF(x[r]) - f); \
+    su += d; \
+    sv += d * d; \
+  } \
+  *a1 += su; \
+  *a2 += sv; \
 }
+
+DEFINE_SUMS(f32, float, LOAD16, FLOAT_ID)
+DEFINE_SUMS(bf16, uint16_t, LOAD16_BF16, bf16_to_float)
 
 typedef struct {
-  const float* x;
+  const void* x;
+  int bf16;       /* x holds bfloat16 values (else float32) */
   const float* f;
   int64_t R, C;
   int64_t p0, p1; /* slabs [p0, p1) */
@@ -143,11 +173,22 @@ typedef struct {
 static void run_job(job* j) {
   for (int64_t p = j->p0; p < j->p1; p++) {
     memset(j->acc, 0, (size_t)(2 * j->C) * sizeof(double));
-    if (j->C == 1) {
-      row_sums(j->x + p * j->R + j->r0, j->f[p], j->r1 - j->r0, j->acc, j->acc + 1);
+    double* a1 = j->acc;
+    double* a2 = j->acc + j->C;
+    if (j->bf16) {
+      const uint16_t* x = (const uint16_t*)j->x + p * j->R * j->C;
+      if (j->C == 1) {
+        row_sums_bf16(x + j->r0, j->f[p], j->r1 - j->r0, a1, a2);
+      } else {
+        slab_sums_bf16(x, j->f + p * j->C, j->C, j->r0, j->r1, a1, a2);
+      }
     } else {
-      slab_sums(j->x + p * j->R * j->C, j->f + p * j->C, j->C, j->r0, j->r1, j->acc,
-                j->acc + j->C);
+      const float* x = (const float*)j->x + p * j->R * j->C;
+      if (j->C == 1) {
+        row_sums_f32(x + j->r0, j->f[p], j->r1 - j->r0, a1, a2);
+      } else {
+        slab_sums_f32(x, j->f + p * j->C, j->C, j->r0, j->r1, a1, a2);
+      }
     }
     if (j->s1 != NULL) {
       for (int64_t c = 0; c < j->C; c++) {
@@ -238,11 +279,11 @@ static int cpu_count(void) {
 }
 
 /* XLA custom call, API_VERSION_STATUS_RETURNING_UNIFIED (the status is not
-   used). opaque: "P,R,C". */
+   used). opaque: "P,R,C,T": T is 0 for float32 x, 1 for bfloat16 x. */
 void jaxnorm_framed_column_sums(void* out, const void** in, const char* opaque,
                                 size_t opaque_len, void* status) {
   (void)status;
-  const float* x = in[0];
+  const void* x = in[0];
   const float* f = in[1];
   float* s1 = ((void**)out)[0];
   float* s2 = ((void**)out)[1];
@@ -254,6 +295,7 @@ void jaxnorm_framed_column_sums(void* out, const void** in, const char* opaque,
   int64_t P = strtoll(buf, &at, 10);
   int64_t R = *at == ',' ? strtoll(at + 1, &at, 10) : 0;
   int64_t C = *at == ',' ? strtoll(at + 1, &at, 10) : 0;
+  int bf16 = *at == ',' ? (int)strtoll(at + 1, &at, 10) : 0;
   if (P <= 0 || C <= 0) return;
 
   int64_t total = P * R * C;
@@ -276,7 +318,7 @@ void jaxnorm_framed_column_sums(void* out, const void** in, const char* opaque,
   job jobs[MAX_THREADS];
   int64_t blocks = (R + BLOCK - 1) / BLOCK;
   for (int t = 0; t < threads; t++) {
-    job j = {x, f, R, C, 0, P, 0, R, acc + 2 * C * t, s1, s2};
+    job j = {x, bf16, f, R, C, 0, P, 0, R, acc + 2 * C * t, s1, s2};
     if (split_rows) {
       j.r0 = blocks * t / threads * BLOCK;
       j.r1 = t + 1 == threads ? R : blocks * (t + 1) / threads * BLOCK;

@@ -611,11 +611,10 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
     ms = total / jnp.maximum(count, 1)
     return Moments(None, None, jnp.zeros_like(ms), ms, count)
 
-  # Float32 statistics on the CPU backend (batch and instance norm's column
-  # sums, layer norm's row sums): both sums in one read of `x`, below the time
-  # of Flax's plain pair (see cpu_sums); exact in any data, so layer norm needs
-  # no plain sums first. Not for low precision: the loop would read a
-  # converted copy of `x`.
+  # Float32 and bfloat16 data on the CPU backend (batch and instance norm's
+  # column sums, layer norm's row sums): both sums in one read of `x`, below
+  # the time of Flax's plain pair (see cpu_sums); exact in any data, so layer
+  # norm needs no plain sums first.
   use_loop = compiled_sums and mask is None and pool == 1 and cpu_sums.usable(xv, axes)
 
   def shifted(frame=None):
@@ -635,7 +634,7 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
       frame = _sum(xs, axes, pool) / jnp.maximum(count, 1)
     frame = lax.stop_gradient(frame)
     if use_loop:
-      s1, s2 = cpu_sums.framed_sums(xs, frame, axes)
+      s1, s2 = cpu_sums.framed_sums(xv, frame, axes)  # bfloat16 read as it is
       return frame, s1, s2
     # Performance (XLA on CPU; values unchanged). Reductions run as YNNPACK
     # fusions, which take elementwise work and the broadcast of a small array,
