@@ -38,12 +38,12 @@ communicating once, as Flax does.
   whole call, under ``vmap`` too). Centred data then cost what Flax's do;
   offset data pay for both.
 * **One read for both sums, on CPU.** XLA's CPU reductions slow down by half
-  with a frame subtracted inside them. In forward passes of float32 data
-  with no mask, both framed sums run as one compiled loop
+  with a frame subtracted inside them. In forward passes of data with no
+  mask, both framed sums run as one compiled loop
   (:mod:`jaxnorm._src.cpu_sums`, an XLA custom call) where it applies:
-  column sums (batch and instance norm), row sums (layer norm, which then
-  takes no plain sums first). Its float32 partial sums of 16 values go into
-  float64 accumulators.
+  column sums (batch and instance norm; float32 or bfloat16), row sums
+  (layer norm, float32; it then takes no plain sums first). Its float32
+  partial sums of 16 values go into float64 accumulators.
 * **Blocks combine exactly.** Blocks (and devices) are merged with Chan et al.'s
   pairwise update, ``delta = mean_b - mean_a``,
   ``q = q_a + q_b + delta^2 n_a n_b / n``, where ``delta`` is taken as
@@ -587,7 +587,7 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
       shifted sums after it has paid for the plain ones.
     frame_copies: give each full-size use of the frame its own copy (see
       ``shifted`` below); ``False``: one shared frame.
-    compiled_sums: take float32 column or row sums with :mod:`cpu_sums`'s
+    compiled_sums: take the column or row sums with :mod:`cpu_sums`'s
       compiled loop where it applies (``False``: always in JAX's operations;
       derivative programs).
   """

@@ -269,7 +269,7 @@ def _fused_jvp(config, primals, tangents):
   # LN fwd+bwd dx 8192x1024 takes 1.9x Flax's time; low precision too (BN
   # fwd+bwd bf16 64x32x32x128: 0.63 -> 0.92).
   shared_frame = xv.dtype == sdt and xv.ndim - 1 not in config.view.axes
-  # The compiled column sums (cpu_sums) are for forward passes: in the
+  # The compiled sums (cpu_sums) are for forward passes: in the
   # ResNet-18 step they made the step slower (0.94-0.96 -> 1.03x Flax's time,
   # two runs each, `JAXNORM_CPU_KERNEL=0/1`), where XLA's own sums of the
   # shared `x - frame` below run on both cores and the loop, at those sizes
