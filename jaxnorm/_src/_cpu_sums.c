@@ -347,7 +347,7 @@ void jaxnorm_framed_column_sums(void* out, const void** in, const char* opaque,
 /* A module only so that setuptools builds and installs the library; Python
    finds the function with ctypes (cpu_sums.py). */
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_sums",
-                                    "Framed column sums for XLA's CPU backend.", -1, NULL,
+                                    "Framed sums for XLA's CPU backend.", -1, NULL,
                                     NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__cpu_sums(void) { return PyModule_Create(&module); }

@@ -82,8 +82,8 @@ def _registered() -> bool:
           platform="cpu", api_version=0)
     except Exception as e:  # any failure means: do without the loop
       _state["failed"] = True
-      warnings.warn(f"jaxnorm: the compiled column sums could not be registered ({e}); "
-                    "batch norm's statistics use JAX's sums", RuntimeWarning, stacklevel=2)
+      warnings.warn(f"jaxnorm: the compiled sums could not be registered ({e}); "
+                    "statistics use JAX's sums", RuntimeWarning, stacklevel=2)
       return False
     _state["registered"] = True
   return True
@@ -156,7 +156,7 @@ def _varying(a) -> set:
 
 def _sums_compiled(x, f):
   if not _registered():
-    raise RuntimeError("jaxnorm's compiled column sums are not built (see cpu_sums.usable)")
+    raise RuntimeError("jaxnorm's compiled sums are not built (see cpu_sums.usable)")
   p, r, c = x.shape
   out = jax.ShapeDtypeStruct((p, c), jnp.float32)
   kind = 1 if x.dtype == jnp.bfloat16 else 0
@@ -208,6 +208,9 @@ def framed_sums(x, frame, axes: tuple[int, ...]):
   """``(sum(x - frame), sum((x - frame)^2))`` over ``axes`` (keepdims), in
   float32, with the compiled loop; only where :func:`usable` says so.
   ``frame`` (float32) has the shape of the sums."""
-  p, r, c = layout(x.shape, axes)  # type: ignore[misc]
+  shape = layout(x.shape, axes)
+  if shape is None:
+    raise ValueError(f"no (P, R, C) view of x {x.shape} sums axes {axes} (see cpu_sums.layout)")
+  p, r, c = shape
   s1, s2 = _framed_sums(x.reshape(p, r, c), frame.reshape(p, c))
   return s1.reshape(frame.shape), s2.reshape(frame.shape)
