@@ -153,8 +153,11 @@ def test_used_only_where_it_applies(one_device, monkeypatch):
   assert not cpu_sums.usable(x, (0, 1, 2))
 
 
-def uses_kernel(f, *args):
-  return "jaxnorm_framed_column_sums" in jax.jit(f).lower(*args).as_text()
+SUMS, ROWS = "jaxnorm_framed_column_sums", "jaxnorm_row_norm"
+
+
+def uses_kernel(f, x, target=SUMS):
+  return target in jax.jit(f).lower(x).as_text()
 
 
 @pytest.mark.parametrize("offset", [0.0, 1e5])
@@ -192,11 +195,29 @@ def test_layer_norm_matches_float64(one_device, shape, axes, offset):
   params = {"scale": np.linspace(0.5, 2, np.prod(feat), dtype=np.float32).reshape(feat),
             "bias": np.linspace(-1, 1, np.prod(feat), dtype=np.float32).reshape(feat)}
   f = lambda x: jaxnorm.layer_norm(params, x, axis=axes)
-  assert uses_kernel(f, x)
+  # The forward pass is one fused loop (below); its derivative's program
+  # takes the row statistics with the framed sums.
+  assert uses_kernel(f, x, ROWS) and not uses_kernel(f, x)
   want = ref.layer_norm(x, params["scale"], params["bias"], axes=axes)
   np.testing.assert_allclose(jax.jit(f)(x), want, atol=2e-5)
-  # The derivative's program keeps JAX's sums; its values are checked in test_layer_norm.py.
-  assert not uses_kernel(jax.grad(lambda x: jnp.sum(f(x) ** 2)), x)
+  dy = np.cos(want).astype(np.float32)
+  loss = lambda x: jnp.sum(f(x) * dy)
+  assert uses_kernel(jax.grad(loss), x) and not uses_kernel(jax.grad(loss), x, ROWS)
+  want_dx = layer_norm_input_grad(x, dy, params["scale"], axes)
+  np.testing.assert_allclose(jax.jit(jax.grad(loss))(x), want_dx,
+                             atol=1e-4 * np.abs(want_dx).max())
+
+
+def layer_norm_input_grad(x, dy, scale, axes, eps=1e-6):
+  """Float64 ``dx = rstd (g - <g> - xhat <g xhat>)``, ``g = dy * scale``,
+  ``<.>`` the mean over ``axes`` (Ba et al.'s layer, differentiated)."""
+  x, g = x.astype(np.float64), dy.astype(np.float64) * scale.astype(np.float64)
+  axes = tuple(a % x.ndim for a in axes)
+  mu = x.mean(axis=axes, keepdims=True)
+  rstd = 1 / np.sqrt(((x - mu) ** 2).mean(axis=axes, keepdims=True) + eps)
+  xhat = (x - mu) * rstd
+  return rstd * (g - g.mean(axis=axes, keepdims=True)
+                 - xhat * (g * xhat).mean(axis=axes, keepdims=True))
 
 
 @pytest.mark.parametrize("layer", ["batch_norm", "instance_norm"])
@@ -302,3 +323,119 @@ def test_without_the_library_the_sums_stay_in_jax(one_device, monkeypatch):
   assert not cpu_sums.usable(jnp.asarray(x), (0, 1, 2))
   assert not uses_kernel(f, x)
   np.testing.assert_allclose(jax.jit(f)(x), ref.batch_norm_train(x)[0], atol=2e-5)
+
+
+# Layer and RMS norm's fused forward loop (cpu_sums.row_norm): statistics and
+# output per row from one read of x.
+
+
+def row_stats(x, axes, rms=False):
+  """Float64 mean and variance (RMS: 0 and the mean square) over ``axes``."""
+  x = x.astype(np.float64)
+  if rms:
+    return np.zeros(x.shape[:x.ndim - len(axes)]), (x * x).mean(axis=axes)
+  return x.mean(axis=axes), x.var(axis=axes)
+
+
+@pytest.mark.parametrize("shape,axes", [
+    ((1, 1), (1,)), ((3, 2), (1,)), ((3, 15), (1,)), ((2, 16), (1,)), ((5, 257), (1,)),
+    ((64, 768), (1,)), ((4, 8, 96), (1, 2)),
+    ((300, 1024), (1,)),    # rows split over threads
+    ((1, 1 << 18), (1,)),   # one long row
+])
+@pytest.mark.parametrize("offset", [0.0, 1e5])
+@pytest.mark.parametrize("rms", [False, True])
+def test_fused_rows_match_float64(one_device, shape, axes, offset, rms):
+  from jaxnorm._src import normalize
+  x = hard_data(shape, seed=sum(shape), offset=0.0 if rms else offset)
+  feat = shape[axes[0]:]
+  n = int(np.prod(feat))
+  scale = np.linspace(0.5, 2, n, dtype=np.float32).reshape(feat)
+  bias = None if rms else np.linspace(-1, 1, n, dtype=np.float32).reshape(feat)
+
+  def f(x):
+    out = normalize.normalize_batch(x, axes=axes, scale=scale, bias=bias, eps=1e-6, rms=rms,
+                                    blocks=1)
+    return out.y, out.mean, out.var
+
+  assert uses_kernel(f, x, ROWS)
+  y, mean, var = jax.jit(f)(x)
+  mu, v = row_stats(x, axes, rms)
+  want = (ref.rms_norm(x, scale, axes=axes) if rms
+          else ref.layer_norm(x, scale, bias, axes=axes))
+  np.testing.assert_allclose(y, want, atol=2e-5, rtol=0)
+  # Mean within float32 rounding of its value (relative to the spread), variance to 1e-6.
+  assert np.all(np.abs(np.asarray(mean, np.float64) - mu) <= 1e-6 * (np.abs(mu) + np.sqrt(v)))
+  np.testing.assert_allclose(np.asarray(var, np.float64), v, rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("params", ["none", "scale", "bias", "both"])
+def test_fused_rows_each_parameter(one_device, params):
+  x = hard_data((6, 40), offset=3.0)
+  p = {}
+  if params in ("scale", "both"):
+    p["scale"] = np.linspace(-1, 2, 40, dtype=np.float32)
+  if params in ("bias", "both"):
+    p["bias"] = np.linspace(3, -1, 40, dtype=np.float32)
+  f = lambda x: jaxnorm.layer_norm(p, x)
+  assert uses_kernel(f, x, ROWS)
+  want = ref.layer_norm(x, p.get("scale"), p.get("bias"))
+  np.testing.assert_allclose(jax.jit(f)(x), want, atol=2e-5)
+
+
+def test_fused_rows_nan_and_inf_stay_in_their_row():
+  x = hard_data((4, 50), offset=2.0)
+  x[1, 7] = np.nan
+  x[2, 30] = np.inf
+  loop = jax.jit(lambda x, eps: cpu_sums._row_norm_compiled(x, eps, None, None, rms=False))
+  y, mean, var = loop(x, jnp.float32(1e-6))
+  y, mean, var = np.asarray(y), np.asarray(mean), np.asarray(var)
+  assert np.all(np.isnan(y[1])) and np.isnan(var[1])
+  assert np.all(np.isnan(y[2])) and np.isnan(var[2])
+  want = ref.layer_norm(x[[0, 3]])
+  np.testing.assert_allclose(y[[0, 3]], want, atol=2e-5)
+
+
+def test_fused_rows_vmap(one_device):
+  x = hard_data((3, 10, 64), offset=1e3)
+  scale = np.linspace(0.5, 2, 64, dtype=np.float32)
+  # Shared parameters: the mapped axis becomes more rows of one loop.
+  f = jax.vmap(lambda x: jaxnorm.layer_norm({"scale": scale}, x))
+  assert uses_kernel(f, x, ROWS)
+  np.testing.assert_allclose(jax.jit(f)(x), ref.layer_norm(x, scale), atol=2e-5)
+  # Per-example parameters: JAX's operations, the same values.
+  scales = np.stack([scale, scale[::-1], 2 * scale])
+  g = jax.vmap(lambda s, x: jaxnorm.layer_norm({"scale": s}, x))
+  y = jax.jit(g)(scales, x)
+  for i in range(3):
+    np.testing.assert_allclose(y[i], ref.layer_norm(x[i], scales[i]), atol=2e-5)
+  assert "jaxnorm_row_norm" not in jax.jit(g).lower(scales, x).as_text()
+
+
+def test_fused_rows_only_where_they_apply(one_device):
+  x = hard_data((4, 6, 32), offset=5.0)
+  assert uses_kernel(lambda x: jaxnorm.rms_norm({"scale": np.ones(32, np.float32)}, x), x, ROWS)
+  # Instance norm on channels-first data: its scale varies over the rows.
+  xc = hard_data((2, 8, 6, 5), offset=5.0)
+  inorm = {"scale": np.linspace(0.5, 2, 8, dtype=np.float32), "bias": np.zeros(8, np.float32)}
+  g = lambda x: jaxnorm.instance_norm(inorm, x, axis=1)
+  assert not uses_kernel(g, xc, ROWS)
+  np.testing.assert_allclose(jax.jit(g)(xc), ref.instance_norm(np.moveaxis(xc, 1, -1),
+                                                              inorm["scale"], inorm["bias"])
+                             .transpose(0, 3, 1, 2), atol=2e-5)
+  # A mask, bfloat16, or a bfloat16 output: JAX's operations.
+  mask = np.arange(32) < 20
+  assert not uses_kernel(lambda x: jaxnorm.layer_norm({}, x, mask=mask), x, ROWS)
+  assert not uses_kernel(lambda x: jaxnorm.layer_norm({}, x.astype(jnp.bfloat16)), x, ROWS)
+  assert not uses_kernel(lambda x: jaxnorm.layer_norm({}, x, dtype=jnp.bfloat16), x, ROWS)
+
+
+def test_fused_rows_left_out_on_a_partitioned_mesh_and_used_in_shard_map():
+  x = jnp.asarray(hard_data((16, 48), offset=1e4))
+  mesh = jax.make_mesh((8,), ("b",))
+  sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, P("b")))
+  f = lambda x: jaxnorm.layer_norm({}, x)
+  assert not uses_kernel(f, sharded, ROWS)
+  g = jax.shard_map(f, mesh=mesh, in_specs=P("b"), out_specs=P("b"))
+  assert uses_kernel(g, sharded, ROWS)
+  np.testing.assert_allclose(jax.jit(g)(sharded), ref.layer_norm(x), atol=2e-5)

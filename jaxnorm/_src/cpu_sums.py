@@ -1,4 +1,5 @@
-"""Both framed sums of a statistic in one read of ``x``, on XLA's CPU backend.
+"""Both framed sums of a statistic in one read of ``x``, and layer and RMS
+norm's forward pass in one read of its rows, on XLA's CPU backend.
 
 Exact statistics take ``sum(x - f)`` and ``sum((x - f)^2)`` with ``f`` a frame
 from the data (:mod:`jaxnorm._src.moments`). XLA's CPU reductions (YNNPACK
@@ -28,9 +29,18 @@ rounding:
 * nothing can partition ``x``: one device, or inside ``shard_map``. A custom
   call is not split by XLA's partitioner, which would gather ``x`` first.
 
-:mod:`jaxnorm._src.moments` takes it in forward passes only; the
-derivative's program keeps XLA's sums (``compiled_sums=False``), which made
-the ResNet-18 training step faster (README, Benchmark).
+Column sums run in forward passes only; the derivative's program keeps XLA's
+sums for them (``compiled_sums`` in :mod:`jaxnorm._src.normalize`), which made
+the ResNet-18 training step faster (README, Benchmark). Row sums run in both.
+
+**Fused rows.** Layer and RMS norm's forward pass on float32 rows is one
+loop of its own (:func:`row_norm`, ``jaxnorm_row_norm`` in ``_cpu_sums.c``):
+each row's two framed sums, then its output from the same row while it is in
+cache, so ``x`` is read once and ``y`` written once, where XLA's program
+(and Flax's) read ``x`` twice. :mod:`jaxnorm._src.normalize` calls it from
+the primal side of its ``custom_jvp`` (the derivative's program keeps the
+closed-form tangent rule in JAX's operations), where the parameters are the
+same for every row.
 
 On another backend (``lax.platform_dependent``) the same function lowers to
 the two sums in JAX's operations. It is differentiable (``custom_jvp``, the
@@ -59,6 +69,7 @@ except ImportError:  # built without a C compiler: the sums stay in JAX
   _extension = None
 
 _TARGET = "jaxnorm_framed_column_sums"
+_ROWS_TARGET = "jaxnorm_row_norm"
 # Between 1 and this many kept values per slab the compiled loop runs one
 # column at a time (scalar code); XLA's own sums are faster there. With one
 # (row statistics, layer norm) it runs along the rows.
@@ -77,9 +88,9 @@ def _registered() -> bool:
       library = ctypes.CDLL(_extension.__file__)
       # XLA's original custom-call interface (api_version 0): no XLA headers
       # at build time. A JAX that no longer takes it leaves the sums in JAX.
-      jax.ffi.register_ffi_target(
-          _TARGET, jax.ffi.pycapsule(library.jaxnorm_framed_column_sums),
-          platform="cpu", api_version=0)
+      for name in (_TARGET, _ROWS_TARGET):
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)),
+                                    platform="cpu", api_version=0)
     except Exception as e:  # any failure means: do without the loop
       _state["failed"] = True
       warnings.warn(f"jaxnorm: the compiled sums could not be registered ({e}); "
@@ -214,3 +225,78 @@ def framed_sums(x, frame, axes: tuple[int, ...]):
   p, r, c = shape
   s1, s2 = _framed_sums(x.reshape(p, r, c), frame.reshape(p, c))
   return s1.reshape(frame.shape), s2.reshape(frame.shape)
+
+
+# Flags of the fused row normalization (_cpu_sums.c).
+_ROW_SCALE, _ROW_BIAS, _ROW_RMS = 1, 2, 4
+
+
+def rows_usable(x, axes: tuple[int, ...]) -> bool:
+  """Whether :func:`row_norm` runs the compiled loop for ``x`` normalized over
+  ``axes``: float32, the reduced axes trailing, and :func:`usable`'s
+  conditions."""
+  shape = layout(x.shape, axes)
+  return (shape is not None and shape[2] == 1 and x.dtype == jnp.float32 and enabled()
+          and _unpartitioned(x))
+
+
+def _row_norm_compiled(x, eps, scale, bias, *, rms):
+  if not _registered():
+    raise RuntimeError("jaxnorm's compiled sums are not built (see cpu_sums.rows_usable)")
+  p, r = x.shape
+  flags = ((_ROW_SCALE if scale is not None else 0) | (_ROW_BIAS if bias is not None else 0)
+           | (_ROW_RMS if rms else 0))
+  none = jnp.zeros((1,), jnp.float32)
+  stats = jax.ShapeDtypeStruct((p,), jnp.float32)
+  call = jax.ffi.ffi_call(_ROWS_TARGET, (jax.ShapeDtypeStruct((p, r), jnp.float32), stats, stats),
+                          custom_call_api_version=3, legacy_backend_config=f"{p},{r},{flags}")
+  outs = call(x, eps.reshape(1), none if scale is None else scale,
+              none if bias is None else bias)
+  varying = tuple(sorted(set().union(*(_varying(a) for a in (x, eps, scale, bias)
+                                       if a is not None))))
+  if varying:
+    outs = tuple(lax.pcast(v, varying, to="varying") for v in outs)
+  return tuple(outs)
+
+
+def row_norm(x, eps, scale, bias, *, rms: bool, in_jax):
+  """Layer norm (or RMS norm, ``rms=True``) of each row of ``x`` (``(P, R)``,
+  float32), statistics and output in one compiled loop: ``(y, mean, var)``
+  with ``y`` ``(P, R)`` and the statistics ``(P,)``, in float32. ``eps`` is a
+  float32 scalar, ``scale`` and ``bias`` ``(R,)`` float32 or ``None``;
+  ``in_jax(x, eps, scale, bias)`` computes the same in JAX's operations (other
+  backends, and parameters batched under ``vmap``). Only where
+  :func:`rows_usable` says so; not differentiable (layers call it from the
+  primal side of their ``custom_jvp``)."""
+  params = tuple(v for v in (scale, bias) if v is not None)
+
+  def unpack(params):
+    it = iter(params)
+    return (next(it) if scale is not None else None), (next(it) if bias is not None else None)
+
+  def compiled(x, eps, *params):
+    return _row_norm_compiled(x, eps, *unpack(params), rms=rms)
+
+  def reference(x, eps, *params):
+    return tuple(in_jax(x, eps, *unpack(params)))
+
+  @custom_vmap
+  def call(x, eps, *params):
+    return lax.platform_dependent(x, eps, *params, cpu=compiled, default=reference)
+
+  @call.def_vmap
+  def call_vmap(axis_size, in_batched, x, eps, *params):
+    x_batched, *rest = in_batched
+    if not any(rest):
+      # The mapped axis (leading) becomes more rows.
+      if not x_batched:
+        x = jnp.broadcast_to(x, (axis_size,) + x.shape)
+      y, mean, var = call(x.reshape((-1, x.shape[-1])), eps, *params)
+      return ((y.reshape(x.shape), mean.reshape(x.shape[:2]), var.reshape(x.shape[:2])),
+              (True, True, True))
+    # A batched eps, scale or bias: per-example parameters, in JAX.
+    axes = tuple(0 if b else None for b in in_batched)
+    outs = jax.vmap(reference, in_axes=axes)(x, eps, *params)
+    return outs, (True, True, True)
+
+  return call(x, eps, *params)

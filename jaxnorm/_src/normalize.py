@@ -42,12 +42,14 @@ its output is NaN or inf but no gradient is.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxnorm._src import cpu_sums
 from jaxnorm._src import moments as mom_lib
 
 
@@ -225,7 +227,60 @@ def _outputs(config, xv, scale, bias, m, eps, renorm):
 
 
 def _forward(config, xv, scale, bias, mask, eps, renorm):
+  rows = _fused_rows(config, xv, scale, bias, mask, eps, renorm)
+  if rows is not None:
+    return rows
   return _outputs(config, xv, scale, bias, _moments(config, xv, mask), eps, renorm)
+
+
+def _fused_rows(config, xv, scale, bias, mask, eps, renorm):
+  """Layer and RMS norm's forward pass (float32, over trailing axes, one
+  block per row, parameters along the reduced axes) as one compiled loop on
+  XLA's CPU backend (:func:`cpu_sums.row_norm`): each row's statistics and
+  output from one read of ``x``, where this program (and Flax's) reads it
+  twice. ``None`` where it does not apply."""
+  view = config.view
+  if (mask is not None or renorm is not None or config.ghost or config.pool != 1
+      or config.axis_name is not None or view.block_axis is not None
+      or xv.dtype != jnp.float32 or config.out_dtype != jnp.float32
+      or not cpu_sums.rows_usable(xv, view.axes)):
+    return None
+  lo = min(view.axes)
+  row_shape = xv.shape[lo:]
+  rows = math.prod(xv.shape[:lo])
+
+  def per_row(v):
+    # A parameter along the reduced axes, the same for every row -> (R,).
+    if v is None:
+      return None
+    v = v.reshape((1,) * (xv.ndim - v.ndim) + v.shape)
+    if any(d != 1 for d in v.shape[:lo]) or not jnp.issubdtype(v.dtype, jnp.floating):
+      raise _NotRows
+    return jnp.broadcast_to(v.astype(jnp.float32), (1,) * lo + row_shape).reshape(-1)
+
+  try:
+    scale_r, bias_r = per_row(scale), per_row(bias)
+  except _NotRows:
+    return None
+
+  def in_jax(x2, eps, scale_r, bias_r):
+    # The same layer in JAX's operations, on rows (other backends; batched
+    # parameters; any number of rows: vmap folds its axis into them).
+    cfg = config._replace(view=mom_lib.View(tuple(x2.shape), (1,), None))
+    row = lambda v: None if v is None else v[None]
+    y, mean, var, _ = _outputs(cfg, x2, row(scale_r), row(bias_r),
+                               _moments(cfg, x2, None, compiled_sums=False), eps, None)
+    return y, mean.reshape(-1), var.reshape(-1)
+
+  y, mean, var = cpu_sums.row_norm(xv.reshape(rows, -1), eps.astype(jnp.float32), scale_r,
+                                   bias_r, rms=config.rms, in_jax=in_jax)
+  stats_shape = xv.shape[:lo] + (1,) * len(row_shape)
+  count = jnp.full(stats_shape, math.prod(row_shape), jnp.float32)
+  return y.reshape(xv.shape), mean.reshape(stats_shape), var.reshape(stats_shape), count
+
+
+class _NotRows(Exception):
+  """A parameter that varies over the rows (``_fused_rows`` does not apply)."""
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -269,13 +324,17 @@ def _fused_jvp(config, primals, tangents):
   # LN fwd+bwd dx 8192x1024 takes 1.9x Flax's time; low precision too (BN
   # fwd+bwd bf16 64x32x32x128: 0.63 -> 0.92).
   shared_frame = xv.dtype == sdt and xv.ndim - 1 not in config.view.axes
-  # The compiled sums (cpu_sums) are for forward passes: in the
-  # ResNet-18 step they made the step slower (0.94-0.96 -> 1.03x Flax's time,
-  # two runs each, `JAXNORM_CPU_KERNEL=0/1`), where XLA's own sums of the
-  # shared `x - frame` below run on both cores and the loop, at those sizes
-  # (0.5M values), on one.
+  # The compiled sums (cpu_sums) take row statistics here (layer norm), not
+  # column statistics. Columns: in the ResNet-18 step the loop made the step
+  # slower (0.94-0.96 -> 1.03x Flax's time, two runs each,
+  # `JAXNORM_CPU_KERNEL=0/1`), where XLA's own sums of the shared
+  # `x - frame` below run on both cores and the loop, at those sizes (0.5M
+  # values), on one. Rows: LN fwd+bwd dx 8192x1024 1.12 -> 0.96x Flax's
+  # time, 4x128x4096 0.90 -> 0.76, the other f32 LN fwd+bwd rows of the
+  # sweep -0.08 to +0.02 (in-process A/B, 21 rounds).
+  rows = xv.ndim - 1 in config.view.axes
   m = _moments(config._replace(plain_first=False), xv, mask, frame_copies=not shared_frame,
-               compiled_sums=False)
+               compiled_sums=rows)
   out = _outputs(config, xv, scale, bias, m, eps, renorm)
   axes = config.view.axes
   block_axis = config.view.block_axis
