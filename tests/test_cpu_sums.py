@@ -241,6 +241,20 @@ def test_bfloat16_is_read_as_it_is(one_device, layer):
   np.testing.assert_allclose(np.asarray(y, np.float32), want, atol=2e-2)
 
 
+def test_bfloat16_columns_in_the_derivative(one_device):
+  # The derivative's program takes bfloat16 column statistics with the loop
+  # (float32 columns keep XLA's sums there).
+  x = jnp.asarray(hard_data((64, 48), offset=20.0), jnp.bfloat16)
+  state = {"mean": jnp.zeros(48), "var": jnp.ones(48)}
+  dy = np.cos(np.arange(64 * 48, dtype=np.float32)).reshape(64, 48)
+  loss = lambda x: jnp.sum(jaxnorm.batch_norm(None, state, x, train=True)[0] * dy)
+  assert uses_kernel(jax.grad(loss), x)
+  assert not uses_kernel(jax.grad(loss), x.astype(jnp.float32))
+  gx = jax.jit(jax.grad(loss))(x)
+  want = ref.batch_norm_input_grad(np.asarray(x, np.float32), dy)
+  np.testing.assert_allclose(np.asarray(gx, np.float32), want, atol=2e-2 * np.abs(want).max())
+
+
 def test_instance_norm_matches_float64(one_device):
   x = hard_data((3, 8, 8, 48), offset=1e5)
   f = lambda x: jaxnorm.instance_norm(None, x)

@@ -332,9 +332,15 @@ def _fused_jvp(config, primals, tangents):
   # values), on one. Rows: LN fwd+bwd dx 8192x1024 1.12 -> 0.96x Flax's
   # time, 4x128x4096 0.90 -> 0.76, the other f32 LN fwd+bwd rows of the
   # sweep -0.08 to +0.02 (in-process A/B, 21 rounds).
+  #
+  # bfloat16 columns take the loop too: it reads `x` as it is, where XLA's
+  # sums convert it inside each fusion. BN fwd+bwd bf16 8x8x8x64 0.97-0.99
+  # -> 0.91-0.96x Flax's time, 16x16x16x64 0.75-0.88 -> 0.72-0.79,
+  # 32x16x16x128 0.71 -> 0.65, 64x32x32x128 0.74 -> 0.75 (in-process A/B,
+  # 21-31 rounds).
   rows = xv.ndim - 1 in config.view.axes
   m = _moments(config._replace(plain_first=False), xv, mask, frame_copies=not shared_frame,
-               compiled_sums=rows)
+               compiled_sums=rows or xv.dtype == jnp.bfloat16)
   out = _outputs(config, xv, scale, bias, m, eps, renorm)
   axes = config.view.axes
   block_axis = config.view.block_axis
