@@ -61,6 +61,12 @@ static inline float bf16_to_float(uint16_t h) {
 
 #define FLOAT_ID(v) (v)
 
+/* Column sums take 64 columns at a time (8 vector accumulators) where the
+   CPU has 32 vector registers (AVX-512), 32 otherwise. Alone, against 32 at
+   a time (interleaved, 41 rounds): 8x8x8x64 21 -> 19 us, 32x16x16x128 231 ->
+   202 us, 64x32x32x128 1103 -> 962 us. */
+static int wide_cols = -1;
+
 /* slab_sums_*: adds the framed sums of rows [r0, r1) of one (R, C) slab into
    a1, a2. row_sums_*: adds those of one row of R values into *a1, *a2 (C == 1:
    the statistics of layer norm), 16 lanes along the row, BLOCK vectors per
@@ -73,6 +79,39 @@ static void slab_sums_##NAME(const T* x, const float* f, int64_t C, int64_t r0, 
   for (int64_t r = r0; r < r1; r += BLOCK) { \
     int64_t re = r + BLOCK < r1 ? r + BLOCK : r1; \
     int64_t c = 0; \
+    for (; wide_cols && c + 64 <= C; c += 64) { \
+      vec16 f0, f1, f2, f3, x0, x1, x2, x3; \
+      LOAD16(f0, f + c); \
+      LOAD16(f1, f + c + 16); \
+      LOAD16(f2, f + c + 32); \
+      LOAD16(f3, f + c + 48); \
+      vec16 p0 = {0}, p1 = {0}, q0 = {0}, q1 = {0}, p2 = {0}, p3 = {0}, q2 = {0}, q3 = {0}; \
+      for (int64_t i = r; i < re; i++) { \
+        LOADX(x0, x + i * C + c); \
+        LOADX(x1, x + i * C + c + 16); \
+        LOADX(x2, x + i * C + c + 32); \
+        LOADX(x3, x + i * C + c + 48); \
+        vec16 d0 = x0 - f0, d1 = x1 - f1, d2 = x2 - f2, d3 = x3 - f3; \
+        p0 += d0; \
+        p1 += d1; \
+        p2 += d2; \
+        p3 += d3; \
+        q0 += d0 * d0; \
+        q1 += d1 * d1; \
+        q2 += d2 * d2; \
+        q3 += d3 * d3; \
+      } \
+      for (int k = 0; k < 16; k++) { \
+        a1[c + k] += p0[k]; \
+        a1[c + 16 + k] += p1[k]; \
+        a1[c + 32 + k] += p2[k]; \
+        a1[c + 48 + k] += p3[k]; \
+        a2[c + k] += q0[k]; \
+        a2[c + 16 + k] += q1[k]; \
+        a2[c + 32 + k] += q2[k]; \
+        a2[c + 48 + k] += q3[k]; \
+      } \
+    } \
     for (; c + 32 <= C; c += 32) { \
       vec16 f0, f1, x0, x1; \
       LOAD16(f0, f + c); \
@@ -313,6 +352,7 @@ void jaxnorm_framed_column_sums(void* out, const void** in, const char* opaque,
   parse_opaque(opaque, opaque_len, v, 4);
   int64_t P = v[0], R = v[1], C = v[2];
   int bf16 = (int)v[3];
+  if (wide_cols < 0) wide_cols = __builtin_cpu_supports("avx512f") ? 1 : 0;
   if (P <= 0 || C <= 0) return;
 
   int64_t total = P * R * C;
