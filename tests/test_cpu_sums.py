@@ -153,7 +153,7 @@ def test_used_only_where_it_applies(one_device, monkeypatch):
   assert not cpu_sums.usable(x, (0, 1, 2))
 
 
-SUMS, ROWS = "jaxnorm_framed_column_sums", "jaxnorm_row_norm"
+SUMS, ROWS, COLUMNS = "jaxnorm_framed_column_sums", "jaxnorm_row_norm", "jaxnorm_column_norm"
 
 
 def uses_kernel(f, x, target=SUMS):
@@ -172,7 +172,9 @@ def test_batch_norm_matches_float64(one_device, shape, offset):
   def f(x):
     return jaxnorm.batch_norm(params, state, x, train=True)
 
-  assert uses_kernel(f, x)
+  # The forward pass is one fused call (statistics and output, below); its
+  # derivative's program keeps XLA's sums for float32 columns.
+  assert uses_kernel(f, x, COLUMNS)
   y, new_state = jax.jit(f)(x)
   y_ref, mu, var = ref.batch_norm_train(x, params["scale"], params["bias"])
   np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=0)
@@ -315,7 +317,7 @@ def test_one_device_process_uses_it_by_default():
       x = jnp.ones((8, 4, 4, 32)) + jnp.arange(32.0)
       state = {"mean": jnp.zeros(32), "var": jnp.ones(32)}
       f = lambda x: jaxnorm.batch_norm(None, state, x, train=True)[0]
-      print("jaxnorm_framed_column_sums" in jax.jit(f).lower(x).as_text())
+      print("jaxnorm_column_norm" in jax.jit(f).lower(x).as_text())
   """)
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXNORM_CPU_KERNEL")}
   env["JAX_PLATFORMS"] = "cpu"
@@ -453,3 +455,110 @@ def test_fused_rows_left_out_on_a_partitioned_mesh_and_used_in_shard_map():
   g = jax.shard_map(f, mesh=mesh, in_specs=P("b"), out_specs=P("b"))
   assert uses_kernel(g, sharded, ROWS)
   np.testing.assert_allclose(jax.jit(g)(sharded), ref.layer_norm(x), atol=2e-5)
+
+
+# Batch norm's fused training forward pass (cpu_sums.column_norm): column sums
+# per thread, one merge, then each thread's output rows.
+
+
+@pytest.mark.parametrize("shape", [
+    (16, 16), (17, 33), (7, 3, 5, 33), (64, 130), (8, 8, 8, 64),
+    (16, 16, 16, 64),   # rows split over threads
+    (4096, 300),        # over threads, with a tail of 12 columns
+])
+@pytest.mark.parametrize("offset", [0.0, 1e5])
+def test_fused_columns_match_float64(one_device, shape, offset):
+  from jaxnorm._src import normalize
+  x = hard_data(shape, seed=sum(shape), offset=offset)
+  c = shape[-1]
+  scale = np.linspace(0.5, 2, c, dtype=np.float32)
+  bias = np.linspace(-1, 1, c, dtype=np.float32)
+  axes = tuple(range(len(shape) - 1))
+
+  def f(x):
+    out = normalize.normalize_batch(x, axes=axes, scale=scale, bias=bias, eps=1e-5, blocks=1)
+    return out.y, out.mean, out.var
+
+  assert uses_kernel(f, x, COLUMNS)
+  y, mean, var = jax.jit(f)(x)
+  y_ref, mu, v = ref.batch_norm_train(x, scale, bias)
+  np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=0)
+  mu, v = mu.ravel(), v.ravel()
+  assert np.all(np.abs(np.asarray(mean, np.float64) - mu) <= 1e-6 * (np.abs(mu) + np.sqrt(v)))
+  np.testing.assert_allclose(np.asarray(var, np.float64), v, rtol=1e-6)
+
+
+@pytest.mark.parametrize("params", ["none", "scale", "bias", "both"])
+def test_fused_columns_each_parameter(one_device, params):
+  x = hard_data((40, 32), offset=3.0)
+  p = {}
+  if params in ("scale", "both"):
+    p["scale"] = np.linspace(-1, 2, 32, dtype=np.float32)
+  if params in ("bias", "both"):
+    p["bias"] = np.linspace(3, -1, 32, dtype=np.float32)
+  state = {"mean": jnp.zeros(32), "var": jnp.ones(32)}
+  f = lambda x: jaxnorm.batch_norm(p, state, x, train=True)[0]
+  assert uses_kernel(f, x, COLUMNS)
+  want = ref.batch_norm_train(x, p.get("scale"), p.get("bias"))[0]
+  np.testing.assert_allclose(jax.jit(f)(x), want, atol=2e-5)
+
+
+def test_fused_columns_nan_stays_in_its_column(one_device):
+  x = hard_data((64, 32), offset=2.0)
+  x[10, 4] = np.nan
+  x[20, 9] = np.inf
+  state = {"mean": jnp.zeros(32), "var": jnp.ones(32)}
+  f = lambda x: jaxnorm.batch_norm(None, state, x, train=True)
+  assert uses_kernel(f, x, COLUMNS)
+  y, new = jax.jit(f)(x)
+  y = np.asarray(y)
+  assert np.all(np.isnan(y[:, 4])) and np.all(np.isnan(y[:, 9]))
+  others = np.setdiff1d(np.arange(32), [4, 9])
+  np.testing.assert_allclose(y[:, others], ref.batch_norm_train(x[:, others])[0], atol=2e-5)
+  assert np.all(np.isfinite(np.asarray(new["var"])[others]))
+
+
+def test_fused_columns_under_vmap_and_grad(one_device):
+  x = hard_data((3, 40, 32), offset=1e3)
+  state = {"mean": jnp.zeros(32), "var": jnp.ones(32)}
+  f = lambda x: jaxnorm.batch_norm(None, state, x, train=True)[0]
+  # Under vmap each example has its own statistics: JAX's operations.
+  y = jax.jit(jax.vmap(f))(x)
+  for i in range(3):
+    np.testing.assert_allclose(y[i], ref.batch_norm_train(x[i])[0], atol=2e-5)
+  # The derivative's program is the closed-form tangent rule.
+  dy = np.cos(np.arange(40 * 32, dtype=np.float32)).reshape(40, 32)
+  loss = lambda x: jnp.sum(f(x) * dy)
+  assert not uses_kernel(jax.grad(loss), x[0], COLUMNS)
+  want = ref.batch_norm_input_grad(x[0], dy)
+  np.testing.assert_allclose(jax.jit(jax.grad(loss))(x[0]), want, atol=1e-4 * np.abs(want).max())
+
+
+def test_fused_columns_concurrent_calls(one_device):
+  # Two calls at once: one gets the helper threads, the other runs alone
+  # (its jobs wait for each other, so it must not be split over threads it
+  # does not have).
+  import threading
+  x = hard_data((16, 16, 16, 64), offset=5.0)
+  state = {"mean": jnp.zeros(64), "var": jnp.ones(64)}
+  f = jax.jit(lambda x: jaxnorm.batch_norm(None, state, x, train=True)[0])
+  want = np.asarray(f(x))
+  results, errors = [], []
+
+  def work():
+    try:
+      for _ in range(20):
+        results.append(np.asarray(f(x)))
+    except Exception as e:  # reported below
+      errors.append(e)
+
+  threads = [threading.Thread(target=work) for _ in range(3)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=120)
+  assert not any(t.is_alive() for t in threads), "a call did not finish"
+  assert not errors and len(results) == 60
+  for r in results:
+    # A call that runs alone adds its partial sums in another order.
+    np.testing.assert_allclose(r, want, atol=1e-5, rtol=0)

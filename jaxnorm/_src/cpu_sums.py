@@ -70,6 +70,7 @@ except ImportError:  # built without a C compiler: the sums stay in JAX
 
 _TARGET = "jaxnorm_framed_column_sums"
 _ROWS_TARGET = "jaxnorm_row_norm"
+_COLUMNS_TARGET = "jaxnorm_column_norm"
 # Between 1 and this many kept values per slab the compiled loop runs one
 # column at a time (scalar code); XLA's own sums are faster there. With one
 # (row statistics, layer norm) it runs along the rows.
@@ -88,7 +89,7 @@ def _registered() -> bool:
       library = ctypes.CDLL(_extension.__file__)
       # XLA's original custom-call interface (api_version 0): no XLA headers
       # at build time. A JAX that no longer takes it leaves the sums in JAX.
-      for name in (_TARGET, _ROWS_TARGET):
+      for name in (_TARGET, _ROWS_TARGET, _COLUMNS_TARGET):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)),
                                     platform="cpu", api_version=0)
     except Exception as e:  # any failure means: do without the loop
@@ -165,21 +166,26 @@ def _varying(a) -> set:
   return set(getattr(aval, "vma", None) or getattr(manual, "varying", None) or ())
 
 
-def _sums_compiled(x, f):
+def _call_compiled(target, results, config, *operands):
+  """One call of a compiled target (``config``: its opaque string)."""
   if not _registered():
-    raise RuntimeError("jaxnorm's compiled sums are not built (see cpu_sums.usable)")
+    raise RuntimeError("jaxnorm's compiled loops are not built (see cpu_sums.usable)")
+  call = jax.ffi.ffi_call(target, results, custom_call_api_version=3,
+                          legacy_backend_config=config)
+  outs = tuple(call(*operands))
+  # Inside shard_map the results vary over the devices as the operands do; a
+  # custom call's results are typed as not varying.
+  varying = tuple(sorted(set().union(*(_varying(a) for a in operands))))
+  if varying:
+    outs = tuple(lax.pcast(v, varying, to="varying") for v in outs)
+  return outs
+
+
+def _sums_compiled(x, f):
   p, r, c = x.shape
   out = jax.ShapeDtypeStruct((p, c), jnp.float32)
   kind = 1 if x.dtype == jnp.bfloat16 else 0
-  call = jax.ffi.ffi_call(_TARGET, (out, out), custom_call_api_version=3,
-                          legacy_backend_config=f"{p},{r},{c},{kind}")
-  s1, s2 = call(x, f)
-  # Inside shard_map the sums vary over the devices as `x` does; a custom
-  # call's results are typed as not varying.
-  varying = tuple(sorted(_varying(x) | _varying(f)))
-  if varying:
-    s1, s2 = (lax.pcast(v, varying, to="varying") for v in (s1, s2))
-  return s1, s2
+  return _call_compiled(_TARGET, (out, out), f"{p},{r},{c},{kind}", x, f)
 
 
 @custom_vmap
@@ -246,23 +252,60 @@ def rows_usable(x, axes: tuple[int, ...]) -> bool:
           and _unpartitioned(x))
 
 
-def _row_norm_compiled(x, eps, scale, bias, *, rms):
-  if not _registered():
-    raise RuntimeError("jaxnorm's compiled sums are not built (see cpu_sums.rows_usable)")
-  p, r = x.shape
-  flags = ((_ROW_SCALE if scale is not None else 0) | (_ROW_BIAS if bias is not None else 0)
-           | (_ROW_RMS if rms else 0))
+def _affine_operands(eps, scale, bias, flags=0):
+  """The operands eps, scale, bias of a fused call (one float where a
+  parameter is absent) and the flags that say which are there."""
   none = jnp.zeros((1,), jnp.float32)
+  flags |= (_ROW_SCALE if scale is not None else 0) | (_ROW_BIAS if bias is not None else 0)
+  return (eps.reshape(1), none if scale is None else scale,
+          none if bias is None else bias), flags
+
+
+def _fused_call(compiled, in_jax, args, scale, bias, fold_rows: bool):
+  """``compiled(*args, scale, bias)`` on the CPU backend and
+  ``in_jax(*args, scale, bias)`` on others, as a ``custom_vmap`` function.
+  Under ``vmap``, with ``fold_rows`` and only ``args[0]`` (``x``) batched,
+  the mapped axis becomes more rows of ``x``; otherwise ``in_jax`` runs
+  under ``vmap``."""
+  params = tuple(v for v in (scale, bias) if v is not None)
+  n = len(args)
+
+  def unpack(rest):
+    it = iter(rest[n:])
+    return (*rest[:n], next(it) if scale is not None else None,
+            next(it) if bias is not None else None)
+
+  def on_cpu(*operands):
+    return compiled(*unpack(operands))
+
+  def reference(*operands):
+    return tuple(in_jax(*unpack(operands)))
+
+  @custom_vmap
+  def call(*operands):
+    return lax.platform_dependent(*operands, cpu=on_cpu, default=reference)
+
+  @call.def_vmap
+  def call_vmap(axis_size, in_batched, *operands):
+    if fold_rows and not any(in_batched[1:]):
+      x = operands[0]
+      if not in_batched[0]:
+        x = jnp.broadcast_to(x, (axis_size,) + x.shape)
+      y, mean, var = call(x.reshape((-1, x.shape[-1])), *operands[1:])
+      return ((y.reshape(x.shape), mean.reshape(x.shape[:2]), var.reshape(x.shape[:2])),
+              (True, True, True))
+    axes = tuple(0 if b else None for b in in_batched)
+    return jax.vmap(reference, in_axes=axes)(*operands), (True, True, True)
+
+  return call(*args, *params)
+
+
+def _row_norm_compiled(x, eps, scale, bias, *, rms):
+  p, r = x.shape
+  operands, flags = _affine_operands(eps, scale, bias, _ROW_RMS if rms else 0)
   stats = jax.ShapeDtypeStruct((p,), jnp.float32)
-  call = jax.ffi.ffi_call(_ROWS_TARGET, (jax.ShapeDtypeStruct((p, r), jnp.float32), stats, stats),
-                          custom_call_api_version=3, legacy_backend_config=f"{p},{r},{flags}")
-  outs = call(x, eps.reshape(1), none if scale is None else scale,
-              none if bias is None else bias)
-  varying = tuple(sorted(set().union(*(_varying(a) for a in (x, eps, scale, bias)
-                                       if a is not None))))
-  if varying:
-    outs = tuple(lax.pcast(v, varying, to="varying") for v in outs)
-  return tuple(outs)
+  return _call_compiled(_ROWS_TARGET, (jax.ShapeDtypeStruct((p, r), jnp.float32), stats, stats),
+                        f"{p},{r},{flags}", x, *operands)
 
 
 def row_norm(x, eps, scale, bias, *, rms: bool, in_jax):
@@ -271,38 +314,31 @@ def row_norm(x, eps, scale, bias, *, rms: bool, in_jax):
   with ``y`` ``(P, R)`` and the statistics ``(P,)``, in float32. ``eps`` is a
   float32 scalar, ``scale`` and ``bias`` ``(R,)`` float32 or ``None``;
   ``in_jax(x, eps, scale, bias)`` computes the same in JAX's operations (other
-  backends, and parameters batched under ``vmap``). Only where
-  :func:`rows_usable` says so; not differentiable (layers call it from the
-  primal side of their ``custom_jvp``)."""
-  params = tuple(v for v in (scale, bias) if v is not None)
+  backends, and parameters batched under ``vmap``; with shared parameters the
+  mapped axis becomes more rows). Only where :func:`rows_usable` says so; not
+  differentiable (layers call it from the primal side of their
+  ``custom_jvp``)."""
+  compiled = lambda x, eps, scale, bias: _row_norm_compiled(x, eps, scale, bias, rms=rms)
+  return _fused_call(compiled, in_jax, (x, eps), scale, bias, fold_rows=True)
 
-  def unpack(params):
-    it = iter(params)
-    return (next(it) if scale is not None else None), (next(it) if bias is not None else None)
 
-  def compiled(x, eps, *params):
-    return _row_norm_compiled(x, eps, *unpack(params), rms=rms)
+def _column_norm_compiled(x, f, eps, scale, bias):
+  r, c = x.shape
+  operands, flags = _affine_operands(eps, scale, bias)
+  stats = jax.ShapeDtypeStruct((c,), jnp.float32)
+  return _call_compiled(_COLUMNS_TARGET, (jax.ShapeDtypeStruct((r, c), jnp.float32), stats, stats),
+                        f"{r},{c},{flags}", x, f, *operands)
 
-  def reference(x, eps, *params):
-    return tuple(in_jax(x, eps, *unpack(params)))
 
-  @custom_vmap
-  def call(x, eps, *params):
-    return lax.platform_dependent(x, eps, *params, cpu=compiled, default=reference)
-
-  @call.def_vmap
-  def call_vmap(axis_size, in_batched, x, eps, *params):
-    x_batched, *rest = in_batched
-    if not any(rest):
-      # The mapped axis (leading) becomes more rows.
-      if not x_batched:
-        x = jnp.broadcast_to(x, (axis_size,) + x.shape)
-      y, mean, var = call(x.reshape((-1, x.shape[-1])), eps, *params)
-      return ((y.reshape(x.shape), mean.reshape(x.shape[:2]), var.reshape(x.shape[:2])),
-              (True, True, True))
-    # A batched eps, scale or bias: per-example parameters, in JAX.
-    axes = tuple(0 if b else None for b in in_batched)
-    outs = jax.vmap(reference, in_axes=axes)(x, eps, *params)
-    return outs, (True, True, True)
-
-  return call(x, eps, *params)
+def column_norm(x, frame, eps, scale, bias, *, in_jax):
+  """Batch norm's training forward pass on ``x`` of shape ``(R, C)``
+  (float32, statistics over ``R``), statistics and output in one compiled
+  call: ``(y, mean, var)``, the statistics ``(C,)`` in float32. ``frame``
+  ``(C,)`` is the statistics' frame (float32), ``eps`` a float32 scalar,
+  ``scale`` and ``bias`` ``(C,)`` float32 or ``None``;
+  ``in_jax(x, frame, eps, scale, bias)`` computes the same in JAX's
+  operations (other backends, and under ``vmap``, where each example has its
+  own statistics). Only where :func:`usable` says so for the column sums;
+  not differentiable (called from the primal side of a ``custom_jvp``)."""
+  return _fused_call(_column_norm_compiled, in_jax, (x, frame, eps), scale, bias,
+                     fold_rows=False)

@@ -324,7 +324,7 @@ def _median3(a, b, c):
   return jnp.maximum(jnp.minimum(a, b), jnp.minimum(jnp.maximum(a, b), c))
 
 
-def _probe_frame(xv, axes):
+def probe_frame(xv, axes):
   """Median of three values of each block: first, middle and last along the
   longest reduction axis, at index 0 of the others (keepdims)."""
   if not axes:
@@ -622,7 +622,7 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
     if frame is None and mask is None and pool == 1:
       # Probes of `x` itself, converted after (a median commutes with the
       # conversion): slices of a converted `x` make it a shared full-size value.
-      frame = _probe_frame(xv, axes).astype(sdt)
+      frame = probe_frame(xv, axes).astype(sdt)
     elif frame is None:
       # With a mask, or pooled over channels (group norm): the block's mean, one
       # more pass. A group's frame must be common to its channels; made from

@@ -227,60 +227,84 @@ def _outputs(config, xv, scale, bias, m, eps, renorm):
 
 
 def _forward(config, xv, scale, bias, mask, eps, renorm):
-  rows = _fused_rows(config, xv, scale, bias, mask, eps, renorm)
-  if rows is not None:
-    return rows
+  compiled = _compiled_forward(config, xv, scale, bias, mask, eps, renorm)
+  if compiled is not None:
+    return compiled
   return _outputs(config, xv, scale, bias, _moments(config, xv, mask), eps, renorm)
 
 
-def _fused_rows(config, xv, scale, bias, mask, eps, renorm):
-  """Layer and RMS norm's forward pass (float32, over trailing axes, one
-  block per row, parameters along the reduced axes) as one compiled loop on
-  XLA's CPU backend (:func:`cpu_sums.row_norm`): each row's statistics and
-  output from one read of ``x``, where this program (and Flax's) reads it
-  twice. ``None`` where it does not apply."""
+def _compiled_forward(config, xv, scale, bias, mask, eps, renorm):
+  """The forward pass as one compiled call on XLA's CPU backend, where one
+  applies (``None`` elsewhere): float32 in and out, no mask, no renorm, no
+  ghost blocks or pooled channels, one block, statistics on this device, and
+  parameters the same for every row (rows) or every value of a channel
+  (columns).
+
+  * Rows (layer and RMS norm over trailing axes, :func:`cpu_sums.row_norm`):
+    each row's statistics and output from one read of ``x``, where this
+    program (and Flax's) reads it twice.
+  * Columns (batch norm on channels-last data, one slab, >= 16 channels,
+    :func:`cpu_sums.column_norm`): each thread's column sums, one merge, then
+    the output of the same rows by the same thread, whose second read of
+    ``x`` comes from that core's cache where the rows fit there.
+  """
   view = config.view
   if (mask is not None or renorm is not None or config.ghost or config.pool != 1
       or config.axis_name is not None or view.block_axis is not None
-      or xv.dtype != jnp.float32 or config.out_dtype != jnp.float32
-      or not cpu_sums.rows_usable(xv, view.axes)):
+      or xv.dtype != jnp.float32 or config.out_dtype != jnp.float32):
     return None
+  shape = cpu_sums.layout(xv.shape, view.axes)
+  if shape is None:
+    return None
+  p, r, c = shape
+  rows = c == 1
+  if not (cpu_sums.rows_usable(xv, view.axes) if rows else
+          p == 1 and not config.rms and cpu_sums.usable(xv, view.axes)):
+    return None
+  # Parameters vary along the last `xv.ndim - keep` axes only.
   lo = min(view.axes)
-  row_shape = xv.shape[lo:]
-  rows = math.prod(xv.shape[:lo])
+  keep = lo if rows else xv.ndim - 1
+  size = math.prod(xv.shape[keep:])
 
-  def per_row(v):
-    # A parameter along the reduced axes, the same for every row -> (R,).
+  def flat(v):
     if v is None:
       return None
     v = v.reshape((1,) * (xv.ndim - v.ndim) + v.shape)
-    if any(d != 1 for d in v.shape[:lo]) or not jnp.issubdtype(v.dtype, jnp.floating):
-      raise _NotRows
-    return jnp.broadcast_to(v.astype(jnp.float32), (1,) * lo + row_shape).reshape(-1)
+    if any(d != 1 for d in v.shape[:keep]) or not jnp.issubdtype(v.dtype, jnp.floating):
+      raise _PerRowParameter
+    return jnp.broadcast_to(v.astype(jnp.float32), (1,) * keep + xv.shape[keep:]).reshape(size)
 
   try:
-    scale_r, bias_r = per_row(scale), per_row(bias)
-  except _NotRows:
+    scale_f, bias_f = flat(scale), flat(bias)
+  except _PerRowParameter:
     return None
 
-  def in_jax(x2, eps, scale_r, bias_r):
-    # The same layer in JAX's operations, on rows (other backends; batched
-    # parameters; any number of rows: vmap folds its axis into them).
-    cfg = config._replace(view=mom_lib.View(tuple(x2.shape), (1,), None))
-    row = lambda v: None if v is None else v[None]
-    y, mean, var, _ = _outputs(cfg, x2, row(scale_r), row(bias_r),
+  def in_jax(x2, *rest):
+    # The same layer in JAX's operations on the 2-D view (other backends,
+    # and under vmap: any number of rows).
+    eps, scale_f, bias_f = rest[-3:]
+    cfg = config._replace(view=mom_lib.View(tuple(x2.shape), (1,) if rows else (0,), None))
+    two_d = lambda v: None if v is None else v[None]
+    y, mean, var, _ = _outputs(cfg, x2, two_d(scale_f), two_d(bias_f),
                                _moments(cfg, x2, None, compiled_sums=False), eps, None)
     return y, mean.reshape(-1), var.reshape(-1)
 
-  y, mean, var = cpu_sums.row_norm(xv.reshape(rows, -1), eps.astype(jnp.float32), scale_r,
-                                   bias_r, rms=config.rms, in_jax=in_jax)
-  stats_shape = xv.shape[:lo] + (1,) * len(row_shape)
-  count = jnp.full(stats_shape, math.prod(row_shape), jnp.float32)
+  eps = eps.astype(jnp.float32)
+  if rows:
+    y, mean, var = cpu_sums.row_norm(xv.reshape(p, r), eps, scale_f, bias_f, rms=config.rms,
+                                     in_jax=in_jax)
+  else:
+    frame = lax.stop_gradient(mom_lib.probe_frame(xv, view.axes)).reshape(c)
+    y, mean, var = cpu_sums.column_norm(xv.reshape(r, c), frame, eps, scale_f, bias_f,
+                                        in_jax=in_jax)
+  stats_shape = tuple(1 if a in view.axes else d for a, d in enumerate(xv.shape))
+  count = jnp.full(stats_shape, r, jnp.float32)
   return y.reshape(xv.shape), mean.reshape(stats_shape), var.reshape(stats_shape), count
 
 
-class _NotRows(Exception):
-  """A parameter that varies over the rows (``_fused_rows`` does not apply)."""
+class _PerRowParameter(Exception):
+  """A scale or bias that varies where the compiled forward pass needs it
+  constant (:func:`_compiled_forward` does not apply)."""
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
