@@ -1,6 +1,6 @@
-/* Framed sums for XLA's CPU backend, both in one read of x, and layer and RMS
-   norm's forward pass on rows, fused (see cpu_sums.py and jaxnorm_row_norm
-   below).
+/* Framed sums for XLA's CPU backend, both in one read of x, and layer, RMS
+   and batch norm's forward passes, fused (see cpu_sums.py, and
+   jaxnorm_row_norm and jaxnorm_column_norm below).
 
    For x of shape (P, R, C) (float32 or bfloat16) and a frame f of shape
    (P, C) (float32), row-major, writes

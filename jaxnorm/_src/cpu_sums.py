@@ -1,5 +1,5 @@
-"""Both framed sums of a statistic in one read of ``x``, and layer and RMS
-norm's forward pass in one read of its rows, on XLA's CPU backend.
+"""Both framed sums of a statistic in one read of ``x``, and layer, RMS and
+batch norm's forward passes as single compiled calls, on XLA's CPU backend.
 
 Exact statistics take ``sum(x - f)`` and ``sum((x - f)^2)`` with ``f`` a frame
 from the data (:mod:`jaxnorm._src.moments`). XLA's CPU reductions (YNNPACK
@@ -41,6 +41,14 @@ cache, so ``x`` is read once and ``y`` written once, where XLA's program
 the primal side of its ``custom_jvp`` (the derivative's program keeps the
 closed-form tangent rule in JAX's operations), where the parameters are the
 same for every row.
+
+**Fused columns.** Batch norm's training forward pass on channels-last
+float32 data is one call too (:func:`column_norm`, ``jaxnorm_column_norm``):
+each thread takes the column sums of its rows, the calling thread merges
+them, and each thread then writes the output of its own rows, which its
+core has just read (in cache where they fit). Used where the column sums
+are, for one slab (every axis but the channels reduced) without pooled
+channels, ghost blocks, renorm or a device axis.
 
 On another backend (``lax.platform_dependent``) the same function lowers to
 the two sums in JAX's operations. It is differentiable (``custom_jvp``, the
