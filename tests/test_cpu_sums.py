@@ -386,16 +386,22 @@ def test_fused_rows_match_float64(one_device, shape, axes, offset, rms):
 
 
 @pytest.mark.parametrize("params", ["none", "scale", "bias", "both"])
-def test_fused_rows_each_parameter(one_device, params):
-  x = hard_data((6, 40), offset=3.0)
+@pytest.mark.parametrize("layer", ["layer_norm", "batch_norm"])
+def test_fused_calls_each_parameter(one_device, layer, params):
+  x = hard_data((40, 32), offset=3.0)
   p = {}
   if params in ("scale", "both"):
-    p["scale"] = np.linspace(-1, 2, 40, dtype=np.float32)
+    p["scale"] = np.linspace(-1, 2, 32, dtype=np.float32)
   if params in ("bias", "both"):
-    p["bias"] = np.linspace(3, -1, 40, dtype=np.float32)
-  f = lambda x: jaxnorm.layer_norm(p, x)
-  assert uses_kernel(f, x, ROWS)
-  want = ref.layer_norm(x, p.get("scale"), p.get("bias"))
+    p["bias"] = np.linspace(3, -1, 32, dtype=np.float32)
+  if layer == "layer_norm":
+    f = lambda x: jaxnorm.layer_norm(p, x)
+    target, want = ROWS, ref.layer_norm(x, p.get("scale"), p.get("bias"))
+  else:
+    state = {"mean": jnp.zeros(32), "var": jnp.ones(32)}
+    f = lambda x: jaxnorm.batch_norm(p, state, x, train=True)[0]
+    target, want = COLUMNS, ref.batch_norm_train(x, p.get("scale"), p.get("bias"))[0]
+  assert uses_kernel(f, x, target)
   np.testing.assert_allclose(jax.jit(f)(x), want, atol=2e-5)
 
 
@@ -486,21 +492,6 @@ def test_fused_columns_match_float64(one_device, shape, offset):
   mu, v = mu.ravel(), v.ravel()
   assert np.all(np.abs(np.asarray(mean, np.float64) - mu) <= 1e-6 * (np.abs(mu) + np.sqrt(v)))
   np.testing.assert_allclose(np.asarray(var, np.float64), v, rtol=1e-6)
-
-
-@pytest.mark.parametrize("params", ["none", "scale", "bias", "both"])
-def test_fused_columns_each_parameter(one_device, params):
-  x = hard_data((40, 32), offset=3.0)
-  p = {}
-  if params in ("scale", "both"):
-    p["scale"] = np.linspace(-1, 2, 32, dtype=np.float32)
-  if params in ("bias", "both"):
-    p["bias"] = np.linspace(3, -1, 32, dtype=np.float32)
-  state = {"mean": jnp.zeros(32), "var": jnp.ones(32)}
-  f = lambda x: jaxnorm.batch_norm(p, state, x, train=True)[0]
-  assert uses_kernel(f, x, COLUMNS)
-  want = ref.batch_norm_train(x, p.get("scale"), p.get("bias"))[0]
-  np.testing.assert_allclose(jax.jit(f)(x), want, atol=2e-5)
 
 
 def test_fused_columns_nan_stays_in_its_column(one_device):

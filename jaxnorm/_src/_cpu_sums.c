@@ -336,6 +336,16 @@ static int cpu_count(void) {
   return n > 0 ? (int)n : 1;
 }
 
+/* Threads for `total` values at `per_thread` values each and at most
+   `pieces` (the independent parts of the work): 1 to MAX_THREADS. */
+static int threads_for(int64_t total, int64_t per_thread, int64_t pieces) {
+  int threads = cpu_count();
+  if (threads > MAX_THREADS) threads = MAX_THREADS;
+  if (threads > total / per_thread) threads = (int)(total / per_thread);
+  if (threads > pieces) threads = (int)pieces;
+  return threads < 1 ? 1 : threads;
+}
+
 /* Reads up to n comma-separated integers of the opaque string into v. */
 static void parse_opaque(const char* opaque, size_t opaque_len, int64_t* v, int n) {
   char buf[96];
@@ -366,15 +376,9 @@ void jaxnorm_framed_column_sums(void* out, const void** in, const char* opaque,
   if (wide_cols < 0) wide_cols = __builtin_cpu_supports("avx512f") ? 1 : 0;
   if (P <= 0 || C <= 0) return;
 
-  int64_t total = P * R * C;
-  int threads = cpu_count();
-  if (threads > MAX_THREADS) threads = MAX_THREADS;
-  if (threads > total / VALUES_PER_THREAD) threads = (int)(total / VALUES_PER_THREAD);
   /* One slab: threads take rows (whole BLOCKs); several: they take slabs. */
   int split_rows = P == 1;
-  if (split_rows && threads > R / BLOCK) threads = (int)(R / BLOCK);
-  if (!split_rows && threads > P) threads = (int)P;
-  if (threads < 1) threads = 1;
+  int threads = threads_for(P * R * C, VALUES_PER_THREAD, split_rows ? R / BLOCK : P);
 
   double small[2 * 256];
   size_t n_acc = (size_t)(2 * C * threads);
@@ -517,12 +521,7 @@ void jaxnorm_row_norm(void* out, const void** in, const char* opaque, size_t opa
   int64_t P = v[0], R = v[1];
   int flags = (int)v[2];
   if (P <= 0 || R <= 0) return;
-  int64_t total = P * R;
-  int threads = cpu_count();
-  if (threads > MAX_THREADS) threads = MAX_THREADS;
-  if (threads > total / ROW_VALUES_PER_THREAD) threads = (int)(total / ROW_VALUES_PER_THREAD);
-  if (threads > P) threads = (int)P;
-  if (threads < 1) threads = 1;
+  int threads = threads_for(P * R, ROW_VALUES_PER_THREAD, P);
   row_job jobs[MAX_THREADS];
   for (int t = 0; t < threads; t++) {
     row_job j = {in[0],
@@ -665,11 +664,7 @@ void jaxnorm_column_norm(void* out, const void** in, const char* opaque, size_t 
   if (R <= 0 || C <= 0) return;
   if (wide_cols < 0) wide_cols = __builtin_cpu_supports("avx512f") ? 1 : 0;
   int64_t total = R * C;
-  int threads = cpu_count();
-  if (threads > MAX_THREADS) threads = MAX_THREADS;
-  if (threads > total / COL_VALUES_PER_THREAD) threads = (int)(total / COL_VALUES_PER_THREAD);
-  if (threads > R / BLOCK) threads = (int)(R / BLOCK);
-  if (threads < 1) threads = 1;
+  int threads = threads_for(total, COL_VALUES_PER_THREAD, R / BLOCK);
   /* Every job waits for the others' sums, so all of them must run at once:
      as many jobs as threads this call gets. */
   int helpers = pool_take(threads - 1);
