@@ -247,6 +247,13 @@ def _compiled_forward(config, xv, scale, bias, mask, eps, renorm):
     :func:`cpu_sums.column_norm`): each thread's column sums, one merge, then
     the output of the same rows by the same thread, whose second read of
     ``x`` comes from that core's cache where the rows fit there.
+
+  Measured against the statistics' compiled sums followed by XLA's output
+  step (in-process A/B, 21-31 rounds, times against Flax's): LN fwd f32
+  2048x1024 0.94 -> 0.69, 8192x1024 0.80 -> 0.56; RMS fwd f32 0.96-1.02 ->
+  0.73-0.81 at the sweep's three larger row shapes; BN train fwd f32
+  8x8x8x64 0.85 -> 0.65, 16x16x16x128 1.18-1.23 -> 0.90-0.95, unchanged at
+  32x16x16x128 and 64x32x32x128.
   """
   view = config.view
   if (mask is not None or renorm is not None or config.ghost or config.pool != 1
