@@ -533,7 +533,8 @@ def test_fused_columns_concurrent_calls(one_device):
   x = hard_data((16, 16, 16, 64), offset=5.0)
   state = {"mean": jnp.zeros(64), "var": jnp.ones(64)}
   f = jax.jit(lambda x: jaxnorm.batch_norm(None, state, x, train=True)[0])
-  want = np.asarray(f(x))
+  assert uses_kernel(f, x, COLUMNS)
+  want = ref.batch_norm_train(x)[0]
   results, errors = [], []
 
   def work():
@@ -551,5 +552,4 @@ def test_fused_columns_concurrent_calls(one_device):
   assert not any(t.is_alive() for t in threads), "a call did not finish"
   assert not errors and len(results) == 60
   for r in results:
-    # A call that runs alone adds its partial sums in another order.
-    np.testing.assert_allclose(r, want, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(r, want, atol=2e-5, rtol=0)
