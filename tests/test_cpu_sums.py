@@ -553,3 +553,31 @@ def test_fused_columns_concurrent_calls(one_device):
   assert not errors and len(results) == 60
   for r in results:
     np.testing.assert_allclose(r, want, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layer", ["layer_norm", "batch_norm"])
+def test_fused_calls_outliers_at_the_probes(one_device, layer):
+  # The frame is the median of the first, middle and last values; outliers at
+  # all three put it far from the mean, and the compiled calls then sum again
+  # in a frame at the mean (REFRAME in _cpu_sums.c).
+  from jaxnorm._src import normalize
+  rng = np.random.default_rng(3)
+  if layer == "layer_norm":
+    x = (1e5 + rng.standard_normal((8, 1024))).astype(np.float32)
+    x[:, [0, 512, 1023]] = 1e5 + 1e4
+    axes, target = (1,), ROWS
+  else:
+    x = (1e5 + rng.standard_normal((1024, 64))).astype(np.float32)
+    x[[0, 512, 1023], :] = 1e5 + 1e4
+    axes, target = (0,), COLUMNS
+
+  def f(x):
+    out = normalize.normalize_batch(x, axes=axes, eps=1e-5, blocks=1)
+    return out.y, out.var
+
+  assert uses_kernel(f, x, target)
+  y, var = jax.jit(f)(x)
+  x64 = x.astype(np.float64)
+  mu, v = x64.mean(axis=axes, keepdims=True), x64.var(axis=axes, keepdims=True)
+  np.testing.assert_allclose(y, (x64 - mu) / np.sqrt(v + 1e-5), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(np.asarray(var, np.float64), v.ravel(), rtol=1e-6)
