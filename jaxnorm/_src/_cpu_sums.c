@@ -434,7 +434,7 @@ void jaxnorm_framed_column_sums(void* out, const void** in, const char* opaque,
    float32 partial sums of squares digits (they carry n (var + mean_off^2)):
    the sums are taken again in a frame at the mean. The median of three
    values is that far only with outliers or heavy tails at the probed
-   places (for Gaussian data about once in 10^8); the loss below it is at
+   places (for Gaussian data about twice in 10^8); the loss below it is at
    most a factor 16, as in the plain sums' test of moments.py (factor 2). */
 #define REFRAME 15.0
 
