@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 from jax.sharding import PartitionSpec as P
 
 import jaxnorm
@@ -197,29 +198,17 @@ def test_layer_norm_matches_float64(one_device, shape, axes, offset):
   params = {"scale": np.linspace(0.5, 2, np.prod(feat), dtype=np.float32).reshape(feat),
             "bias": np.linspace(-1, 1, np.prod(feat), dtype=np.float32).reshape(feat)}
   f = lambda x: jaxnorm.layer_norm(params, x, axis=axes)
-  # The forward pass is one fused loop (below); its derivative's program
-  # takes the row statistics with the framed sums.
+  # The forward pass is one fused loop (below), and so is its backward pass
+  # (row_grad.py).
   assert uses_kernel(f, x, ROWS) and not uses_kernel(f, x)
   want = ref.layer_norm(x, params["scale"], params["bias"], axes=axes)
   np.testing.assert_allclose(jax.jit(f)(x), want, atol=2e-5)
   dy = np.cos(want).astype(np.float32)
   loss = lambda x: jnp.sum(f(x) * dy)
-  assert uses_kernel(jax.grad(loss), x) and not uses_kernel(jax.grad(loss), x, ROWS)
-  want_dx = layer_norm_input_grad(x, dy, params["scale"], axes)
+  assert uses_kernel(jax.grad(loss), x, ROW_GRAD)
+  want_dx = row_vjp64(x, dy, params["scale"], tuple(a % x.ndim for a in axes), rms=False)[0]
   np.testing.assert_allclose(jax.jit(jax.grad(loss))(x), want_dx,
                              atol=1e-4 * np.abs(want_dx).max())
-
-
-def layer_norm_input_grad(x, dy, scale, axes, eps=1e-6):
-  """Float64 ``dx = rstd (g - <g> - xhat <g xhat>)``, ``g = dy * scale``,
-  ``<.>`` the mean over ``axes`` (Ba et al.'s layer, differentiated)."""
-  x, g = x.astype(np.float64), dy.astype(np.float64) * scale.astype(np.float64)
-  axes = tuple(a % x.ndim for a in axes)
-  mu = x.mean(axis=axes, keepdims=True)
-  rstd = 1 / np.sqrt(((x - mu) ** 2).mean(axis=axes, keepdims=True) + eps)
-  xhat = (x - mu) * rstd
-  return rstd * (g - g.mean(axis=axes, keepdims=True)
-                 - xhat * (g * xhat).mean(axis=axes, keepdims=True))
 
 
 @pytest.mark.parametrize("layer", ["batch_norm", "instance_norm"])
@@ -463,6 +452,192 @@ def test_fused_rows_left_out_on_a_partitioned_mesh_and_used_in_shard_map():
   np.testing.assert_allclose(jax.jit(g)(sharded), ref.layer_norm(x), atol=2e-5)
 
 
+# Layer and RMS norm's compiled backward pass (row_grad.py): the tangent rule
+# as one primitive whose transpose is one compiled loop.
+
+ROW_GRAD, COLUMN_GRAD = "@jaxnorm_row_norm_grad(", "@jaxnorm_column_norm_grad("
+
+
+def row_vjp64(x, g, scale, axes, rms, eps=1e-6):
+  """Float64 backward pass of layer (RMS) norm over the trailing ``axes``:
+  ``dx = r (gs - <gs> - xhat <gs xhat>)`` with ``gs = g * scale`` (no
+  ``<gs>`` for RMS), ``dscale = sum g xhat``, ``dbias = sum g`` over rows."""
+  x, g = x.astype(np.float64), g.astype(np.float64)
+  feat = x.shape[axes[0]:]
+  x2, g2 = x.reshape(-1, int(np.prod(feat))), g.reshape(-1, int(np.prod(feat)))
+  mu = 0.0 if rms else x2.mean(1, keepdims=True)
+  r = 1 / np.sqrt(((x2 - mu) ** 2).mean(1, keepdims=True) + eps)
+  xhat = (x2 - mu) * r
+  gs = g2 * (1.0 if scale is None else np.asarray(scale, np.float64).reshape(-1))
+  inner = gs - xhat * (gs * xhat).mean(1, keepdims=True)
+  if not rms:
+    inner = inner - gs.mean(1, keepdims=True)
+  return ((r * inner).reshape(x.shape), (g2 * xhat).sum(0).reshape(feat),
+          g2.sum(0).reshape(feat))
+
+
+def assert_close_rel(got, want, rtol, scale=0.0):
+  """Within ``rtol`` of the largest of ``|want|`` and ``scale`` (the size of
+  the terms that cancel in ``want``)."""
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  err = np.max(np.abs(got - want))
+  assert err <= rtol * max(np.max(np.abs(want)), scale), err
+
+
+@pytest.mark.parametrize("shape,axes", [
+    ((1, 1), (1,)), ((3, 15), (1,)), ((5, 257), (1,)), ((64, 768), (1,)), ((4, 8, 96), (1, 2)),
+    ((300, 1024), (1,)),    # rows split over threads
+    ((40, 1 << 13), (1,)),  # long rows over threads
+])
+@pytest.mark.parametrize("offset", [0.0, 1e5])
+@pytest.mark.parametrize("rms", [False, True])
+def test_row_backward_matches_float64(one_device, shape, axes, offset, rms):
+  x = hard_data(shape, seed=sum(shape), offset=0.0 if rms else offset)
+  g = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+  feat = shape[axes[0]:]
+  n = int(np.prod(feat))
+  p = {"scale": np.linspace(0.5, 2, n, dtype=np.float32).reshape(feat)}
+  if not rms:
+    p["bias"] = np.linspace(-1, 1, n, dtype=np.float32).reshape(feat)
+  layer = jaxnorm.rms_norm if rms else jaxnorm.layer_norm
+  f = lambda p, x, g: jax.vjp(lambda p, x: layer(p, x, axis=axes), p, x)[1](g)
+  assert ROW_GRAD in jax.jit(f).lower(p, x, g).as_text()
+  dp, dx = jax.jit(f)(p, x, g)
+  wdx, wds, wdb = row_vjp64(x, g, p["scale"], axes, rms)
+  # dx's terms are of the size of rsqrt(var + eps) * g * scale.
+  x64 = x.astype(np.float64).reshape(-1, n)
+  var = x64.var(1) if not rms else (x64 ** 2).mean(1)
+  terms = np.max(np.abs(g.reshape(-1, n) * p["scale"].reshape(-1))) / np.sqrt(var.min() + 1e-6)
+  assert_close_rel(dx, wdx, 2e-6, terms)
+  assert_close_rel(dp["scale"], wds, 2e-6)
+  if not rms:
+    assert_close_rel(dp["bias"], wdb, 2e-6)
+
+
+@pytest.mark.parametrize("params,wrt", [
+    ("none", "x"), ("scale", "x"), ("scale", "scale"), ("scale", "all"),
+    ("both", "x"), ("both", "scale"), ("both", "bias"), ("both", "x+bias"), ("both", "all"),
+])
+def test_row_backward_each_parameter_and_gradient(one_device, params, wrt):
+  x = hard_data((24, 40), offset=7.0)
+  g = np.random.default_rng(2).standard_normal(x.shape).astype(np.float32)
+  p = {}
+  if params != "none":
+    p["scale"] = np.linspace(-1, 2, 40, dtype=np.float32)
+  if params == "both":
+    p["bias"] = np.linspace(3, -1, 40, dtype=np.float32)
+  names = [k for k in ("scale", "bias") if k in p and (k in wrt or wrt == "all")]
+  want_x = wrt in ("x", "x+bias", "all")
+
+  def f(x, diff):
+    full = {**p, **diff}
+    return jnp.sum(jaxnorm.layer_norm(full, x) * g)
+
+  grad = jax.jit(jax.grad(f, argnums=(0, 1) if want_x else 1))
+  diff = {k: p[k] for k in names}
+  out = grad(x, diff)
+  dx, dp = out if want_x else (None, out)
+  wdx, wds, wdb = row_vjp64(x, g, p.get("scale"), (1,), rms=False)
+  if want_x:
+    assert_close_rel(dx, wdx, 2e-6)
+  if "scale" in names:
+    assert_close_rel(dp["scale"], wds, 2e-6)
+  if "bias" in names:
+    assert_close_rel(dp["bias"], wdb, 2e-6)
+  assert ROW_GRAD in grad.lower(x, diff).as_text()
+
+
+def _plain_layer_norm(p, x):
+  """Layer norm as the paper writes it, in jnp (JAX's autodiff differentiates it)."""
+  mu = jnp.mean(x, -1, keepdims=True)
+  var = jnp.mean((x - mu) ** 2, -1, keepdims=True)
+  return (x - mu) * lax.rsqrt(var + 1e-6) * p["scale"] + p["bias"]
+
+
+def test_row_backward_forward_mode_and_higher_orders(one_device):
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((16, 64)).astype(np.float32)
+  t = rng.standard_normal(x.shape).astype(np.float32)
+  g = rng.standard_normal(x.shape).astype(np.float32)
+  p = {"scale": np.linspace(0.5, 2, 64, dtype=np.float32),
+       "bias": np.linspace(-1, 1, 64, dtype=np.float32)}
+  f = lambda x: jaxnorm.layer_norm(p, x)
+  # Forward mode: the closed form, the same as the plain formula's JVP.
+  jv = jax.jit(lambda x, t: jax.jvp(f, (x,), (t,))[1])(x, t)
+  np.testing.assert_allclose(jv, jax.jvp(lambda x: _plain_layer_norm(p, x), (x,), (t,))[1],
+                             atol=2e-5)
+  # Second order (reverse of reverse, forward of reverse) and jacfwd of grad.
+  loss = lambda h: lambda x: jnp.sum(jax.grad(lambda x: jnp.sum(h(x) * g))(x) ** 2)
+  plain = lambda x: _plain_layer_norm(p, x)
+  np.testing.assert_allclose(jax.jit(jax.grad(loss(f)))(x), jax.grad(loss(plain))(x),
+                             rtol=2e-4, atol=2e-4)
+  hv = lambda h: jax.jvp(jax.grad(lambda x: jnp.sum(h(x) * g)), (x,), (t,))[1]
+  np.testing.assert_allclose(jax.jit(lambda: hv(f))(), hv(plain), rtol=2e-4, atol=2e-4)
+  # The derivative with respect to eps (the reference's transpose).
+  de = jax.grad(lambda e: jnp.sum(jaxnorm.layer_norm(p, x, eps=e) * g))(jnp.float32(0.5))
+  mu = x.astype(np.float64).mean(-1, keepdims=True)
+  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  want = np.sum(g * p["scale"] * (x - mu) * -0.5 * (var + 0.5) ** -1.5)
+  np.testing.assert_allclose(de, want, rtol=1e-5)
+
+
+def test_row_backward_under_vmap_and_remat(one_device):
+  rng = np.random.default_rng(4)
+  xb = rng.standard_normal((3, 10, 64)).astype(np.float32) + 50
+  gb = rng.standard_normal(xb.shape).astype(np.float32)
+  p = {"scale": np.linspace(0.5, 2, 64, dtype=np.float32)}
+  f = lambda p, x: jaxnorm.layer_norm(p, x)
+  want = [row_vjp64(xb[i], gb[i], p["scale"], (1,), rms=False) for i in range(3)]
+  # vmap of a backward pass: the mapped axis becomes more rows (dx only) ...
+  vdx = jax.jit(jax.vmap(lambda x, g: jax.vjp(lambda x: f(p, x), x)[1](g)[0]))
+  assert ROW_GRAD in vdx.lower(xb, gb).as_text()
+  # ... and per-example parameter gradients run in JAX's operations.
+  vdp = jax.jit(jax.vmap(lambda x, g: jax.vjp(lambda p: f(p, x), p)[1](g)[0]["scale"]))
+  # The backward pass of a vmapped layer, and under jax.checkpoint.
+  gv = jax.jit(lambda x, g: jax.vjp(jax.vmap(lambda x: f(p, x)), x)[1](g)[0])
+  assert ROW_GRAD in gv.lower(xb, gb).as_text()
+  gr = jax.jit(lambda x, g: jax.vjp(jax.checkpoint(lambda x: f(p, x)), x)[1](g)[0])
+  for i in range(3):
+    assert_close_rel(vdx(xb, gb)[i], want[i][0], 2e-6)
+    assert_close_rel(vdp(xb, gb)[i], want[i][1], 2e-6)
+    assert_close_rel(gv(xb, gb)[i], want[i][0], 2e-6)
+    assert_close_rel(gr(xb, gb)[i], want[i][0], 2e-6)
+
+
+def test_row_backward_nan_stays_in_its_row(one_device):
+  x = hard_data((4, 50), offset=2.0)
+  x[1, 7] = np.nan
+  g = np.random.default_rng(6).standard_normal(x.shape).astype(np.float32)
+  dx = jax.jit(jax.grad(lambda x: jnp.sum(jaxnorm.layer_norm({}, x) * g)))(x)
+  dx = np.asarray(dx)
+  assert np.all(np.isnan(dx[1]))
+  assert_close_rel(dx[[0, 2, 3]], row_vjp64(x[[0, 2, 3]], g[[0, 2, 3]], None, (1,), False)[0],
+                   2e-6)
+
+
+def test_row_backward_switch_and_shard_map(one_device, monkeypatch):
+  x = jnp.asarray(hard_data((16, 48), offset=1e4))
+  g = jnp.asarray(np.random.default_rng(5).standard_normal((16, 48)), jnp.float32)
+  p = {"scale": jnp.linspace(0.5, 2, 48), "bias": jnp.zeros(48)}
+  f = lambda p, x, g: jax.vjp(lambda p, x: jaxnorm.layer_norm(p, x), p, x)[1](g)
+  monkeypatch.setenv("JAXNORM_CPU_ROW_GRAD", "0")
+  assert ROW_GRAD not in jax.jit(f).lower(p, x, g).as_text()
+  monkeypatch.delenv("JAXNORM_CPU_ROW_GRAD")
+  # Inside shard_map each device takes its rows; the invariant parameters'
+  # gradients are summed over the devices.
+  monkeypatch.undo()
+  mesh = jax.make_mesh((8,), ("b",))
+  rows = jax.sharding.NamedSharding(mesh, P("b"))
+  x, g = jax.device_put(x, rows), jax.device_put(g, rows)
+  sm = jax.shard_map(f, mesh=mesh, in_specs=(P(), P("b"), P("b")), out_specs=(P(), P("b")))
+  assert ROW_GRAD in jax.jit(sm).lower(p, x, g).as_text()
+  dp, dx = jax.jit(sm)(p, x, g)
+  wdx, wds, wdb = row_vjp64(np.asarray(x), np.asarray(g), np.asarray(p["scale"]), (1,), False)
+  assert_close_rel(dx, wdx, 2e-6)
+  assert_close_rel(dp["scale"], wds, 2e-6)
+  assert_close_rel(dp["bias"], wdb, 2e-6)
+
+
 # Batch norm's fused training forward pass (cpu_sums.column_norm): column sums
 # per thread, one merge, then each thread's output rows.
 
@@ -517,12 +692,74 @@ def test_fused_columns_under_vmap_and_grad(one_device):
   y = jax.jit(jax.vmap(f))(x)
   for i in range(3):
     np.testing.assert_allclose(y[i], ref.batch_norm_train(x[i])[0], atol=2e-5)
-  # The derivative's program is the closed-form tangent rule.
+  # The derivative's program is the closed-form tangent rule in JAX's
+  # operations (the compiled backward call is opt-in for columns).
   dy = np.cos(np.arange(40 * 32, dtype=np.float32)).reshape(40, 32)
   loss = lambda x: jnp.sum(f(x) * dy)
-  assert not uses_kernel(jax.grad(loss), x[0], COLUMNS)
+  assert not uses_kernel(jax.grad(loss), x[0], COLUMN_GRAD)
   want = ref.batch_norm_input_grad(x[0], dy)
   np.testing.assert_allclose(jax.jit(jax.grad(loss))(x[0]), want, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (17, 33), (8, 8, 8, 64),
+                                   (16, 16, 16, 64),   # rows split over threads
+                                   (4096, 300)])
+@pytest.mark.parametrize("offset", [0.0, 1e5])
+def test_column_backward_opt_in_matches_float64(one_device, monkeypatch, shape, offset):
+  monkeypatch.setenv("JAXNORM_CPU_COLUMN_GRAD", "1")
+  x = hard_data(shape, seed=sum(shape), offset=offset)
+  g = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
+  c = shape[-1]
+  p = {"scale": np.linspace(0.5, 2, c, dtype=np.float32),
+       "bias": np.linspace(-1, 1, c, dtype=np.float32)}
+  state = {"mean": jnp.zeros(c), "var": jnp.ones(c)}
+  f = lambda p, x, g: jax.vjp(
+      lambda p, x: jaxnorm.batch_norm(p, state, x, train=True, eps=1e-6)[0], p, x)[1](g)
+  assert COLUMN_GRAD in jax.jit(f).lower(p, x, g).as_text()
+  dp, dx = jax.jit(f)(p, x, g)
+  # Batch norm over the leading axes is layer norm of the transposed data.
+  x2, g2 = x.reshape(-1, c).T, g.reshape(-1, c).T
+  wdx = row_vjp64(x2, g2, None, (1,), rms=False)[0] * p["scale"][:, None]
+  x64 = x2.astype(np.float64)
+  xhat = (x64 - x64.mean(1, keepdims=True)) / np.sqrt(x64.var(1, keepdims=True) + 1e-6)
+  terms = np.max(np.abs(g2 * p["scale"][:, None])) / np.sqrt(x64.var(1).min() + 1e-6)
+  assert_close_rel(dx, wdx.T.reshape(shape), 2e-6, terms)
+  assert_close_rel(dp["scale"], (g2 * xhat).sum(1), 2e-6)
+  assert_close_rel(dp["bias"], g2.astype(np.float64).sum(1), 2e-6)
+
+
+@pytest.mark.parametrize("layer", ["layer_norm", "rms_norm", "batch_norm"])
+def test_backward_with_the_statistics_differentiated(one_device, monkeypatch, layer):
+  # A loss on the mean and variance too: their cotangents are two more
+  # terms of the compiled call's dx.
+  from jaxnorm._src import normalize
+  monkeypatch.setenv("JAXNORM_CPU_COLUMN_GRAD", "1")
+  rng = np.random.default_rng(8)
+  x = (rng.standard_normal((48, 40)) * 2 + 1e4 * (layer != "rms_norm")).astype(np.float32)
+  g = rng.standard_normal(x.shape).astype(np.float32)
+  axes = (0,) if layer == "batch_norm" else (1,)
+  n = x.shape[axes[0]]
+  a = rng.standard_normal(x.shape[1 - axes[0]]).astype(np.float32)
+  b = rng.standard_normal(x.shape[1 - axes[0]]).astype(np.float32)
+  rms = layer == "rms_norm"
+
+  def loss(x):
+    out = normalize.normalize_batch(x, axes=axes, scale=None, bias=None, eps=1e-6, rms=rms,
+                                    blocks=1)
+    return (jnp.sum(out.y * g) + jnp.sum(out.mean.reshape(-1) * a)
+            + jnp.sum(out.var.reshape(-1) * b))
+
+  grad = jax.jit(jax.grad(loss))
+  assert (COLUMN_GRAD if layer == "batch_norm" else ROW_GRAD) in grad.lower(x).as_text()
+  # Float64: rows of xt (columns of x for batch norm).
+  xt, gt = (x.T, g.T) if layer == "batch_norm" else (x, g)
+  wdx = row_vjp64(xt, gt, None, (1,), rms=rms)[0]
+  x64 = xt.astype(np.float64)
+  mu = 0.0 if rms else x64.mean(1, keepdims=True)
+  wdx = wdx + (0.0 if rms else a[:, None] / n) + 2 * (x64 - mu) * b[:, None] / n
+  got = np.asarray(grad(x))
+  got = got.T if layer == "batch_norm" else got
+  assert_close_rel(got, wdx, 2e-6, np.max(np.abs(gt)) / np.sqrt(x64.var(1).min()))
 
 
 def test_fused_columns_concurrent_calls(one_device):

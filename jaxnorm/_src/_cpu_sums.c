@@ -555,6 +555,263 @@ void jaxnorm_row_norm(void* out, const void** in, const char* opaque, size_t opa
   run_jobs(run_row_job, jobs, sizeof(row_job), threads);
 }
 
+/* Layer and RMS norm's backward pass on float32 rows (P rows of R values),
+   fused: per row, the statistics' framed sums and the cotangent's two sums
+   in one read of x and g, then dx from the same row while it is in cache,
+   and the parameters' gradients added into per-thread accumulators. XLA's
+   program (and Flax's) reads x and g at least twice per row from memory.
+
+   With gs = g * scale, d = x - f (f the row's frame as in the forward pass;
+   0 for RMS), m = <d>, r = rsqrt(var + eps), A = <gs> and
+   B = <gs d> - m A = <gs (x - mean)> (float64 from float32 partials):
+       dx = r gs + (d - m) (-r^3 B) - r A     (A = m = 0 for RMS)
+            (+ gm / R + (d - m) 2 gv / R with ROW_STATS: the statistics'
+            cotangents gm, gv of the row),
+       dscale = sum over rows of g (d - m) r,  dbias = sum over rows of g.
+   The frame is checked as in run_row_job (REFRAME). */
+#define ROW_DSCALE 8
+#define ROW_DBIAS 16
+/* The cotangents of the statistics (mean, var) are operands 4 and 5: each
+   adds gm / R + (x - mean) 2 gv / R to dx (gm unused for RMS). */
+#define ROW_STATS 32
+
+typedef struct {
+  const float* x;
+  const float* g;
+  float* dx;
+  const float* scale; /* NULL: no scale */
+  float eps;
+  int rms;
+  int64_t R;
+  int64_t p0, p1;
+  double* ds; /* R doubles each, NULL when not wanted */
+  double* db;
+  float* ps;  /* R floats each: partial sums over up to BLOCK rows */
+  float* pb;
+  const float* gm; /* P: the statistics' cotangents, NULL without */
+  const float* gv;
+} row_grad_job;
+
+/* Adds sum(d), sum(d^2), sum(gs), sum(gs d) of one row (d = x - f). */
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void row_grad_sums(const float* x, const float* g, const float* s, float f, int64_t R,
+                          double* out) {
+  double u[4][16] = {{0}};
+  vec16 fv, xv, gv, sv;
+  for (int k = 0; k < 16; k++) fv[k] = f;
+  int64_t r = 0;
+  while (r + 16 <= R) {
+    vec16 p1 = {0}, p2 = {0}, p3 = {0}, p4 = {0};
+    int64_t end = r + 16 * BLOCK <= R ? r + 16 * BLOCK : R - (R - r) % 16;
+    for (; r < end; r += 16) {
+      LOAD16(xv, x + r);
+      LOAD16(gv, g + r);
+      if (s != NULL) {
+        LOAD16(sv, s + r);
+        gv = gv * sv;
+      }
+      vec16 d = xv - fv;
+      p1 += d;
+      p2 += d * d;
+      p3 += gv;
+      p4 += gv * d;
+    }
+    for (int k = 0; k < 16; k++) {
+      u[0][k] += p1[k];
+      u[1][k] += p2[k];
+      u[2][k] += p3[k];
+      u[3][k] += p4[k];
+    }
+  }
+  double t[4] = {0, 0, 0, 0};
+  for (int i = 0; i < 4; i++) {
+    for (int k = 0; k < 16; k++) t[i] += u[i][k];
+  }
+  for (; r < R; r++) {
+    double d = (double)(x[r] - f);
+    double gs = s != NULL ? (double)(g[r] * s[r]) : (double)g[r];
+    t[0] += d;
+    t[1] += d * d;
+    t[2] += gs;
+    t[3] += gs * d;
+  }
+  for (int i = 0; i < 4; i++) out[i] = t[i];
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void row_grad_output(const float* x, const float* g, const float* s, float* dx,
+                            int64_t R, float f, float m, float r, float c1, float c0,
+                            float* ps, float* pb) {
+  vec16 fv, mv, rv, c1v, c0v, xv, gv, sv;
+  for (int k = 0; k < 16; k++) {
+    fv[k] = f;
+    mv[k] = m;
+    rv[k] = r;
+    c1v[k] = c1;
+    c0v[k] = c0;
+  }
+  int64_t i = 0;
+  for (; i + 16 <= R; i += 16) {
+    LOAD16(xv, x + i);
+    LOAD16(gv, g + i);
+    vec16 gs = gv;
+    if (s != NULL) {
+      LOAD16(sv, s + i);
+      gs = gv * sv;
+    }
+    vec16 c = (xv - fv) - mv;
+    vec16 t = rv * gs + c * c1v + c0v;
+    memcpy(dx + i, &t, sizeof t);
+    if (ps != NULL) {
+      vec16 a;
+      LOAD16(a, ps + i);
+      a += gv * (c * rv);
+      memcpy(ps + i, &a, sizeof a);
+    }
+    if (pb != NULL) {
+      vec16 a;
+      LOAD16(a, pb + i);
+      a += gv;
+      memcpy(pb + i, &a, sizeof a);
+    }
+  }
+  for (; i < R; i++) {
+    float gs = s != NULL ? g[i] * s[i] : g[i];
+    float c = (x[i] - f) - m;
+    dx[i] = r * gs + c * c1 + c0;
+    if (ps != NULL) ps[i] += g[i] * (c * r);
+    if (pb != NULL) pb[i] += g[i];
+  }
+}
+
+static void flush_partials(double* acc, float* part, int64_t R) {
+  for (int64_t i = 0; i < R; i++) {
+    acc[i] += part[i];
+    part[i] = 0.f;
+  }
+}
+
+static void run_row_grad_job(void* arg) {
+  row_grad_job* j = arg;
+  int64_t R = j->R;
+  int in_block = 0;
+  for (int64_t p = j->p0; p < j->p1; p++) {
+    const float* x = j->x + p * R;
+    const float* g = j->g + p * R;
+    float f = 0.f;
+    if (!j->rms) {
+      f = R == 1 ? x[0] : (R == 2 ? (x[0] + x[1]) * 0.5f : median3(x[0], x[R / 2], x[R - 1]));
+    }
+    double t[4];
+    row_grad_sums(x, g, j->scale, f, R, t);
+    double m = j->rms ? 0 : t[0] / (double)R;
+    double var = t[1] / (double)R - m * m;
+    if (!j->rms && m * m > REFRAME * var) { /* as in run_row_job */
+      f = f + (float)m;
+      row_grad_sums(x, g, j->scale, f, R, t);
+      m = t[0] / (double)R;
+      var = t[1] / (double)R - m * m;
+    }
+    if (var < 0) var = 0; /* keeps NaN */
+    double r = 1.0 / sqrt(var + (double)j->eps);
+    double A = j->rms ? 0 : t[2] / (double)R;
+    double B = t[3] / (double)R - m * A;
+    double c1 = -r * r * r * B, c0 = -r * A;
+    if (j->gv != NULL) {
+      c1 += 2.0 * (double)j->gv[p] / (double)R;
+      if (!j->rms) c0 += (double)j->gm[p] / (double)R;
+    }
+    row_grad_output(x, g, j->scale, j->dx + p * R, R, f, (float)m, (float)r, (float)c1,
+                    (float)c0, j->ps, j->pb);
+    if (++in_block == BLOCK) {
+      if (j->ps != NULL) flush_partials(j->ds, j->ps, R);
+      if (j->pb != NULL) flush_partials(j->db, j->pb, R);
+      in_block = 0;
+    }
+  }
+  if (j->ps != NULL) flush_partials(j->ds, j->ps, R);
+  if (j->pb != NULL) flush_partials(j->db, j->pb, R);
+}
+
+/* XLA custom call. Operands x, g, eps, scale (one float when absent), and
+   with ROW_STATS gm, gv (P each); results dx, then dscale if ROW_DSCALE,
+   then dbias if ROW_DBIAS. opaque: "P,R,F", F a sum of ROW_SCALE, ROW_RMS,
+   ROW_DSCALE, ROW_DBIAS, ROW_STATS. */
+void jaxnorm_row_norm_grad(void* out, const void** in, const char* opaque, size_t opaque_len,
+                           void* status) {
+  (void)status;
+  int64_t v[3] = {0, 0, 0};
+  parse_opaque(opaque, opaque_len, v, 3);
+  int64_t P = v[0], R = v[1];
+  int flags = (int)v[2];
+  /* One result (dx alone) is passed as the buffer itself, not a tuple. */
+  int tuple = (flags & (ROW_DSCALE | ROW_DBIAS)) != 0;
+  void** outs = out;
+  float* dxs = tuple ? outs[0] : out;
+  float* dscale = flags & ROW_DSCALE ? outs[1] : NULL;
+  float* dbias = flags & ROW_DBIAS ? outs[flags & ROW_DSCALE ? 2 : 1] : NULL;
+  if (R <= 0) return;
+  if (P <= 0) {
+    for (int64_t i = 0; i < R; i++) {
+      if (dscale != NULL) dscale[i] = 0.f;
+      if (dbias != NULL) dbias[i] = 0.f;
+    }
+    return;
+  }
+  int threads = threads_for(P * R, ROW_VALUES_PER_THREAD, P);
+  int params = (dscale != NULL) + (dbias != NULL);
+  /* Per thread: R doubles and R floats for each wanted parameter. */
+  size_t per = (size_t)R * (sizeof(double) + sizeof(float));
+  char* mem = params ? calloc((size_t)threads * (size_t)params, per) : NULL;
+  if (params && mem == NULL) {
+    for (int64_t i = 0; i < P * R; i++) dxs[i] = __builtin_nanf("");
+    for (int64_t i = 0; i < R; i++) {
+      if (dscale != NULL) dscale[i] = __builtin_nanf("");
+      if (dbias != NULL) dbias[i] = __builtin_nanf("");
+    }
+    return;
+  }
+  row_grad_job jobs[MAX_THREADS];
+  for (int t = 0; t < threads; t++) {
+    char* at = mem == NULL ? NULL : mem + (size_t)t * (size_t)params * per;
+    double* ds = NULL;
+    double* db = NULL;
+    float* ps = NULL;
+    float* pb = NULL;
+    if (dscale != NULL) {
+      ds = (double*)at;
+      ps = (float*)(at + (size_t)R * sizeof(double));
+      at += per;
+    }
+    if (dbias != NULL) {
+      db = (double*)at;
+      pb = (float*)(at + (size_t)R * sizeof(double));
+    }
+    row_grad_job j = {in[0], in[1], dxs,
+                      flags & ROW_SCALE ? in[3] : NULL,
+                      *(const float*)in[2],
+                      (flags & ROW_RMS) != 0,
+                      R,
+                      P * t / threads,
+                      P * (t + 1) / threads,
+                      ds, db, ps, pb,
+                      flags & ROW_STATS ? in[4] : NULL,
+                      flags & ROW_STATS ? in[5] : NULL};
+    jobs[t] = j;
+  }
+  run_jobs(run_row_grad_job, jobs, sizeof(row_grad_job), threads);
+  for (int64_t i = 0; i < R; i++) {
+    double s = 0, b = 0;
+    for (int t = 0; t < threads; t++) {
+      if (dscale != NULL) s += jobs[t].ds[i];
+      if (dbias != NULL) b += jobs[t].db[i];
+    }
+    if (dscale != NULL) dscale[i] = (float)s;
+    if (dbias != NULL) dbias[i] = (float)b;
+  }
+  free(mem);
+}
+
 /* Batch norm's training forward pass on channels-last data (one slab, x of
    shape (R, C), C >= 16), fused: the column sums of each thread's rows, one
    merge, then the output of the same rows by the same thread, so the second
@@ -735,6 +992,254 @@ void jaxnorm_column_norm(void* out, const void** in, const char* opaque, size_t 
   pool_run(run_col_job, jobs, sizeof(col_job), threads, helpers);
   free(acc);
   free(mul);
+}
+
+/* Batch norm's training backward pass on channels-last data (one slab, x of
+   shape (R, C), C >= 16), fused as the forward pass is: each thread takes
+   the four column sums of its rows, sum(d), sum(d^2), sum(g), sum(g d) with
+   d = x - f (f: per column the median of rows 0, R/2 and R - 1), in one read
+   of x and g; the calling thread merges them (float64); each thread then
+   writes dx for its own rows, which its core has just read. With
+   m = <d>, r = rsqrt(var + eps), k = r scale,
+   B = <g d> - m <g> = <g (x - mean)>:
+       dx = k g + (d - m) (-k r^2 B) - k <g>  (+ gm / R + (d - m) 2 gv / R,
+            ROW_STATS),
+       dscale = R r B,  dbias = R <g>. */
+typedef struct {
+  const float* x;
+  const float* g;
+  float* dx;
+  float* f;           /* C: the frame */
+  const float* scale; /* NULL: no scale */
+  float* dscale;      /* NULL: not wanted */
+  float* dbias;
+  float eps;
+  int64_t R, C;
+  int64_t r0, r1;
+  double* acc;  /* 4 C doubles per thread, thread t's at acc + 4 C t */
+  float* coef;  /* 4 C floats: m, k, c1, c0 per column */
+  const float* gm; /* C: the statistics' cotangents, NULL without */
+  const float* gv;
+  int t;
+  col_barrier* bar;
+} col_grad_job;
+
+#define COL_GRAD_GROUP(K)                          \
+  LOAD16(xv, xr + c + 16 * K);                     \
+  LOAD16(gv, gr + c + 16 * K);                     \
+  {                                                \
+    vec16 d = xv - f##K;                           \
+    p##K += d;                                     \
+    q##K += d * d;                                 \
+    s##K += gv;                                    \
+    t##K += gv * d;                                \
+  }
+
+#define COL_GRAD_FLUSH(K)                          \
+  for (int k = 0; k < 16; k++) {                   \
+    a[c + 16 * K + k] += p##K[k];                  \
+    a[C + c + 16 * K + k] += q##K[k];              \
+    a[2 * C + c + 16 * K + k] += s##K[k];          \
+    a[3 * C + c + 16 * K + k] += t##K[k];          \
+  }
+
+/* Adds the four sums of rows [r0, r1) into a (4 C doubles). */
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void col_grad_sums(const float* x, const float* g, const float* f, int64_t C,
+                          int64_t r0, int64_t r1, double* a) {
+  for (int64_t r = r0; r < r1; r += BLOCK) {
+    int64_t re = r + BLOCK < r1 ? r + BLOCK : r1;
+    int64_t c = 0;
+    for (; c + 32 <= C; c += 32) {
+      vec16 f0, f1, xv, gv;
+      LOAD16(f0, f + c);
+      LOAD16(f1, f + c + 16);
+      vec16 p0 = {0}, q0 = {0}, s0 = {0}, t0 = {0}, p1 = {0}, q1 = {0}, s1 = {0}, t1 = {0};
+      for (int64_t i = r; i < re; i++) {
+        const float* xr = x + i * C;
+        const float* gr = g + i * C;
+        COL_GRAD_GROUP(0)
+        COL_GRAD_GROUP(1)
+      }
+      COL_GRAD_FLUSH(0)
+      COL_GRAD_FLUSH(1)
+    }
+    for (; c + 16 <= C; c += 16) {
+      vec16 f0, xv, gv;
+      LOAD16(f0, f + c);
+      vec16 p0 = {0}, q0 = {0}, s0 = {0}, t0 = {0};
+      for (int64_t i = r; i < re; i++) {
+        const float* xr = x + i * C;
+        const float* gr = g + i * C;
+        COL_GRAD_GROUP(0)
+      }
+      COL_GRAD_FLUSH(0)
+    }
+    for (; c < C; c++) {
+      float p = 0.f, q = 0.f, s = 0.f, t = 0.f;
+      for (int64_t i = r; i < re; i++) {
+        float d = x[i * C + c] - f[c], gi = g[i * C + c];
+        p += d;
+        q += d * d;
+        s += gi;
+        t += gi * d;
+      }
+      a[c] += p;
+      a[C + c] += q;
+      a[2 * C + c] += s;
+      a[3 * C + c] += t;
+    }
+  }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void col_grad_output(const float* x, const float* g, float* dx, int64_t C, int64_t r0,
+                            int64_t r1, const float* f, const float* coef) {
+  const float *m = coef, *k = coef + C, *c1 = coef + 2 * C, *c0 = coef + 3 * C;
+  for (int64_t r = r0; r < r1; r++) {
+    const float* xr = x + r * C;
+    const float* gr = g + r * C;
+    float* out = dx + r * C;
+    int64_t c = 0;
+    for (; c + 16 <= C; c += 16) {
+      vec16 xv, gv, fv, mv, kv, av, bv;
+      LOAD16(xv, xr + c);
+      LOAD16(gv, gr + c);
+      LOAD16(fv, f + c);
+      LOAD16(mv, m + c);
+      LOAD16(kv, k + c);
+      LOAD16(av, c1 + c);
+      LOAD16(bv, c0 + c);
+      vec16 t = kv * gv + ((xv - fv) - mv) * av + bv;
+      memcpy(out + c, &t, sizeof t);
+    }
+    for (; c < C; c++) out[c] = k[c] * gr[c] + ((xr[c] - f[c]) - m[c]) * c1[c] + c0[c];
+  }
+}
+
+/* The coefficients of every column from the first `n` threads' sums, in
+   the frame j->f; whether some column's frame is far from its mean. */
+static int col_grad_merge(col_grad_job* j, int n) {
+  int64_t C = j->C;
+  double R = (double)j->R;
+  int far = 0;
+  for (int64_t c = 0; c < C; c++) {
+    double s[4] = {0, 0, 0, 0};
+    for (int t = 0; t < n; t++) {
+      for (int i = 0; i < 4; i++) s[i] += j->acc[4 * C * t + i * C + c];
+    }
+    double m = s[0] / R;
+    double var = s[1] / R - m * m;
+    if (m * m > REFRAME * var) far = 1;
+    if (var < 0) var = 0; /* keeps NaN */
+    double r = 1.0 / sqrt(var + (double)j->eps);
+    double A = s[2] / R;
+    double B = s[3] / R - m * A;
+    double k = j->scale != NULL ? r * (double)j->scale[c] : r;
+    double c1 = -k * r * r * B, c0 = -k * A;
+    if (j->gv != NULL) {
+      c1 += 2.0 * (double)j->gv[c] / R;
+      c0 += (double)j->gm[c] / R;
+    }
+    j->coef[c] = (float)m;
+    j->coef[C + c] = (float)k;
+    j->coef[2 * C + c] = (float)c1;
+    j->coef[3 * C + c] = (float)c0;
+    if (j->dscale != NULL) j->dscale[c] = (float)(R * r * B);
+    if (j->dbias != NULL) j->dbias[c] = (float)s[2];
+  }
+  return far;
+}
+
+static void run_col_grad_job(void* arg) {
+  col_grad_job* j = arg;
+  int64_t C = j->C;
+  double* mine = j->acc + 4 * C * j->t;
+  memset(mine, 0, (size_t)(4 * C) * sizeof(double));
+  col_grad_sums(j->x, j->g, j->f, C, j->r0, j->r1, mine);
+  col_barrier* bar = j->bar;
+  __atomic_fetch_add(&bar->arrived, 1, __ATOMIC_ACQ_REL);
+  if (j->t == 0) { /* as in run_col_job */
+    for (long i = 1; __atomic_load_n(&bar->arrived, __ATOMIC_ACQUIRE) < bar->threads; i++) {
+      if (i % 64 == 0) sched_yield();
+      __builtin_ia32_pause();
+    }
+    if (col_grad_merge(j, bar->threads)) {
+      for (int64_t c = 0; c < C; c++) {
+        if (isfinite(j->coef[c])) j->f[c] += j->coef[c];
+      }
+      memset(j->acc, 0, (size_t)(4 * C) * sizeof(double));
+      col_grad_sums(j->x, j->g, j->f, C, 0, j->R, j->acc);
+      col_grad_merge(j, 1);
+    }
+    __atomic_store_n(&bar->go, 1, __ATOMIC_RELEASE);
+  } else {
+    for (long i = 1; !__atomic_load_n(&bar->go, __ATOMIC_ACQUIRE); i++) {
+      if (i % 64 == 0) sched_yield();
+      __builtin_ia32_pause();
+    }
+  }
+  col_grad_output(j->x, j->g, j->dx, C, j->r0, j->r1, j->f, j->coef);
+}
+
+/* XLA custom call. Operands x, g, eps, scale (one float when absent), and
+   with ROW_STATS gm, gv (C each); results dx, then dscale if ROW_DSCALE,
+   then dbias if ROW_DBIAS. opaque: "R,C,F", F a sum of ROW_SCALE,
+   ROW_DSCALE, ROW_DBIAS, ROW_STATS. */
+void jaxnorm_column_norm_grad(void* out, const void** in, const char* opaque,
+                              size_t opaque_len, void* status) {
+  (void)status;
+  int64_t v[3] = {0, 0, 0};
+  parse_opaque(opaque, opaque_len, v, 3);
+  int64_t R = v[0], C = v[1];
+  int flags = (int)v[2];
+  int tuple = (flags & (ROW_DSCALE | ROW_DBIAS)) != 0;
+  void** outs = out;
+  float* dx = tuple ? outs[0] : out;
+  float* dscale = flags & ROW_DSCALE ? outs[1] : NULL;
+  float* dbias = flags & ROW_DBIAS ? outs[flags & ROW_DSCALE ? 2 : 1] : NULL;
+  if (R <= 0 || C <= 0) return;
+  int threads = threads_for(R * C, COL_VALUES_PER_THREAD, R / BLOCK);
+  int helpers = pool_take(threads - 1);
+  threads = helpers + 1;
+  double* acc = malloc((size_t)(4 * C * threads) * sizeof(double));
+  float* coef = malloc((size_t)(5 * C) * sizeof(float));
+  if (acc == NULL || coef == NULL) {
+    if (helpers > 0) pthread_mutex_unlock(&pool_lock);
+    free(acc);
+    free(coef);
+    for (int64_t i = 0; i < R * C; i++) dx[i] = __builtin_nanf("");
+    for (int64_t c = 0; c < C; c++) {
+      if (dscale != NULL) dscale[c] = __builtin_nanf("");
+      if (dbias != NULL) dbias[c] = __builtin_nanf("");
+    }
+    return;
+  }
+  const float* x = in[0];
+  float* frame = coef + 4 * C;
+  for (int64_t c = 0; c < C; c++) {
+    frame[c] = R == 1 ? x[c] : (R == 2 ? (x[c] + x[C + c]) * 0.5f
+                                       : median3(x[c], x[(R / 2) * C + c], x[(R - 1) * C + c]));
+  }
+  col_barrier bar = {threads, 0, 0};
+  col_grad_job jobs[MAX_THREADS];
+  int64_t blocks = (R + BLOCK - 1) / BLOCK;
+  for (int t = 0; t < threads; t++) {
+    col_grad_job j = {x, in[1], dx, frame,
+                      flags & ROW_SCALE ? in[3] : NULL,
+                      dscale, dbias,
+                      *(const float*)in[2], R, C,
+                      blocks * t / threads * BLOCK,
+                      t + 1 == threads ? R : blocks * (t + 1) / threads * BLOCK,
+                      acc, coef,
+                      flags & ROW_STATS ? in[4] : NULL,
+                      flags & ROW_STATS ? in[5] : NULL,
+                      t, &bar};
+    jobs[t] = j;
+  }
+  pool_run(run_col_grad_job, jobs, sizeof(col_grad_job), threads, helpers);
+  free(acc);
+  free(coef);
 }
 
 /* A module only so that setuptools builds and installs the library; Python

@@ -50,6 +50,11 @@ core has just read (in cache where they fit). Used where the column sums
 are, for one slab (every axis but the channels reduced) without pooled
 channels, ghost blocks, renorm or a device axis.
 
+**Fused backward passes.** Where the fused forward pass applies, the
+derivative is one compiled call too (:mod:`jaxnorm._src.fused_grad`):
+``jaxnorm_row_norm_grad`` for layer and RMS norm, and, opt-in
+(:func:`grad_enabled`), ``jaxnorm_column_norm_grad`` for batch norm.
+
 On another backend (``lax.platform_dependent``) the same function lowers to
 the two sums in JAX's operations. It is differentiable (``custom_jvp``, the
 tangents in JAX's operations) and batches under ``vmap`` by folding the mapped
@@ -79,6 +84,8 @@ except ImportError:  # built without a C compiler: the sums stay in JAX
 _TARGET = "jaxnorm_framed_column_sums"
 _ROWS_TARGET = "jaxnorm_row_norm"
 _COLUMNS_TARGET = "jaxnorm_column_norm"
+_ROWS_GRAD_TARGET = "jaxnorm_row_norm_grad"
+_COLUMNS_GRAD_TARGET = "jaxnorm_column_norm_grad"
 # Between 1 and this many kept values per slab the compiled loop runs one
 # column at a time (scalar code); XLA's own sums are faster there. With one
 # (row statistics, layer norm) it runs along the rows.
@@ -97,7 +104,8 @@ def _registered() -> bool:
       library = ctypes.CDLL(_extension.__file__)
       # XLA's original custom-call interface (api_version 0): no XLA headers
       # at build time. A JAX that no longer takes it leaves the sums in JAX.
-      for name in (_TARGET, _ROWS_TARGET, _COLUMNS_TARGET):
+      for name in (_TARGET, _ROWS_TARGET, _COLUMNS_TARGET, _ROWS_GRAD_TARGET,
+                   _COLUMNS_GRAD_TARGET):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)),
                                     platform="cpu", api_version=0)
     except Exception as e:  # any failure means: do without the loop
@@ -172,6 +180,12 @@ def _varying(a) -> set:
   aval = jax.typeof(a)
   manual = getattr(aval, "manual_axis_type", None)
   return set(getattr(aval, "vma", None) or getattr(manual, "varying", None) or ())
+
+
+def vary(v, axes):
+  """``v`` varying over the manual (shard_map) ``axes`` as well."""
+  missing = tuple(sorted(set(axes) - _varying(v)))
+  return lax.pcast(v, missing, to="varying") if missing else v
 
 
 def _call_compiled(target, results, config, *operands):
@@ -258,6 +272,25 @@ def rows_usable(x, axes: tuple[int, ...]) -> bool:
   shape = layout(x.shape, axes)
   return (shape is not None and shape[2] == 1 and x.dtype == jnp.float32 and enabled()
           and _unpartitioned(x))
+
+
+def grad_enabled(rows: bool) -> bool:
+  """Whether the derivative takes the compiled backward pass
+  (:mod:`jaxnorm._src.fused_grad`) where the fused forward pass applies.
+
+  Rows (layer and RMS norm): yes, unless ``JAXNORM_CPU_ROW_GRAD=0``.
+  Columns (batch norm): only with ``JAXNORM_CPU_COLUMN_GRAD=1``. Alone,
+  BN fwd+bwd f32 takes 0.60-0.64x Flax's time with it against 0.89-0.97
+  without (the sweep's three shapes; in-process A/B, 21 rounds), but the
+  ResNet-18 training step of ``benchmarks/run.py --models`` takes 1.06-1.13x
+  Flax's time with it against 0.94-0.98 without (batch 8; batch 32: 1.07
+  against 0.91). A call that does nothing, in its place, still made the
+  step slower (1.03 against 0.96): XLA's program around a custom call in
+  the backward pass of a convolutional network is slower, whatever the call
+  does (my reading; the loop itself took 14 ms of the 326 ms step)."""
+  if rows:
+    return os.environ.get("JAXNORM_CPU_ROW_GRAD", "1") != "0"
+  return os.environ.get("JAXNORM_CPU_COLUMN_GRAD", "0") == "1"
 
 
 def _affine_operands(eps, scale, bias, flags=0):
