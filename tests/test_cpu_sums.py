@@ -547,6 +547,32 @@ def test_row_backward_each_parameter_and_gradient(one_device, params, wrt):
   assert ROW_GRAD in grad.lower(x, diff).as_text()
 
 
+@pytest.mark.parametrize("shape", [(5, 257), (64, 768), (300, 1024)])
+@pytest.mark.parametrize("rms", [False, True])
+def test_row_backward_bfloat16(one_device, shape, rms):
+  # bfloat16 rows in and out: read as they are, dx rounded to nearest even.
+  rng = np.random.default_rng(9)
+  x = jnp.asarray(rng.standard_normal(shape) * 3 + 2, jnp.bfloat16)
+  g = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+  p = {"scale": np.linspace(0.5, 2, shape[-1], dtype=np.float32)}
+  layer = jaxnorm.rms_norm if rms else jaxnorm.layer_norm
+  f = lambda p, x, g: jax.vjp(lambda p, x: layer(p, x, dtype=jnp.bfloat16), p, x)[1](g)
+  assert ROW_GRAD in jax.jit(f).lower(p, x, g).as_text()
+  dp, dx = jax.jit(f)(p, x, g)
+  assert dx.dtype == jnp.bfloat16
+  x64, g64 = np.asarray(x, np.float64), np.asarray(g, np.float64)
+  wdx, wds, _ = row_vjp64(x64, g64, p["scale"], (1,), rms=rms)
+  got = np.asarray(dx, np.float64)
+  # Each value within half a bfloat16 ulp (at most 2^-8 relative) of the
+  # exact one, plus float32 rounding.
+  assert np.all(np.abs(got - wdx) <= 2.0 ** -8 * np.abs(wdx) + 1e-5 * np.abs(wdx).max())
+  assert_close_rel(dp["scale"], wds, 2e-6)
+  # NaN stays in its row.
+  xn = x.at[1, 3].set(jnp.nan)
+  dxn = np.asarray(jax.jit(f)(p, xn, g)[1], np.float32)
+  assert np.all(np.isnan(dxn[1])) and np.all(np.isfinite(np.delete(dxn, 1, axis=0)))
+
+
 def _plain_layer_norm(p, x):
   """Layer norm as the paper writes it, in jnp (JAX's autodiff differentiates it)."""
   mu = jnp.mean(x, -1, keepdims=True)

@@ -574,6 +574,9 @@ void jaxnorm_row_norm(void* out, const void** in, const char* opaque, size_t opa
 /* The cotangents of the statistics (mean, var) are operands 4 and 5: each
    adds gm / R + (x - mean) 2 gv / R to dx (gm unused for RMS). */
 #define ROW_STATS 32
+/* x, g and dx are bfloat16: each row is converted to float32 in a scratch
+   buffer (in cache), and dx rounded to nearest even on the way out. */
+#define ROW_BF16 64
 
 typedef struct {
   const float* x;
@@ -590,7 +593,41 @@ typedef struct {
   float* pb;
   const float* gm; /* P: the statistics' cotangents, NULL without */
   const float* gv;
+  int bf16;        /* x, g, dx hold bfloat16 values (then as uint16_t) */
 } row_grad_job;
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void bf16_row_to_float(const uint16_t* h, float* f, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    vec16 v;
+    LOAD16_BF16(v, h + i);
+    memcpy(f + i, &v, sizeof v);
+  }
+  for (; i < n; i++) f[i] = bf16_to_float(h[i]);
+}
+
+/* Rounds to nearest even; NaN stays a (quiet) NaN. */
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void float_row_to_bf16(const float* f, uint16_t* h, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    vecu32 w;
+    memcpy(&w, f + i, sizeof w);
+    vecu32 hi = w >> 16;
+    vecu32 r = (w + 0x7FFFu + (hi & 1u)) >> 16;
+    vecu32 nan = (vecu32)((w & 0x7FFFFFFFu) > 0x7F800000u);
+    r = (r & ~nan) | ((hi | 0x40u) & nan);
+    vecu16 out = __builtin_convertvector(r, vecu16);
+    memcpy(h + i, &out, sizeof out);
+  }
+  for (; i < n; i++) {
+    uint32_t w;
+    memcpy(&w, f + i, sizeof w);
+    h[i] = (w & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)((w >> 16) | 0x40u)
+                                          : (uint16_t)((w + 0x7FFFu + ((w >> 16) & 1u)) >> 16);
+  }
+}
 
 /* Adds sum(d), sum(d^2), sum(gs), sum(gs d) of one row (d = x - f). */
 __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -695,9 +732,26 @@ static void run_row_grad_job(void* arg) {
   row_grad_job* j = arg;
   int64_t R = j->R;
   int in_block = 0;
+  float* scratch = NULL; /* bfloat16: x, g and dx of one row in float32 */
+  if (j->bf16) {
+    scratch = malloc((size_t)(3 * R) * sizeof(float));
+    if (scratch == NULL) {
+      uint16_t* dx = (uint16_t*)(void*)j->dx;
+      for (int64_t i = j->p0 * R; i < j->p1 * R; i++) dx[i] = 0x7FC0; /* NaN */
+      return;
+    }
+  }
   for (int64_t p = j->p0; p < j->p1; p++) {
     const float* x = j->x + p * R;
     const float* g = j->g + p * R;
+    float* dx_row = j->dx + p * R;
+    if (j->bf16) {
+      bf16_row_to_float((const uint16_t*)(const void*)j->x + p * R, scratch, R);
+      bf16_row_to_float((const uint16_t*)(const void*)j->g + p * R, scratch + R, R);
+      x = scratch;
+      g = scratch + R;
+      dx_row = scratch + 2 * R;
+    }
     float f = 0.f;
     if (!j->rms) {
       f = R == 1 ? x[0] : (R == 2 ? (x[0] + x[1]) * 0.5f : median3(x[0], x[R / 2], x[R - 1]));
@@ -721,8 +775,9 @@ static void run_row_grad_job(void* arg) {
       c1 += 2.0 * (double)j->gv[p] / (double)R;
       if (!j->rms) c0 += (double)j->gm[p] / (double)R;
     }
-    row_grad_output(x, g, j->scale, j->dx + p * R, R, f, (float)m, (float)r, (float)c1,
-                    (float)c0, j->ps, j->pb);
+    row_grad_output(x, g, j->scale, dx_row, R, f, (float)m, (float)r, (float)c1, (float)c0,
+                    j->ps, j->pb);
+    if (j->bf16) float_row_to_bf16(dx_row, (uint16_t*)(void*)j->dx + p * R, R);
     if (++in_block == BLOCK) {
       if (j->ps != NULL) flush_partials(j->ds, j->ps, R);
       if (j->pb != NULL) flush_partials(j->db, j->pb, R);
@@ -731,6 +786,7 @@ static void run_row_grad_job(void* arg) {
   }
   if (j->ps != NULL) flush_partials(j->ds, j->ps, R);
   if (j->pb != NULL) flush_partials(j->db, j->pb, R);
+  free(scratch);
 }
 
 /* XLA custom call. Operands x, g, eps, scale (one float when absent), and
@@ -764,7 +820,13 @@ void jaxnorm_row_norm_grad(void* out, const void** in, const char* opaque, size_
   size_t per = (size_t)R * (sizeof(double) + sizeof(float));
   char* mem = params ? calloc((size_t)threads * (size_t)params, per) : NULL;
   if (params && mem == NULL) {
-    for (int64_t i = 0; i < P * R; i++) dxs[i] = __builtin_nanf("");
+    for (int64_t i = 0; i < P * R; i++) {
+      if (flags & ROW_BF16) {
+        ((uint16_t*)(void*)dxs)[i] = 0x7FC0;
+      } else {
+        dxs[i] = __builtin_nanf("");
+      }
+    }
     for (int64_t i = 0; i < R; i++) {
       if (dscale != NULL) dscale[i] = __builtin_nanf("");
       if (dbias != NULL) dbias[i] = __builtin_nanf("");
@@ -796,7 +858,8 @@ void jaxnorm_row_norm_grad(void* out, const void** in, const char* opaque, size_
                       P * (t + 1) / threads,
                       ds, db, ps, pb,
                       flags & ROW_STATS ? in[4] : NULL,
-                      flags & ROW_STATS ? in[5] : NULL};
+                      flags & ROW_STATS ? in[5] : NULL,
+                      (flags & ROW_BF16) != 0};
     jobs[t] = j;
   }
   run_jobs(run_row_grad_job, jobs, sizeof(row_grad_job), threads);

@@ -259,7 +259,7 @@ def framed_sums(x, frame, axes: tuple[int, ...]):
 _ROW_SCALE, _ROW_BIAS, _ROW_RMS = 1, 2, 4
 
 
-def rows_usable(x, axes: tuple[int, ...]) -> bool:
+def rows_usable(x, axes: tuple[int, ...], bf16: bool = False) -> bool:
   """Whether :func:`row_norm` runs the compiled loop for ``x`` normalized over
   ``axes``: float32, the reduced axes trailing, and :func:`usable`'s
   conditions.
@@ -270,7 +270,8 @@ def rows_usable(x, axes: tuple[int, ...]) -> bool:
   went from 0.98 to 1.37-1.39 (in-process A/B, 21 rounds, two runs); XLA's
   bf16 programs already run near memory speed there."""
   shape = layout(x.shape, axes)
-  return (shape is not None and shape[2] == 1 and x.dtype == jnp.float32 and enabled()
+  dtypes = (jnp.float32, jnp.bfloat16) if bf16 else (jnp.float32,)
+  return (shape is not None and shape[2] == 1 and x.dtype in dtypes and enabled()
           and _unpartitioned(x))
 
 

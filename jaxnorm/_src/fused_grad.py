@@ -49,7 +49,7 @@ from jax.interpreters import mlir
 from jaxnorm._src import cpu_sums
 
 # Flags of the compiled backward calls (_cpu_sums.c).
-_SCALE, _RMS, _DSCALE, _DBIAS, _STATS = 1, 4, 8, 16, 32
+_SCALE, _RMS, _DSCALE, _DBIAS, _STATS, _BF16 = 1, 4, 8, 16, 32, 64
 
 
 def _unpack(operands, has_scale, has_bias):
@@ -105,7 +105,7 @@ def _tangent_abstract_eval(*avals, rms, columns, has_scale, has_bias, reference)
   # One value per row (column), typed as `x` is inside shard_map.
   stats = x.update(shape=(_num_stats(x.shape, columns),), dtype=f32, weak_type=False,
                    sharding=x.sharding.update(spec=jax.sharding.PartitionSpec()))
-  return [x.update(dtype=f32, weak_type=False), stats, stats]
+  return [x.update(weak_type=False), stats, stats]
 
 
 def _tangent_jvp(primals, tangents, **params):
@@ -124,7 +124,7 @@ def _tangent_transpose(cts, *operands, rms, columns, has_scale, has_bias, refere
   stats = (type(cmean) is not ad.Zero) or (type(cvar) is not ad.Zero)
   n = _num_stats(x.shape, columns)
   f32 = jnp.float32
-  cdy = jnp.zeros(x.shape, f32) if type(cdy) is ad.Zero else cdy
+  cdy = jnp.zeros(x.shape, x.dtype) if type(cdy) is ad.Zero else cdy
   cmean = jnp.zeros((n,), f32) if type(cmean) is ad.Zero else cmean
   cvar = jnp.zeros((n,), f32) if type(cvar) is ad.Zero else cvar
   if ad.is_undefined_primal(teps):
@@ -193,7 +193,8 @@ def _backward_in_jax(x, g, eps, scale, stats, *, columns, want, reference):
     return reference(x, eps, scale, tx, tscale, tbias, zero)
 
   param = (x.shape[-1],)
-  primals = (like(x.shape), like(param) if want[0] else None, like(param) if want[1] else None)
+  primals = (like(x.shape).astype(x.dtype), like(param) if want[0] else None,
+             like(param) if want[1] else None)
   if stats is None:
     stats = (jnp.zeros((n,), f32),) * 2
   cts = tuple(cpu_sums.vary(v, varying) for v in (g, *stats))
@@ -205,9 +206,11 @@ def _backward_compiled(x, g, eps, scale, stats, *, rms, columns, want):
   a, b = x.shape
   flags = ((_SCALE if scale is not None else 0) | (_RMS if rms else 0)
            | (_DSCALE if want[0] else 0) | (_DBIAS if want[1] else 0)
-           | (_STATS if stats is not None else 0))
+           | (_STATS if stats is not None else 0)
+           | (_BF16 if x.dtype == jnp.bfloat16 else 0))
   param = jax.ShapeDtypeStruct((b,), jnp.float32)
-  results = (jax.ShapeDtypeStruct((a, b), jnp.float32),) + (param,) * sum(want)
+  results = (jax.ShapeDtypeStruct((a, b), x.dtype),) + (param,) * sum(want)
+  g = g.astype(x.dtype)
   none = jnp.zeros((1,), jnp.float32)
   target = cpu_sums._COLUMNS_GRAD_TARGET if columns else cpu_sums._ROWS_GRAD_TARGET
   return cpu_sums._call_compiled(target, results, f"{a},{b},{flags}", x, g, eps.reshape(1),

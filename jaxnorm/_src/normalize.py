@@ -312,20 +312,23 @@ class _Plan(NamedTuple):
                             (1,) * keep + self.x_shape[keep:]).reshape(-1)
 
 
-def _fused_plan(config, xv, scale, bias, mask, renorm):
-  """The compiled calls' conditions (:func:`_compiled_forward`): a
-  :class:`_Plan`, or ``None`` where they do not hold."""
+def _fused_plan(config, xv, scale, bias, mask, renorm, backward=False):
+  """The compiled calls' conditions (:func:`_compiled_forward`; with
+  ``backward``, :func:`_compiled_jvp`'s, which also takes bfloat16 rows in
+  and out): a :class:`_Plan`, or ``None`` where they do not hold."""
   view = config.view
+  bf16_rows = (backward and xv.dtype == jnp.bfloat16 and config.out_dtype == jnp.bfloat16
+               and xv.ndim - 1 in view.axes)
   if (mask is not None or renorm is not None or config.ghost or config.pool != 1
       or config.axis_name is not None or view.block_axis is not None
-      or xv.dtype != jnp.float32 or config.out_dtype != jnp.float32):
+      or not (bf16_rows or (xv.dtype == jnp.float32 and config.out_dtype == jnp.float32))):
     return None
   shape = cpu_sums.layout(xv.shape, view.axes)
   if shape is None:
     return None
   p, _, c = shape
   rows = c == 1
-  if not (cpu_sums.rows_usable(xv, view.axes) if rows else
+  if not (cpu_sums.rows_usable(xv, view.axes, bf16=bf16_rows) if rows else
           p == 1 and not config.rms and cpu_sums.usable(xv, view.axes)):
     return None
   keep = min(view.axes) if rows else xv.ndim - 1
@@ -383,7 +386,7 @@ def _compiled_jvp(config, primals, tangents):
   """
   xv, scale, bias, mask, eps, renorm = primals
   tx, tscale, tbias, _, teps, _ = tangents
-  plan = _fused_plan(config, xv, scale, bias, mask, renorm)
+  plan = _fused_plan(config, xv, scale, bias, mask, renorm, backward=True)
   if plan is None or not cpu_sums.grad_enabled(plan.rows):
     return None
   # The forward pass through `_fused` itself: its compiled call is not
@@ -397,7 +400,7 @@ def _compiled_jvp(config, primals, tangents):
   cfg = config._replace(view=mom_lib.View(view, (1,) if plan.rows else (0,), None))
   f32 = jnp.float32
   dy, dmean, dvar = fused_grad.tangent(
-      xv.reshape(view), eps.astype(f32), plan.flat(scale), tx.reshape(view).astype(f32),
+      xv.reshape(view), eps.astype(f32), plan.flat(scale), tx.reshape(view).astype(xv.dtype),
       None if scale is None else plan.flat(tscale), None if bias is None else plan.flat(tbias),
       teps.astype(f32), rms=config.rms, columns=not plan.rows,
       reference=functools.partial(_tangent_in_jax, cfg))
