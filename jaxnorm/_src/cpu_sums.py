@@ -262,7 +262,9 @@ _ROW_SCALE, _ROW_BIAS, _ROW_RMS = 1, 2, 4
 def rows_usable(x, axes: tuple[int, ...], bf16: bool = False) -> bool:
   """Whether :func:`row_norm` runs the compiled loop for ``x`` normalized over
   ``axes``: float32, the reduced axes trailing, and :func:`usable`'s
-  conditions.
+  conditions. With ``bf16`` (the compiled backward pass,
+  :mod:`jaxnorm._src.fused_grad`, which reads and writes bfloat16 rows),
+  bfloat16 ``x`` too.
 
   bfloat16 rows (read and written as bfloat16, rounded to nearest even in
   the loop) were tried and left out: LN fwd bf16 moved by -0.12 to +0.04x
@@ -283,9 +285,10 @@ def grad_enabled(rows: bool) -> bool:
   Columns (batch norm): only with ``JAXNORM_CPU_COLUMN_GRAD=1``. Alone,
   BN fwd+bwd f32 takes 0.60-0.64x Flax's time with it against 0.89-0.97
   without (the sweep's three shapes; in-process A/B, 21 rounds), but the
-  ResNet-18 training step of ``benchmarks/run.py --models`` takes 1.06-1.13x
-  Flax's time with it against 0.94-0.98 without (batch 8; batch 32: 1.07
-  against 0.91). A call that does nothing, in its place, still made the
+  ResNet-18 training step of ``benchmarks/run.py --models`` took 1.06x
+  Flax's time with it against 0.98 without (batch 8, in-process A/B, 21
+  steps; 1.08 and 1.13 against 0.94 in two variants; batch 32: 1.07 against
+  0.91). A call that does nothing, in its place, still made the
   step slower (1.03 against 0.96): XLA's program around a custom call in
   the backward pass of a convolutional network is slower, whatever the call
   does (my reading; the loop itself took 14 ms of the 326 ms step)."""
