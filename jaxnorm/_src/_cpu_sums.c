@@ -789,6 +789,38 @@ static void run_row_grad_job(void* arg) {
   free(scratch);
 }
 
+/* The results of a backward call (dx, then dscale and dbias as `flags` say;
+   one result, dx alone, is passed as the buffer itself, not a tuple). */
+typedef struct {
+  float* dx;
+  float* dscale; /* NULL: not asked for */
+  float* dbias;
+} grad_results;
+
+static grad_results grad_results_of(void* out, int flags) {
+  void** outs = out;
+  int tuple = (flags & (ROW_DSCALE | ROW_DBIAS)) != 0;
+  grad_results g = {tuple ? outs[0] : out, flags & ROW_DSCALE ? outs[1] : NULL,
+                    flags & ROW_DBIAS ? outs[flags & ROW_DSCALE ? 2 : 1] : NULL};
+  return g;
+}
+
+/* NaN in every result (n values of dx, k of each parameter gradient): what
+   a backward call returns when it cannot allocate its accumulators. */
+static void grad_results_nan(grad_results g, int64_t n, int64_t k, int bf16) {
+  for (int64_t i = 0; i < n; i++) {
+    if (bf16) {
+      ((uint16_t*)(void*)g.dx)[i] = 0x7FC0;
+    } else {
+      g.dx[i] = __builtin_nanf("");
+    }
+  }
+  for (int64_t i = 0; i < k; i++) {
+    if (g.dscale != NULL) g.dscale[i] = __builtin_nanf("");
+    if (g.dbias != NULL) g.dbias[i] = __builtin_nanf("");
+  }
+}
+
 /* XLA custom call. Operands x, g, eps, scale (one float when absent), and
    with ROW_STATS gm, gv (P each); results dx, then dscale if ROW_DSCALE,
    then dbias if ROW_DBIAS. opaque: "P,R,F", F a sum of ROW_SCALE, ROW_RMS,
@@ -800,12 +832,8 @@ void jaxnorm_row_norm_grad(void* out, const void** in, const char* opaque, size_
   parse_opaque(opaque, opaque_len, v, 3);
   int64_t P = v[0], R = v[1];
   int flags = (int)v[2];
-  /* One result (dx alone) is passed as the buffer itself, not a tuple. */
-  int tuple = (flags & (ROW_DSCALE | ROW_DBIAS)) != 0;
-  void** outs = out;
-  float* dxs = tuple ? outs[0] : out;
-  float* dscale = flags & ROW_DSCALE ? outs[1] : NULL;
-  float* dbias = flags & ROW_DBIAS ? outs[flags & ROW_DSCALE ? 2 : 1] : NULL;
+  grad_results res = grad_results_of(out, flags);
+  float *dscale = res.dscale, *dbias = res.dbias;
   if (R <= 0) return;
   if (P <= 0) {
     for (int64_t i = 0; i < R; i++) {
@@ -820,17 +848,7 @@ void jaxnorm_row_norm_grad(void* out, const void** in, const char* opaque, size_
   size_t per = (size_t)R * (sizeof(double) + sizeof(float));
   char* mem = params ? calloc((size_t)threads * (size_t)params, per) : NULL;
   if (params && mem == NULL) {
-    for (int64_t i = 0; i < P * R; i++) {
-      if (flags & ROW_BF16) {
-        ((uint16_t*)(void*)dxs)[i] = 0x7FC0;
-      } else {
-        dxs[i] = __builtin_nanf("");
-      }
-    }
-    for (int64_t i = 0; i < R; i++) {
-      if (dscale != NULL) dscale[i] = __builtin_nanf("");
-      if (dbias != NULL) dbias[i] = __builtin_nanf("");
-    }
+    grad_results_nan(res, P * R, R, (flags & ROW_BF16) != 0);
     return;
   }
   row_grad_job jobs[MAX_THREADS];
@@ -849,7 +867,7 @@ void jaxnorm_row_norm_grad(void* out, const void** in, const char* opaque, size_
       db = (double*)at;
       pb = (float*)(at + (size_t)R * sizeof(double));
     }
-    row_grad_job j = {in[0], in[1], dxs,
+    row_grad_job j = {in[0], in[1], res.dx,
                       flags & ROW_SCALE ? in[3] : NULL,
                       *(const float*)in[2],
                       (flags & ROW_RMS) != 0,
@@ -899,6 +917,30 @@ typedef struct {
   int arrived; /* threads done with their sums (atomic) */
   int go;      /* the merged statistics are ready (atomic) */
 } col_barrier;
+
+/* Thread t's sums are in. The calling thread (t == 0) then waits for every
+   thread's (helpers are running by now, or this call runs all jobs itself in
+   order) and returns 1: it merges them and calls barrier_release. A helper
+   waits for that release and returns 0. */
+static int barrier_arrive(col_barrier* bar, int t) {
+  __atomic_fetch_add(&bar->arrived, 1, __ATOMIC_ACQ_REL);
+  if (t == 0) {
+    for (long i = 1; __atomic_load_n(&bar->arrived, __ATOMIC_ACQUIRE) < bar->threads; i++) {
+      if (i % 64 == 0) sched_yield(); /* a helper may be waiting for this core */
+      __builtin_ia32_pause();
+    }
+    return 1;
+  }
+  for (long i = 1; !__atomic_load_n(&bar->go, __ATOMIC_ACQUIRE); i++) {
+    if (i % 64 == 0) sched_yield();
+    __builtin_ia32_pause();
+  }
+  return 0;
+}
+
+static void barrier_release(col_barrier* bar) {
+  __atomic_store_n(&bar->go, 1, __ATOMIC_RELEASE);
+}
 
 typedef struct {
   const float* x;
@@ -977,16 +1019,8 @@ static void run_col_job(void* arg) {
   double* mine = j->acc + 2 * C * j->t;
   memset(mine, 0, (size_t)(2 * C) * sizeof(double));
   slab_sums_f32(j->x, j->f, C, j->r0, j->r1, mine, mine + C);
-  col_barrier* bar = j->bar;
-  __atomic_fetch_add(&bar->arrived, 1, __ATOMIC_ACQ_REL);
-  if (j->t == 0) {
-    /* The calling thread merges once every thread's sums are in (helpers
-       are running by now, or this call runs all jobs itself in order). */
-    for (long i = 1; __atomic_load_n(&bar->arrived, __ATOMIC_ACQUIRE) < bar->threads; i++) {
-      if (i % 64 == 0) sched_yield(); /* a helper may be waiting for this core */
-      __builtin_ia32_pause();
-    }
-    if (col_merge(j, bar->threads)) {
+  if (barrier_arrive(j->bar, j->t)) {
+    if (col_merge(j, j->bar->threads)) {
       /* A frame far from its column's mean: all columns again, in frames
          at their means, on this thread (rare: outliers at the probes). */
       for (int64_t c = 0; c < C; c++) {
@@ -996,12 +1030,7 @@ static void run_col_job(void* arg) {
       slab_sums_f32(j->x, j->f, C, 0, j->R, j->acc, j->acc + C);
       col_merge(j, 1);
     }
-    __atomic_store_n(&bar->go, 1, __ATOMIC_RELEASE);
-  } else {
-    for (long i = 1; !__atomic_load_n(&bar->go, __ATOMIC_ACQUIRE); i++) {
-      if (i % 64 == 0) sched_yield();
-      __builtin_ia32_pause();
-    }
+    barrier_release(j->bar);
   }
   col_output(j->x, j->y, C, j->r0, j->r1, j->f, j->off, j->mul, j->bias);
 }
@@ -1220,14 +1249,8 @@ static void run_col_grad_job(void* arg) {
   double* mine = j->acc + 4 * C * j->t;
   memset(mine, 0, (size_t)(4 * C) * sizeof(double));
   col_grad_sums(j->x, j->g, j->f, C, j->r0, j->r1, mine);
-  col_barrier* bar = j->bar;
-  __atomic_fetch_add(&bar->arrived, 1, __ATOMIC_ACQ_REL);
-  if (j->t == 0) { /* as in run_col_job */
-    for (long i = 1; __atomic_load_n(&bar->arrived, __ATOMIC_ACQUIRE) < bar->threads; i++) {
-      if (i % 64 == 0) sched_yield();
-      __builtin_ia32_pause();
-    }
-    if (col_grad_merge(j, bar->threads)) {
+  if (barrier_arrive(j->bar, j->t)) { /* as in run_col_job */
+    if (col_grad_merge(j, j->bar->threads)) {
       for (int64_t c = 0; c < C; c++) {
         if (isfinite(j->coef[c])) j->f[c] += j->coef[c];
       }
@@ -1235,12 +1258,7 @@ static void run_col_grad_job(void* arg) {
       col_grad_sums(j->x, j->g, j->f, C, 0, j->R, j->acc);
       col_grad_merge(j, 1);
     }
-    __atomic_store_n(&bar->go, 1, __ATOMIC_RELEASE);
-  } else {
-    for (long i = 1; !__atomic_load_n(&bar->go, __ATOMIC_ACQUIRE); i++) {
-      if (i % 64 == 0) sched_yield();
-      __builtin_ia32_pause();
-    }
+    barrier_release(j->bar);
   }
   col_grad_output(j->x, j->g, j->dx, C, j->r0, j->r1, j->f, j->coef);
 }
@@ -1256,11 +1274,7 @@ void jaxnorm_column_norm_grad(void* out, const void** in, const char* opaque,
   parse_opaque(opaque, opaque_len, v, 3);
   int64_t R = v[0], C = v[1];
   int flags = (int)v[2];
-  int tuple = (flags & (ROW_DSCALE | ROW_DBIAS)) != 0;
-  void** outs = out;
-  float* dx = tuple ? outs[0] : out;
-  float* dscale = flags & ROW_DSCALE ? outs[1] : NULL;
-  float* dbias = flags & ROW_DBIAS ? outs[flags & ROW_DSCALE ? 2 : 1] : NULL;
+  grad_results res = grad_results_of(out, flags);
   if (R <= 0 || C <= 0) return;
   int threads = threads_for(R * C, COL_VALUES_PER_THREAD, R / BLOCK);
   int helpers = pool_take(threads - 1);
@@ -1271,11 +1285,7 @@ void jaxnorm_column_norm_grad(void* out, const void** in, const char* opaque,
     if (helpers > 0) pthread_mutex_unlock(&pool_lock);
     free(acc);
     free(coef);
-    for (int64_t i = 0; i < R * C; i++) dx[i] = __builtin_nanf("");
-    for (int64_t c = 0; c < C; c++) {
-      if (dscale != NULL) dscale[c] = __builtin_nanf("");
-      if (dbias != NULL) dbias[c] = __builtin_nanf("");
-    }
+    grad_results_nan(res, R * C, C, 0);
     return;
   }
   const float* x = in[0];
@@ -1288,9 +1298,9 @@ void jaxnorm_column_norm_grad(void* out, const void** in, const char* opaque,
   col_grad_job jobs[MAX_THREADS];
   int64_t blocks = (R + BLOCK - 1) / BLOCK;
   for (int t = 0; t < threads; t++) {
-    col_grad_job j = {x, in[1], dx, frame,
+    col_grad_job j = {x, in[1], res.dx, frame,
                       flags & ROW_SCALE ? in[3] : NULL,
-                      dscale, dbias,
+                      res.dscale, res.dbias,
                       *(const float*)in[2], R, C,
                       blocks * t / threads * BLOCK,
                       t + 1 == threads ? R : blocks * (t + 1) / threads * BLOCK,
