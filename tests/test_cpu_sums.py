@@ -662,6 +662,15 @@ def test_row_backward_switch_and_shard_map(one_device, monkeypatch):
   assert_close_rel(dx, wdx, 2e-6)
   assert_close_rel(dp["scale"], wds, 2e-6)
   assert_close_rel(dp["bias"], wdb, 2e-6)
+  # The derivative in eps there (the reference's transpose), summed over devices.
+  de = jax.jit(jax.shard_map(
+      jax.grad(lambda e, x, g: jnp.sum(jaxnorm.layer_norm(p, x, eps=e) * g)),
+      mesh=mesh, in_specs=(P(), P("b"), P("b")), out_specs=P()))(jnp.float32(0.5), x, g)
+  x64 = np.asarray(x, np.float64)
+  c = x64 - x64.mean(-1, keepdims=True)
+  var = (c ** 2).mean(-1, keepdims=True)
+  want = np.sum(np.asarray(g) * np.asarray(p["scale"]) * c * -0.5 * (var + 0.5) ** -1.5)
+  np.testing.assert_allclose(de, want, rtol=1e-5)
 
 
 # Batch norm's fused training forward pass (cpu_sums.column_norm): column sums

@@ -75,8 +75,9 @@ tangent_p.multiple_results = True
 
 def tangent(x, eps, scale, tx, tscale, tbias, teps, *, rms: bool, columns: bool, reference):
   """The tangents ``(dy, dmean, dvar)`` of layer norm (RMS norm, ``rms=True``)
-  of the rows of ``x`` (``(P, R)``, float32), or of batch norm of its
-  columns (``columns=True``, ``x`` ``(R, C)``), at ``x``, ``eps`` (float32
+  of the rows of ``x`` (``(P, R)``, float32 or bfloat16; ``dy`` in its
+  dtype), or of batch norm of its columns (``columns=True``, ``x``
+  ``(R, C)`` float32), at ``x``, ``eps`` (float32
   scalar) and ``scale`` (a float32 vector or ``None``), for the tangents
   ``tx``, ``tscale``, ``tbias`` (``None`` where the layer has no such
   parameter) and ``teps``. ``dmean`` and ``dvar`` have one value per row
@@ -123,10 +124,11 @@ def _tangent_transpose(cts, *operands, rms, columns, has_scale, has_bias, refere
   cdy, cmean, cvar = cts
   stats = (type(cmean) is not ad.Zero) or (type(cvar) is not ad.Zero)
   n = _num_stats(x.shape, columns)
-  f32 = jnp.float32
-  cdy = jnp.zeros(x.shape, x.dtype) if type(cdy) is ad.Zero else cdy
-  cmean = jnp.zeros((n,), f32) if type(cmean) is ad.Zero else cmean
-  cvar = jnp.zeros((n,), f32) if type(cvar) is ad.Zero else cvar
+  # Symbolic zeros as arrays, varying (inside shard_map) as the results are.
+  zeros = lambda shape, dtype: cpu_sums.vary(jnp.zeros(shape, dtype), cpu_sums._varying(x))
+  cdy = zeros(x.shape, x.dtype) if type(cdy) is ad.Zero else cdy
+  cmean = zeros((n,), jnp.float32) if type(cmean) is ad.Zero else cmean
+  cvar = zeros((n,), jnp.float32) if type(cvar) is ad.Zero else cvar
   if ad.is_undefined_primal(teps):
     # The derivative with respect to eps: the reference, transposed.
     linear = [v.aval for v, u in zip(operands, undefined, strict=True) if u]
