@@ -360,6 +360,16 @@ static void parse_opaque(const char* opaque, size_t opaque_len, int64_t* v, int 
   }
 }
 
+/* The opaque string "A,B,F" of the fused calls: two sizes and the flags. */
+static int parse_sizes_and_flags(const char* opaque, size_t opaque_len, int64_t* a,
+                                 int64_t* b) {
+  int64_t v[3] = {0, 0, 0};
+  parse_opaque(opaque, opaque_len, v, 3);
+  *a = v[0];
+  *b = v[1];
+  return (int)v[2];
+}
+
 /* XLA custom call, API_VERSION_STATUS_RETURNING_UNIFIED (the status is not
    used). opaque: "P,R,C,T": T is 0 for float32 x, 1 for bfloat16 x. */
 void jaxnorm_framed_column_sums(void* out, const void** in, const char* opaque,
@@ -531,10 +541,8 @@ static void run_row_job(void* arg) {
 void jaxnorm_row_norm(void* out, const void** in, const char* opaque, size_t opaque_len,
                       void* status) {
   (void)status;
-  int64_t v[3] = {0, 0, 0};
-  parse_opaque(opaque, opaque_len, v, 3);
-  int64_t P = v[0], R = v[1];
-  int flags = (int)v[2];
+  int64_t P, R;
+  int flags = parse_sizes_and_flags(opaque, opaque_len, &P, &R);
   if (P <= 0 || R <= 0) return;
   int threads = threads_for(P * R, ROW_VALUES_PER_THREAD, P);
   row_job jobs[MAX_THREADS];
@@ -828,10 +836,8 @@ static void grad_results_nan(grad_results g, int64_t n, int64_t k, int bf16) {
 void jaxnorm_row_norm_grad(void* out, const void** in, const char* opaque, size_t opaque_len,
                            void* status) {
   (void)status;
-  int64_t v[3] = {0, 0, 0};
-  parse_opaque(opaque, opaque_len, v, 3);
-  int64_t P = v[0], R = v[1];
-  int flags = (int)v[2];
+  int64_t P, R;
+  int flags = parse_sizes_and_flags(opaque, opaque_len, &P, &R);
   grad_results res = grad_results_of(out, flags);
   float *dscale = res.dscale, *dbias = res.dbias;
   if (R <= 0) return;
@@ -1041,10 +1047,8 @@ static void run_col_job(void* arg) {
 void jaxnorm_column_norm(void* out, const void** in, const char* opaque, size_t opaque_len,
                          void* status) {
   (void)status;
-  int64_t v[3] = {0, 0, 0};
-  parse_opaque(opaque, opaque_len, v, 3);
-  int64_t R = v[0], C = v[1];
-  int flags = (int)v[2];
+  int64_t R, C;
+  int flags = parse_sizes_and_flags(opaque, opaque_len, &R, &C);
   if (R <= 0 || C <= 0) return;
   if (wide_cols < 0) wide_cols = __builtin_cpu_supports("avx512f") ? 1 : 0;
   int64_t total = R * C;
@@ -1270,10 +1274,8 @@ static void run_col_grad_job(void* arg) {
 void jaxnorm_column_norm_grad(void* out, const void** in, const char* opaque,
                               size_t opaque_len, void* status) {
   (void)status;
-  int64_t v[3] = {0, 0, 0};
-  parse_opaque(opaque, opaque_len, v, 3);
-  int64_t R = v[0], C = v[1];
-  int flags = (int)v[2];
+  int64_t R, C;
+  int flags = parse_sizes_and_flags(opaque, opaque_len, &R, &C);
   grad_results res = grad_results_of(out, flags);
   if (R <= 0 || C <= 0) return;
   int threads = threads_for(R * C, COL_VALUES_PER_THREAD, R / BLOCK);
