@@ -1,6 +1,7 @@
 """The backward pass of layer, RMS and batch norm as one compiled call on XLA's
 CPU backend, where their forward pass is one (float32, see
-:func:`jaxnorm._src.normalize._compiled_forward`).
+:func:`jaxnorm._src.normalize._compiled_forward`), and for layer and RMS norm
+on bfloat16 rows in and out (whose forward pass stays in XLA).
 
 :mod:`jaxnorm._src.normalize` differentiates a normalization with a
 ``custom_jvp`` whose tangent rule is the closed-form derivative; JAX

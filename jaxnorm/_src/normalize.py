@@ -29,7 +29,8 @@ Transposed, these are Ioffe & Szegedy's backward pass
 backward pass reads ``x`` and ``dy`` once for two per-block sums and once more
 for ``dx``, and needs one all-reduce under ``axis_name`` (the psum of those
 sums), as Flax's does. On XLA's CPU backend, layer and RMS norm on float32
-rows (where the forward pass is one compiled call) take the tangents as one
+rows (where the forward pass is one compiled call) and on bfloat16 rows in
+and out take the tangents as one
 primitive instead, whose transpose is one compiled backward pass
 (:mod:`jaxnorm._src.fused_grad`); the rule above is its forward mode, its
 higher derivatives and its fallback.
@@ -380,7 +381,8 @@ def _compiled_jvp(config, primals, tangents):
   A/B with ``JAXNORM_CPU_ROW_GRAD=0/1``, 21 rounds): LN fwd+bwd dx f32
   0.79-0.96 -> 0.26-0.48 over the sweep's four row shapes, with parameter
   gradients 0.37-0.95 -> 0.18-0.47; RMS 0.55-0.94 -> 0.37-0.60 and
-  0.40-0.70 -> 0.21-0.49. The transformer training steps of
+  0.40-0.70 -> 0.21-0.49; bfloat16 rows (all 16 of the sweep's) 0.46-0.87
+  -> 0.18-0.77. The transformer training steps of
   ``benchmarks/run.py --models``: 0.96 -> 0.98 (LayerNorm) and 0.97 -> 0.97
   (RMSNorm), within the noise.
   """
@@ -409,8 +411,9 @@ def _compiled_jvp(config, primals, tangents):
 
 
 def _tangent_in_jax(cfg, x, eps, scale, tx, tscale, tbias, teps):
-  """The closed-form tangent ``dy`` of ``x`` in its 2-D view ``cfg`` (rows or
-  columns), parameters as vectors or ``None``: fused_grad's reference."""
+  """The closed-form tangents ``(dy, dmean, dvar)`` of ``x`` in its 2-D view
+  ``cfg`` (rows or columns; the statistics' as vectors), parameters as
+  vectors or ``None``: fused_grad's reference."""
   two_d = lambda v: None if v is None else v[None]
   _, (dy, dmean, dvar, _) = _jvp_in_jax(cfg, (x, two_d(scale), None, None, eps, None),
                                         (tx, two_d(tscale), two_d(tbias), None, teps, None))
