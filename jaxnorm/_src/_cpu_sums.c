@@ -1317,6 +1317,56 @@ void jaxnorm_column_norm_grad(void* out, const void** in, const char* opaque,
   free(coef);
 }
 
+/* The statistics of moments.block_moments from sums that ran in JAX's
+   operations (derivative programs, where this file's sums made the ResNet-18
+   step slower), with the second look the loops here take (REFRAME): x
+   (P, R, C) float32 or bfloat16 as in jaxnorm_framed_column_sums, and per
+   (P, C) the frame f and the framed sums s1, s2, float32. Writes a frame g,
+   the mean offset m from it and the sum of squared deviations q: g = f,
+   m = s1 / R and q = s2 - R m^2 (float64, clamped at 0, NaN kept); where some
+   frame is far from its mean (m^2 > REFRAME q / R), every slab's sums are
+   taken again in the frame g = f + m (float32), and m = s1' / R,
+   q = s2' - R m^2 in it. Otherwise the call reads the 4 P C statistics
+   only: the check costs a call, not a pass over x. NaN statistics never
+   count as far. opaque: "P,R,C,T" (as jaxnorm_framed_column_sums). */
+void jaxnorm_refine_moments(void* out, const void** in, const char* opaque,
+                            size_t opaque_len, void* status) {
+  const float* f = in[1];
+  const float* s1 = in[2];
+  const float* s2 = in[3];
+  float* g = ((void**)out)[0];
+  float* m = ((void**)out)[1];
+  float* q = ((void**)out)[2];
+  int64_t v[4] = {0, 0, 0, 0};
+  parse_opaque(opaque, opaque_len, v, 4);
+  int64_t n = v[0] * v[2];
+  double R = (double)v[1];
+  int far = 0;
+  for (int64_t i = 0; i < n; i++) {
+    double mi = (double)s1[i] / R;
+    double qi = (double)s2[i] - R * mi * mi;
+    if (qi < 0) qi = 0; /* keeps NaN */
+    if (mi * mi > REFRAME * (qi / R)) far = 1;
+    g[i] = f[i];
+    m[i] = (float)mi;
+    q[i] = (float)qi;
+  }
+  if (!far) return;
+  float* sums = malloc((size_t)(2 * n) * sizeof(float));
+  if (sums == NULL) return; /* keeps the first look */
+  for (int64_t i = 0; i < n; i++) g[i] = f[i] + m[i];
+  void* results[2] = {sums, sums + n};
+  const void* operands[2] = {in[0], g};
+  jaxnorm_framed_column_sums(results, operands, opaque, opaque_len, status);
+  for (int64_t i = 0; i < n; i++) {
+    double a = (double)sums[i] / R;
+    double d = (double)sums[n + i] - R * a * a;
+    m[i] = (float)a;
+    q[i] = d < 0 ? 0.f : (float)d; /* keeps NaN */
+  }
+  free(sums);
+}
+
 /* A module only so that setuptools builds and installs the library; Python
    finds the function with ctypes (cpu_sums.py). */
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_sums",

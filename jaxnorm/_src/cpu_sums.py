@@ -55,6 +55,12 @@ derivative is one compiled call too (:mod:`jaxnorm._src.fused_grad`):
 ``jaxnorm_row_norm_grad`` for layer and RMS norm, and, opt-in
 (:func:`grad_enabled`), ``jaxnorm_column_norm_grad`` for batch norm.
 
+**The second look.** Statistics whose sums ran elsewhere (XLA's in derivative
+programs; this module's plain sums) take the fused calls' check on their
+frame in one call of their own (:func:`refine_moments`,
+``jaxnorm_refine_moments``): it reads only the sums, and ``x`` only where
+some frame is far from its mean.
+
 On another backend (``lax.platform_dependent``) the same function lowers to
 the two sums in JAX's operations. It is differentiable (``custom_jvp``, the
 tangents in JAX's operations) and batches under ``vmap`` by folding the mapped
@@ -64,6 +70,7 @@ axis into ``P``.
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib
 import math
 import os
@@ -86,6 +93,7 @@ _ROWS_TARGET = "jaxnorm_row_norm"
 _COLUMNS_TARGET = "jaxnorm_column_norm"
 _ROWS_GRAD_TARGET = "jaxnorm_row_norm_grad"
 _COLUMNS_GRAD_TARGET = "jaxnorm_column_norm_grad"
+_REFINE_TARGET = "jaxnorm_refine_moments"
 # Between 1 and this many kept values per slab the compiled loop runs one
 # column at a time (scalar code); XLA's own sums are faster there. With one
 # (row statistics, layer norm) it runs along the rows.
@@ -105,7 +113,7 @@ def _registered() -> bool:
       # XLA's original custom-call interface (api_version 0): no XLA headers
       # at build time. A JAX that no longer takes it leaves the sums in JAX.
       for name in (_TARGET, _ROWS_TARGET, _COLUMNS_TARGET, _ROWS_GRAD_TARGET,
-                   _COLUMNS_GRAD_TARGET):
+                   _COLUMNS_GRAD_TARGET, _REFINE_TARGET):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)),
                                     platform="cpu", api_version=0)
     except Exception as e:  # any failure means: do without the loop
@@ -156,9 +164,9 @@ def layout(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, int, int
   return p, r, c
 
 
-def usable(x, axes: tuple[int, ...]) -> bool:
-  """Whether :func:`framed_sums` runs the compiled loop for ``x`` (see the module
-  docstring)."""
+def usable(x, axes: tuple[int, ...], refine: bool = False) -> bool:
+  """Whether :func:`framed_sums` (``refine``: :func:`refine_moments`) runs the
+  compiled loop for ``x`` (see the module docstring)."""
   shape = layout(x.shape, axes)
   if shape is None:
     return False
@@ -166,7 +174,12 @@ def usable(x, axes: tuple[int, ...]) -> bool:
   # 0.55-0.9x Flax's time with plain sums first, took 0.8-1.4x with the loop
   # (the columns of batch norm gained: 1.05 -> 0.87, 0.89 -> 0.73, 0.56 ->
   # 0.43 at the sweep's three shapes; in-process A/B, 21 rounds).
-  dtypes = (jnp.float32, jnp.bfloat16) if shape[2] > 1 else (jnp.float32,)
+  #
+  # The second look (refine_moments) takes bfloat16 rows too: unless its
+  # check fires it reads only the statistics, where a `lax.cond` in JAX's
+  # operations made LN fwd bf16 256x768 0.79-0.81 -> 0.93-0.97x Flax's time
+  # (in-process A/B, 41 rounds).
+  dtypes = (jnp.float32, jnp.bfloat16) if shape[2] > 1 or refine else (jnp.float32,)
   return x.dtype in dtypes and enabled() and _unpartitioned(x)
 
 
@@ -253,6 +266,75 @@ def framed_sums(x, frame, axes: tuple[int, ...]):
   p, r, c = shape
   s1, s2 = _framed_sums(x.reshape(p, r, c), frame.reshape(p, c))
   return s1.reshape(frame.shape), s2.reshape(frame.shape)
+
+
+def _refine_compiled(x, f, s1, s2):
+  p, r, c = x.shape
+  out = jax.ShapeDtypeStruct((p, c), jnp.float32)
+  kind = 1 if x.dtype == jnp.bfloat16 else 0
+  # Rows as (P, R): a bfloat16 (P, R, 1) operand was copied first (XLA).
+  x = x.reshape(p, r) if c == 1 else x
+  return _call_compiled(_REFINE_TARGET, (out, out, out), f"{p},{r},{c},{kind}", x, f, s1, s2)
+
+
+def _refine(in_jax, x, f, s1, s2):
+  """The compiled call on CPU, ``in_jax`` elsewhere; under ``vmap`` the mapped
+  axis becomes part of P, as in :func:`_sums_vmap` (one decision for all)."""
+  def default(x, f, s1, s2):
+    keep = lambda v: v.reshape(v.shape[0], 1, v.shape[1])
+    return tuple(v.reshape(s1.shape) for v in in_jax(x, keep(f), keep(s1), keep(s2)))
+
+  @custom_vmap
+  def call(x, f, s1, s2):
+    return lax.platform_dependent(x, f, s1, s2, cpu=_refine_compiled, default=default)
+
+  @call.def_vmap
+  def call_vmap(axis_size, in_batched, x, f, s1, s2):
+    def fold(v, batched):
+      v = v if batched else jnp.broadcast_to(v, (axis_size,) + v.shape)
+      return v.reshape((-1,) + v.shape[2:])
+    outs = _refine(in_jax, *(fold(v, b) for v, b in zip((x, f, s1, s2), in_batched, strict=True)))
+    shape = (axis_size,) + (s1.shape[1:] if in_batched[2] else s1.shape)
+    return tuple(v.reshape(shape) for v in outs), (True, True, True)
+
+  return call(x, f, s1, s2)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _refined(in_jax, n, x, f, s1, s2):
+  return _refine(in_jax, x, f, s1, s2)
+
+
+@_refined.defjvp
+def _refined_jvp(in_jax, n, primals, tangents):
+  # The frame takes no derivative; the mean offset and the sum of squared
+  # deviations are m = s1 / n and q = s2 - s1^2 / n whatever the frame, with
+  # fewer digits lost: their derivatives are those of these formulas.
+  s1 = primals[2]
+  _, _, t1, t2 = tangents
+  g, m, q = _refined(in_jax, n, *primals)
+  return (g, m, q), (jnp.zeros_like(g), t1 / n, jnp.where(q > 0, t2 - 2 * (s1 / n) * t1, 0))
+
+
+def refine_moments(x, frame, s1, s2, axes: tuple[int, ...], *, in_jax):
+  """The statistics of :func:`moments.block_moments` from its framed sums
+  ``s1 = sum(x - frame)`` and ``s2 = sum((x - frame)^2)`` over ``axes``
+  (float32, keepdims), as one compiled call (``jaxnorm_refine_moments``):
+  ``(g, m, q)``, a frame, the mean offset from it and the sum of squared
+  deviations, with the second look of the loops (``REFRAME``): ``g`` is
+  ``frame``, unless it is far from the mean for some feature
+  (``m^2 > 15 q / n``), where the sums are taken again in the frame
+  ``g = frame + m``. Otherwise the call reads the statistics only.
+  ``in_jax(x, frame, s1, s2)`` (on the ``(P, R, C)`` view, statistics
+  ``(P, 1, C)``) is the same in JAX's operations, for other backends. Only
+  where ``usable(x, axes, refine=True)``."""
+  shape = layout(x.shape, axes)
+  if shape is None:
+    raise ValueError(f"no (P, R, C) view of x {x.shape} sums axes {axes} (see cpu_sums.layout)")
+  p, r, c = shape
+  flat = lambda v: v.reshape(p, c)
+  outs = _refined(in_jax, r, x.reshape(p, r, c), flat(frame), flat(s1), flat(s2))
+  return tuple(v.reshape(s1.shape) for v in outs)
 
 
 # Flags of the fused row normalization (_cpu_sums.c).

@@ -26,6 +26,10 @@ communicating once, as Flax does.
   offset, and one outlier (even among the probes) cannot move the frame. The
   first-sample shift used before this rewrite lost 2% of the variance when that
   sample was a 1e3 outlier.
+* **A second look at the frame.** Outliers at two of the three probed places
+  do move it. Where ``(mean_b - s_b)^2 > 15 var_b`` for some feature, the sums
+  are taken again in a frame at the mean (:func:`_second_look`; on CPU one
+  compiled call that reads ``x`` only then). The full-size uses keep ``s_b``.
 * **Plain sums where they are as exact.** Frame 0 is a frame too: it loses
   the factor ``1 + mean^2 / var``. For statistics across features (layer and
   group norm) on one device, in forward passes (the derivative's program keeps
@@ -345,6 +349,83 @@ def probe_frame(xv, axes):
   return probes[0]
 
 
+# The second look (:func:`_second_look`): a frame this far from the mean,
+# ``mean_off^2 > _REFRAME * var``, has cost the one-pass sums more than a
+# factor 16 of precision. The compiled loops take the same threshold
+# (``REFRAME`` in ``_cpu_sums.c``).
+_REFRAME = 15.0
+
+
+@custom_vmap
+def _any_over_batch(p):
+  """``jnp.any(p)``; under ``vmap``, over the mapped examples too (one
+  decision for the whole call, as :func:`_all_over_batch`)."""
+  return jnp.any(p)
+
+
+@_any_over_batch.def_vmap
+def _any_over_batch_vmap(axis_size, in_batched, p):
+  del axis_size, in_batched
+  return _any_over_batch(p), False
+
+
+def _decided_locally(xv) -> bool:
+  """Whether a decision on the data of ``xv`` (a ``lax.cond``) costs no
+  collective: one device, or inside ``shard_map``/``pmap`` (each device
+  decides for its own data); not where the partitioner may split ``x``."""
+  try:
+    mesh = jax.typeof(xv).sharding.mesh
+    return all(size == 1 or kind == jax.sharding.AxisType.Manual
+               for size, kind in zip(mesh.axis_sizes, mesh.axis_types, strict=True))
+  except (AttributeError, TypeError):
+    return True
+
+
+def _second_look_allowed(xv) -> bool:
+  """The second look is taken where it is decided locally (each device for
+  its own blocks), not for complex data."""
+  return not jnp.iscomplexobj(xv) and _decided_locally(xv)
+
+
+def _second_look(xv, axes, frame, s1, s2):
+  """``(ref, m, q)`` for :func:`block_moments` from its sums ``s1``, ``s2`` in
+  the probed ``frame``: a frame, the mean offset from it and the sum of
+  squared deviations (float32, keepdims). ``ref`` is ``frame`` unless that
+  is far from the mean for some feature or block (``m^2 > _REFRAME * q /
+  n``: outliers, or heavy tails, at the probed places), where the sums are
+  taken again in ``ref = frame + m``, at the mean. On CPU, one compiled call
+  that reads only the statistics unless it must sum again
+  (:func:`cpu_sums.refine_moments`); elsewhere one ``lax.cond`` for the
+  whole call. The full-size uses keep ``frame``: the output's ``x - mean``
+  is ``(x - frame) - mean_off`` with ``mean_off = (ref - frame) + m``."""
+  if cpu_sums.usable(xv, axes, refine=True):
+    return cpu_sums.refine_moments(xv, frame, s1, s2, axes, in_jax=_second_look_in_jax)
+  return _second_look_in_jax(xv, frame, s1, s2, axes)
+
+
+def _second_look_in_jax(xv, frame, s1, s2, axes=(1,)):
+  n = math.prod(xv.shape[a] for a in axes)
+  m, q = _deviations(s1, s2, n)
+  far = _any_over_batch(_abs2(m) > _REFRAME * (q / n))
+
+  def again():
+    near = lax.stop_gradient(frame + m)
+    xa, xb = _converted_twice(xv, m.dtype) if xv.dtype != m.dtype else (xv, xv)
+    near_sum, near_sq, near = lax.optimization_barrier((near, near, near))
+    s1_near = _fusion_boundary(_sum(xa - near_sum, axes, 1))
+    s2_near = _fusion_boundary(_sum(_abs2(xb - near_sq), axes, 1))
+    return (near, *_deviations(s1_near, s2_near, n))
+
+  return lax.cond(far, again, lambda: (frame, m, q))
+
+
+def _deviations(s1, s2, n):
+  """The mean offset and the sum of squared deviations from the framed sums
+  ``s1 = sum(x - f)`` and ``s2 = sum((x - f)^2)`` of ``n`` values."""
+  m = s1 / n
+  return m, jnp.maximum(s2 - n * _abs2(m), 0)
+
+
 def _fusion_boundary(v):
   """``v`` unchanged (a reduce-precision to its own format), as an operation
   XLA's CPU reduction fusions do not take in.
@@ -518,12 +599,7 @@ def _plain_sums_allowed(xv, merge_over) -> bool:
   collective), nor for complex data."""
   if merge_over is not None or jnp.iscomplexobj(xv):
     return False
-  try:
-    mesh = jax.typeof(xv).sharding.mesh
-    return all(size == 1 or kind == jax.sharding.AxisType.Manual
-               for size, kind in zip(mesh.axis_sizes, mesh.axis_types, strict=True))
-  except (AttributeError, TypeError):
-    return True
+  return _decided_locally(xv)
 
 
 def _converted_twice(xv, dtype):
@@ -535,8 +611,9 @@ def _converted_twice(xv, dtype):
 
 
 def _plain_or_shifted(xv, xs, axes, mask, pool, n_sum, shifted):
-  """``(frame, s1, s2)``: the sums in frame 0 when they are exact enough for
-  every feature (:data:`_PLAIN_MAX_LOSS`), else ``shifted()``, the sums in a
+  """``shifted``'s ``(frame, ref, m, q)`` (the frames, the mean offset and the
+  sum of squared deviations): from the sums in frame 0 when they are exact enough for every
+  feature (:data:`_PLAIN_MAX_LOSS`), else ``shifted()``, from the sums in a
   frame taken from the data (one decision for all features; ``lax.cond``).
 
   Performance (XLA on CPU): plain sums are the two reductions Flax's fast
@@ -558,7 +635,9 @@ def _plain_or_shifted(xv, xs, axes, mask, pool, n_sum, shifted):
   # Otherwise, where the frame is the (masked or pooled) mean, it is this
   # one, with no pass of its own.
   mean_frame = None if mask is None and pool == 1 else lax.stop_gradient(p1 / n_sum)
-  return lax.cond(ok, lambda: (jnp.zeros_like(p1), p1, p2), lambda: shifted(mean_frame))
+  zero = jnp.zeros_like(p1)
+  return lax.cond(ok, lambda: (zero, zero, *_deviations(p1, p2, n_sum)),
+                  lambda: shifted(mean_frame))
 
 
 def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False,
@@ -617,9 +696,16 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
   # norm needs no plain sums first.
   use_loop = compiled_sums and mask is None and pool == 1 and cpu_sums.usable(xv, axes)
 
+  # The second look at statistics in a probed frame (`_second_look`).
+  looks = mask is None and pool == 1 and _second_look_allowed(xv)
+
   def shifted(frame=None):
+    """``(frame, ref, m, q)``: a frame from the data for the full-size uses,
+    the frame of the statistics (``frame``, unless the second look moved
+    it), the mean offset from ``ref`` and the sum of squared deviations."""
     # `frame`: given when it is the mean, already summed (`_plain_or_shifted`).
-    if frame is None and mask is None and pool == 1:
+    probed = frame is None and mask is None and pool == 1
+    if probed:
       # Probes of `x` itself, converted after (a median commutes with the
       # conversion): slices of a converted `x` make it a shared full-size value.
       frame = probe_frame(xv, axes).astype(sdt)
@@ -635,7 +721,9 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
     frame = lax.stop_gradient(frame)
     if use_loop:
       s1, s2 = cpu_sums.framed_sums(xv, frame, axes)  # bfloat16 read as it is
-      return frame, s1, s2
+      if probed and looks:
+        return (frame, *_second_look(xv, axes, frame, s1, s2))
+      return (frame, frame, *_deviations(s1, s2, n_sum))
     # Performance (XLA on CPU; values unchanged). Reductions run as YNNPACK
     # fusions, which take elementwise work and the broadcast of a small array,
     # but a broadcast shared by two reductions (the frame's, after CSE) cannot
@@ -656,7 +744,9 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
       d_sq = jnp.where(mask, d_sq, jnp.zeros((), sdt))
     s1 = _fusion_boundary(_sum(d, axes, pool))
     s2 = _fusion_boundary(_sum(_abs2(d_sq), axes, pool))
-    return frame, s1, s2
+    if probed and looks:
+      return (frame, *_second_look(xv, axes, frame, s1, s2))
+    return (frame, frame, *_deviations(s1, s2, n_sum))
 
   # Without a mask the count is a Python number: a constant array would be
   # broadcast by its own thunk.
@@ -665,12 +755,10 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
   else:
     n_sum = jnp.maximum(count, 1)
   if plain_first and not use_loop and _plain_sums_allowed(xv, merge_over):
-    frame, s1, s2 = _plain_or_shifted(xv, xs, axes, mask, pool, n_sum, shifted)
+    frame, ref, m, q = _plain_or_shifted(xv, xs, axes, mask, pool, n_sum, shifted)
   else:
-    frame, s1, s2 = shifted()
-  m = s1 / n_sum
-  q = jnp.maximum(s2 - n_sum * _abs2(m), 0)
-  stats = (count, frame, m, q)
+    frame, ref, m, q = shifted()
+  stats = (count, ref, m, q)
   if merge_over is not None and xv.shape[merge_over] > 1:
     stats = _merge_blocks(stats, merge_over, xv, n_sum if mask is None else None)
   if axis_name is not None:
@@ -679,7 +767,7 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
   var = q / jnp.maximum(n, 1)
   # Each block's own frame stays its coordinate system: x - mean equals
   # (x - frame_b) - mean_off_b, with the small mean_off_b = (r - frame_b) + m.
-  merged = merge_over is not None or axis_name is not None
+  merged = merge_over is not None or axis_name is not None or looks
   mean_off = (r - frame) + m if merged else m
   return Moments(frame, mean_off, r + m, var.astype(real), n)
 
