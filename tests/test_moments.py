@@ -304,6 +304,17 @@ def test_zero_size_input_gives_an_empty_result():
 # look the variance of a derivative program's statistics was off by 4e-5 to 5e-5
 # on this data (the forward pass's compiled loops always took it).
 
+@pytest.fixture
+def looks_in_jax(monkeypatch):
+  """The second look in JAX's operations (its ``lax.cond``, as on other
+  backends) for arrays on one device: this suite runs on eight CPU devices,
+  where a decision on the data could need a collective, so the look is left
+  out (tests/test_cpu_sums.py has the compiled call)."""
+  from jaxnorm._src import cpu_sums
+  monkeypatch.setattr(cpu_sums, "_unpartitioned", lambda x: True)
+  monkeypatch.setenv("JAXNORM_CPU_KERNEL", "0")
+
+
 def probes_taken(kind, n, seed=0):
   x = adversarial("gaussian", n, seed)
   rows = [0, n - 1] if kind == "edges" else slice(0, n, 32)
@@ -313,7 +324,7 @@ def probes_taken(kind, n, seed=0):
 
 @pytest.mark.parametrize("n", [64, 4096])
 @pytest.mark.parametrize("kind", ["edges", "periodic"])
-def test_second_look_when_outliers_take_the_probes(kind, n):
+def test_second_look_when_outliers_take_the_probes(looks_in_jax, kind, n):
   x = probes_taken(kind, n)
   # The float32 sums' own rounding, with four outliers of 3e4 among 64
   # values, reaches 1.0e-6 of the variance (the frame is no longer the limit).
@@ -340,7 +351,7 @@ def test_second_look_when_outliers_take_the_probes(kind, n):
   assert np.all(np.isfinite(np.asarray(vjp(jnp.ones_like(xt))[0])))
 
 
-def test_second_look_is_decided_once_for_a_vmapped_batch():
+def test_second_look_is_decided_once_for_a_vmapped_batch(looks_in_jax):
   """One example with outliers at its probes: every example exact, and the
   vmapped program keeps one ``cond`` (a per-example predicate would make it a
   select that sums twice for all)."""
@@ -351,7 +362,21 @@ def test_second_look_is_decided_once_for_a_vmapped_batch():
   for i in range(3):
     assert_exact_stats(mean[i], var[i], xs[i])
   hlo = f.lower(xs).as_text()
-  assert "stablehlo.case" in hlo or "jaxnorm_refine_moments" in hlo
+  assert hlo.count("stablehlo.case") == 1 and "jaxnorm_refine_moments" not in hlo
+
+
+def test_second_look_left_out_where_x_may_be_partitioned():
+  """Eight devices and no mesh in the type of ``x``: nothing is decided on the
+  data; inside ``shard_map`` each device decides for its own block (four
+  columns: the ``lax.cond``, not the compiled call)."""
+  x = probes_taken("edges", 64)
+  assert "stablehlo.case" not in jax.jit(lambda x: jaxnorm.moments(x, 0)).lower(x).as_text()
+  mesh = jax.make_mesh((8,), ("b",))
+  f = jax.shard_map(lambda x: jnp.stack(jaxnorm.moments(x, 0))[None], mesh=mesh,
+                    in_specs=jax.P(None), out_specs=jax.P("b"))
+  assert "stablehlo.case" in jax.jit(f).lower(x).as_text()
+  for stats in np.asarray(jax.jit(f)(x)):
+    assert_exact_stats(*stats, x)
 
 
 def second_look_derivatives_close(x, rtol, stats=lambda x: jaxnorm.moments(x, 0)):
@@ -372,7 +397,7 @@ def second_look_derivatives_close(x, rtol, stats=lambda x: jaxnorm.moments(x, 0)
                                atol=rtol * np.abs(grad).max())
 
 
-def test_second_look_gradients_match_the_textbook_formula():
+def test_second_look_gradients_match_the_textbook_formula(looks_in_jax):
   """The derivatives of the statistics through the second look (float64: the
   sums in JAX's operations; float32 in tests/test_cpu_sums.py's compiled call).
   Finite differences (``check_grads``) are not exact enough on this data."""

@@ -149,6 +149,12 @@ def _unpartitioned(x) -> bool:
   return jax.device_count() == 1
 
 
+def unpartitioned(x) -> bool:
+  """Whether nothing can partition ``x`` (see :func:`_unpartitioned`); the
+  second look of :mod:`jaxnorm._src.moments` takes the same rule."""
+  return _unpartitioned(x)
+
+
 def layout(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, int, int] | None:
   """``(P, R, C)`` when summing ``axes`` of ``shape`` is summing the middle
   axis of ``x.reshape(P, R, C)`` with ``C >= 16`` or ``C == 1``; ``None``
