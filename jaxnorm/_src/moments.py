@@ -403,11 +403,12 @@ def _second_look(xv, axes, frame, s1, s2):
   whole call. The full-size uses keep ``frame``: the output's ``x - mean``
   is ``(x - frame) - mean_off`` with ``mean_off = (ref - frame) + m``."""
   if cpu_sums.usable(xv, axes, refine=True):
-    return cpu_sums.refine_moments(xv, frame, s1, s2, axes, in_jax=_second_look_in_jax)
+    return cpu_sums.refine_moments(xv, frame, s1, s2, axes, in_jax=_second_look_in_jax_jit)
   return _second_look_in_jax(xv, frame, s1, s2, axes)
 
 
 def _second_look_in_jax(xv, frame, s1, s2, axes=(1,)):
+  """:func:`_second_look` in JAX's operations (one ``lax.cond``)."""
   n = math.prod(xv.shape[a] for a in axes)
   m, q = _deviations(s1, s2, n)
   far = _any_over_batch(_abs2(m) > _REFRAME * (q / n))
@@ -421,6 +422,11 @@ def _second_look_in_jax(xv, frame, s1, s2, axes=(1,)):
     return (near, *_deviations(s1_near, s2_near, n))
 
   return lax.cond(far, again, lambda: (frame, m, q))
+
+
+# The compiled call's fallback for other backends, traced once per signature:
+# `lax.platform_dependent` traces it on CPU too (lowering only the CPU branch).
+_second_look_in_jax_jit = jax.jit(_second_look_in_jax, static_argnums=4)
 
 
 def _deviations(s1, s2, n):
