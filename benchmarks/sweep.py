@@ -1,9 +1,9 @@
 """``run.py --sweep``: every layer and pass at small, cache-sized and large shapes.
 
-Batch norm (train fwd, train fwd+bwd, inference) and group norm (fwd,
-fwd+bwd) on channels-last conv activations; layer norm and RMS norm (fwd;
-fwd+bwd returning ``dx`` only; fwd+bwd returning ``y``, ``dx`` and the
-parameter gradients) on rows. float32 and bfloat16 (bfloat16 activations,
+Batch norm (train fwd, train fwd then ReLU, train fwd+bwd, inference) and
+group norm (fwd, fwd+bwd) on channels-last conv activations; layer norm and
+RMS norm (fwd; fwd+bwd returning ``dx`` only; fwd+bwd returning ``y``,
+``dx`` and the parameter gradients) on rows. float32 and bfloat16 (bfloat16 activations,
 float32 parameters and statistics, output in bfloat16 for every library).
 Each case is timed side by side with Flax's module and the floor ``x * 2``
 (see ``timing.py``); haiku and equinox columns appear when they are installed
@@ -41,6 +41,16 @@ OPTIONAL_LIBS = tuple(lib for lib in ("haiku", "equinox")
 
 def _fwd(f):
   return f
+
+
+def _then_relu(train):
+  """BN's training forward pass with a ReLU after it, as conv nets use it:
+  an elementwise op that XLA's output step takes into its own loop (a custom
+  call's output cannot be)."""
+  def g(params, stats, x):
+    y, new_stats = train(params, stats, x)
+    return jax.nn.relu(y), new_stats
+  return g
 
 
 def _grad_dx(f):
@@ -185,11 +195,13 @@ def make_cases(quick, dtypes, only):
     for shape in conv:
       x, ct = arrays(shape, dt)
       c = shape[-1]
-      # Building a case's dict is cheap (closures, no compiles), so all five are built up front.
+      # Building a case's dict is cheap (closures, no compiles), so all six are built up front.
       bn = _bn_libs(c, dt)
       gn = _gn_libs(c, dt)
       for name, libs in (
           ("BN train fwd", {k: (tr, (p, s, x)) for k, (tr, _, p, s) in bn.items()}),
+          ("BN train fwd+ReLU",
+           {k: (_then_relu(tr), (p, s, x)) for k, (tr, _, p, s) in bn.items()}),
           ("BN train fwd+bwd",
            {k: (_bn_grad(tr), (p, s, x, ct)) for k, (tr, _, p, s) in bn.items()}),
           ("BN inference", {k: (inf, (p, s, x)) for k, (_, inf, p, s) in bn.items()}),

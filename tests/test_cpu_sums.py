@@ -39,6 +39,12 @@ def one_device(monkeypatch):
   monkeypatch.delenv("JAXNORM_CPU_KERNEL", raising=False)
 
 
+@pytest.fixture
+def fused_columns(one_device, monkeypatch):
+  """Batch norm's fused forward call, opt-in (cpu_sums.forward_enabled)."""
+  monkeypatch.setenv("JAXNORM_CPU_COLUMN_FWD", "1")
+
+
 def hard_data(shape, seed=0, offset=1e4):
   """Offset, heavy-tailed columns with an outlier: float32."""
   rng = np.random.default_rng(seed)
@@ -178,9 +184,10 @@ def test_batch_norm_matches_float64(one_device, shape, offset):
   def f(x):
     return jaxnorm.batch_norm(params, state, x, train=True)
 
-  # The forward pass is one fused call (statistics and output, below); its
+  # By default the forward pass takes the compiled sums and XLA's output step
+  # (which fuses with what follows it); the fused call is opt-in (below). The
   # derivative's program keeps XLA's sums for float32 columns.
-  assert uses_kernel(f, x, COLUMNS)
+  assert uses_kernel(f, x, SUMS) and not uses_kernel(f, x, COLUMNS)
   y, new_state = jax.jit(f)(x)
   y_ref, mu, var = ref.batch_norm_train(x, params["scale"], params["bias"])
   np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=0)
@@ -433,9 +440,10 @@ def test_one_device_process_uses_it_by_default():
       x = jnp.ones((8, 4, 4, 32)) + jnp.arange(32.0)
       state = {"mean": jnp.zeros(32), "var": jnp.ones(32)}
       f = lambda x: jaxnorm.batch_norm(None, state, x, train=True)[0]
-      print("jaxnorm_column_norm" in jax.jit(f).lower(x).as_text())
+      print("jaxnorm_framed_column_sums" in jax.jit(f).lower(x).as_text())
   """)
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXNORM_CPU_KERNEL")}
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "JAXNORM_CPU_KERNEL", "JAXNORM_CPU_COLUMN_FWD")}
   env["JAX_PLATFORMS"] = "cpu"
   out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
                        text=True, timeout=300, check=True)
@@ -501,9 +509,40 @@ def test_fused_rows_match_float64(one_device, shape, axes, offset, rms):
   np.testing.assert_allclose(np.asarray(var, np.float64), v, rtol=1e-6, atol=1e-30)
 
 
+@pytest.mark.parametrize("layer", ["layer_norm", "batch_norm"])
+def test_fused_forward_switches(one_device, monkeypatch, layer):
+  # Which forward pass runs (cpu_sums.forward_enabled): layer norm's fused
+  # call unless JAXNORM_CPU_ROW_FWD=0; batch norm's only with
+  # JAXNORM_CPU_COLUMN_FWD=1 (else the compiled sums and XLA's output step,
+  # which fuses with an elementwise op after it). Each way against float64,
+  # with a ReLU after the layer. The variable is read when the layer is
+  # traced: each setting takes a shape of its own, so no trace is reused.
+  p = {"scale": np.linspace(0.5, 2, 64, dtype=np.float32),
+       "bias": np.linspace(-1, 1, 64, dtype=np.float32)}
+  if layer == "layer_norm":
+    f = lambda x: jax.nn.relu(jaxnorm.layer_norm(p, x))
+    fused, variable, default_on = ROWS, "JAXNORM_CPU_ROW_FWD", True
+    want = lambda x: ref.layer_norm(x, p["scale"], p["bias"])
+  else:
+    state = {"mean": jnp.zeros(64), "var": jnp.ones(64)}
+    f = lambda x: jax.nn.relu(jaxnorm.batch_norm(p, state, x, train=True)[0])
+    fused, variable, default_on = COLUMNS, "JAXNORM_CPU_COLUMN_FWD", False
+    want = lambda x: ref.batch_norm_train(x, p["scale"], p["bias"])[0]
+  for rows, value, on in ((45, None, default_on), (46, "1", True), (47, "0", False)):
+    if value is None:
+      monkeypatch.delenv(variable, raising=False)
+    else:
+      monkeypatch.setenv(variable, value)
+    x = hard_data((rows, 64), offset=1e5)
+    assert uses_kernel(f, x, fused) == on, (variable, value)
+    if not on and layer == "batch_norm":
+      assert uses_kernel(f, x, SUMS)
+    np.testing.assert_allclose(jax.jit(f)(x), np.maximum(want(x), 0), atol=2e-5, rtol=0)
+
+
 @pytest.mark.parametrize("params", ["none", "scale", "bias", "both"])
 @pytest.mark.parametrize("layer", ["layer_norm", "batch_norm"])
-def test_fused_calls_each_parameter(one_device, layer, params):
+def test_fused_calls_each_parameter(fused_columns, layer, params):
   x = hard_data((40, 32), offset=3.0)
   p = {}
   if params in ("scale", "both"):
@@ -810,7 +849,7 @@ def test_row_backward_switch_and_shard_map(one_device, monkeypatch):
     (4096, 300),        # over threads, with a tail of 12 columns
 ])
 @pytest.mark.parametrize("offset", [0.0, 1e5])
-def test_fused_columns_match_float64(one_device, shape, offset):
+def test_fused_columns_match_float64(fused_columns, shape, offset):
   from jaxnorm._src import normalize
   x = hard_data(shape, seed=sum(shape), offset=offset)
   c = shape[-1]
@@ -831,7 +870,7 @@ def test_fused_columns_match_float64(one_device, shape, offset):
   np.testing.assert_allclose(np.asarray(var, np.float64), v, rtol=1e-6)
 
 
-def test_fused_columns_nan_stays_in_its_column(one_device):
+def test_fused_columns_nan_stays_in_its_column(fused_columns):
   x = hard_data((64, 32), offset=2.0)
   x[10, 4] = np.nan
   x[20, 9] = np.inf
@@ -846,7 +885,7 @@ def test_fused_columns_nan_stays_in_its_column(one_device):
   assert np.all(np.isfinite(np.asarray(new["var"])[others]))
 
 
-def test_fused_columns_under_vmap_and_grad(one_device):
+def test_fused_columns_under_vmap_and_grad(fused_columns):
   x = hard_data((3, 40, 32), offset=1e3)
   state = {"mean": jnp.zeros(32), "var": jnp.ones(32)}
   f = lambda x: jaxnorm.batch_norm(None, state, x, train=True)[0]
@@ -924,7 +963,7 @@ def test_backward_with_the_statistics_differentiated(one_device, monkeypatch, la
   assert_close_rel(got, wdx, 2e-6, np.max(np.abs(gt)) / np.sqrt(x64.var(1).min()))
 
 
-def test_fused_columns_concurrent_calls(one_device):
+def test_fused_columns_concurrent_calls(fused_columns):
   # Two calls at once: one gets the helper threads, the other runs alone
   # (its jobs wait for each other, so it must not be split over threads it
   # does not have).
@@ -955,7 +994,7 @@ def test_fused_columns_concurrent_calls(one_device):
 
 
 @pytest.mark.parametrize("layer", ["layer_norm", "batch_norm"])
-def test_fused_calls_outliers_at_the_probes(one_device, layer):
+def test_fused_calls_outliers_at_the_probes(fused_columns, layer):
   # The frame is the median of the first, middle and last values; outliers at
   # all three put it far from the mean, and the compiled calls then sum again
   # in a frame at the mean (REFRAME in _cpu_sums.c).

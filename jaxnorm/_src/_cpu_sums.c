@@ -25,6 +25,8 @@
 #include <sched.h>
 #include <semaphore.h>
 #include <unistd.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -903,7 +905,9 @@ void jaxnorm_row_norm_grad(void* out, const void** in, const char* opaque, size_
    shape (R, C), C >= 16), fused: the column sums of each thread's rows, one
    merge, then the output of the same rows by the same thread, so the second
    read of x comes from that core's cache where it fits there. XLA's program
-   (and Flax's) runs the sums and the output as separate loops.
+   (and Flax's) runs the sums and the output as separate loops. Opt-in
+   (cpu_sums.forward_enabled): XLA's output step fuses with a ReLU after it,
+   and this call's output cannot.
 
    x: (R, C) float32; f: (C) the frame; eps: one float32; scale, bias: C
    float32 each when present. Writes y (R, C), mean (C) and var (C), all
@@ -918,34 +922,58 @@ void jaxnorm_row_norm_grad(void* out, const void** in, const char* opaque, size_
    0.83. */
 #define COL_VALUES_PER_THREAD (1 << 16)
 
+/* Pauses before a waiting thread sleeps (wait_while): some tens of
+   microseconds. */
+#define SPINS 2000
+
 typedef struct {
   int threads;
   int arrived; /* threads done with their sums (atomic) */
   int go;      /* the merged statistics are ready (atomic) */
 } col_barrier;
 
+/* Waits while *word == seen: a short spin (the other threads are usually
+   running and close), then asleep in the kernel (futex), so that the thread
+   waited for can take this core. A spin alone (with sched_yield every 64
+   pauses) held the core: inside ResNet-18's training step with the opt-in
+   column backward pass, where XLA runs another thunk on the other core, the
+   calls took 46 ms per step with it and 34 ms with this wait (jax.profiler
+   trace, batch 8); the helper had queued behind that thunk. */
+static void wait_while(int* word, int seen) {
+  for (int i = 0; i < SPINS; i++) {
+    if (__atomic_load_n(word, __ATOMIC_ACQUIRE) != seen) return;
+    __builtin_ia32_pause();
+  }
+  while (__atomic_load_n(word, __ATOMIC_ACQUIRE) == seen) {
+    syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
+  }
+}
+
+static void wake_all(int* word) {
+  syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, MAX_THREADS, NULL, NULL, 0);
+}
+
 /* Thread t's sums are in. The calling thread (t == 0) then waits for every
    thread's (helpers are running by now, or this call runs all jobs itself in
    order) and returns 1: it merges them and calls barrier_release. A helper
    waits for that release and returns 0. */
 static int barrier_arrive(col_barrier* bar, int t) {
-  __atomic_fetch_add(&bar->arrived, 1, __ATOMIC_ACQ_REL);
+  int now = __atomic_add_fetch(&bar->arrived, 1, __ATOMIC_ACQ_REL);
   if (t == 0) {
-    for (long i = 1; __atomic_load_n(&bar->arrived, __ATOMIC_ACQUIRE) < bar->threads; i++) {
-      if (i % 64 == 0) sched_yield(); /* a helper may be waiting for this core */
-      __builtin_ia32_pause();
+    while (now < bar->threads) {
+      wait_while(&bar->arrived, now);
+      now = __atomic_load_n(&bar->arrived, __ATOMIC_ACQUIRE);
     }
     return 1;
   }
-  for (long i = 1; !__atomic_load_n(&bar->go, __ATOMIC_ACQUIRE); i++) {
-    if (i % 64 == 0) sched_yield();
-    __builtin_ia32_pause();
-  }
+  wake_all(&bar->arrived);
+  wait_while(&bar->go, 0);
   return 0;
 }
 
 static void barrier_release(col_barrier* bar) {
   __atomic_store_n(&bar->go, 1, __ATOMIC_RELEASE);
+  if (bar->threads > 1) wake_all(&bar->go);
 }
 
 typedef struct {

@@ -46,9 +46,13 @@ same for every row.
 float32 data is one call too (:func:`column_norm`, ``jaxnorm_column_norm``):
 each thread takes the column sums of its rows, the calling thread merges
 them, and each thread then writes the output of its own rows, which its
-core has just read (in cache where they fit). Used where the column sums
-are, for one slab (every axis but the channels reduced) without pooled
-channels, ghost blocks, renorm or a device axis.
+core has just read (in cache where they fit). Opt-in
+(``JAXNORM_CPU_COLUMN_FWD=1``, :func:`forward_enabled`): its output cannot
+fuse with the ReLU that follows a batch norm in a network, and with one
+after it the layer took 1.2-1.7x Flax's time against 0.8-1.1 with the
+column sums below and XLA's output step. Where turned on, used where the
+column sums are, for one slab (every axis but the channels reduced) without
+pooled channels, ghost blocks, renorm or a device axis.
 
 **Fused backward passes.** Where the fused forward pass applies, the
 derivative is one compiled call too (:mod:`jaxnorm._src.fused_grad`):
@@ -363,6 +367,35 @@ def rows_usable(x, axes: tuple[int, ...], bf16: bool = False) -> bool:
   dtypes = (jnp.float32, jnp.bfloat16) if bf16 else (jnp.float32,)
   return (shape is not None and shape[2] == 1 and x.dtype in dtypes and enabled()
           and _unpartitioned(x))
+
+
+def forward_enabled(rows: bool) -> bool:
+  """Whether a forward pass outside a derivative takes the fused call
+  (:func:`row_norm`, :func:`column_norm`) where it applies.
+
+  A custom call's output cannot fuse with what consumes it: an elementwise
+  op after the layer (ReLU after batch norm, a modulation after layer norm)
+  is then a loop of its own, one more write and read of the activations,
+  where XLA's output step takes the op into its own loop. Measured against
+  the statistics' compiled sums followed by XLA's output step (in-process
+  A/B, 21 rounds, times against Flax's; ``/work/scratch``-style scripts,
+  the cases of ``benchmarks/run.py --sweep``'s ``+ReLU`` rows):
+
+  * Columns (batch norm): BN train fwd then ReLU took 1.19-1.68x Flax's
+    time with the fused call, 0.83-1.11 without (8x8x8x64 to 64x32x32x128);
+    alone, the two are within noise of each other except at 8x8x8x64 (0.37
+    against 0.85). A ResNet-18 forward pass in training mode (no gradient)
+    took 1.04-1.10x against 0.97-1.04. Off unless
+    ``JAXNORM_CPU_COLUMN_FWD=1``.
+  * Rows (layer and RMS norm): alone 0.53-0.76x Flax's time with the call,
+    0.78-1.05 without; with a ReLU after it 1.04-1.20 against 0.94-1.05.
+    The usual consumer of a layer norm is a matrix product, which does not
+    fuse with it either way, so the call stays on; ``JAXNORM_CPU_ROW_FWD=0``
+    turns it off (for layer norms followed by an elementwise modulation).
+  """
+  if rows:
+    return os.environ.get("JAXNORM_CPU_ROW_FWD", "1") != "0"
+  return os.environ.get("JAXNORM_CPU_COLUMN_FWD", "0") == "1"
 
 
 def grad_enabled(rows: bool) -> bool:

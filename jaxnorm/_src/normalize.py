@@ -253,8 +253,13 @@ def _compiled_forward(config, xv, scale, bias, mask, eps, renorm):
     the output of the same rows by the same thread, whose second read of
     ``x`` comes from that core's cache where the rows fit there.
 
-  Measured against the statistics' compiled sums followed by XLA's output
-  step (in-process A/B, 21-31 rounds, times against Flax's): LN fwd f32
+  Each is used where :func:`cpu_sums.forward_enabled` says so: rows by
+  default, columns only with ``JAXNORM_CPU_COLUMN_FWD=1``, as a custom
+  call's output cannot fuse with an elementwise op after the layer (the
+  ReLU after a batch norm; measured there).
+
+  Alone, measured against the statistics' compiled sums followed by XLA's
+  output step (in-process A/B, 21-31 rounds, times against Flax's): LN fwd f32
   2048x1024 0.94 -> 0.69, 8192x1024 0.80 -> 0.56; RMS fwd f32 0.96-1.02 ->
   0.73-0.81 at the sweep's three larger row shapes; BN train fwd f32
   8x8x8x64 0.85 -> 0.65, 16x16x16x128 1.18-1.23 -> 0.90-0.95, unchanged at
@@ -331,6 +336,8 @@ def _fused_plan(config, xv, scale, bias, mask, renorm, backward=False):
   rows = c == 1
   if not (cpu_sums.rows_usable(xv, view.axes, bf16=bf16_rows) if rows else
           p == 1 and not config.rms and cpu_sums.usable(xv, view.axes)):
+    return None
+  if not backward and not cpu_sums.forward_enabled(rows):
     return None
   keep = min(view.axes) if rows else xv.ndim - 1
   plan = _Plan(rows, shape, tuple(xv.shape), keep)
