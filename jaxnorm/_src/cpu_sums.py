@@ -378,8 +378,8 @@ def forward_enabled(rows: bool) -> bool:
   is then a loop of its own, one more write and read of the activations,
   where XLA's output step takes the op into its own loop. Measured against
   the statistics' compiled sums followed by XLA's output step (in-process
-  A/B, 21 rounds, times against Flax's; ``/work/scratch``-style scripts,
-  the cases of ``benchmarks/run.py --sweep``'s ``+ReLU`` rows):
+  A/B, 21 rounds, times against Flax's; the case of
+  ``benchmarks/run.py --sweep``'s "BN train fwd+ReLU" rows):
 
   * Columns (batch norm): BN train fwd then ReLU took 1.19-1.68x Flax's
     time with the fused call, 0.83-1.11 without (8x8x8x64 to 64x32x32x128);
