@@ -727,7 +727,22 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
       # recomputes per element (measured: group norm fwd+bwd 4-5x Flax's time).
       # A reduction is never fused that way, and group norm's per-channel sums
       # are cheap column sums (fwd+bwd 0.5-0.6x Flax's).
-      frame = _sum(xs, axes, pool) / jnp.maximum(count, 1)
+      #
+      # The frame is the output of the reduction (or of the pooling product)
+      # itself, each value scaled before it is summed: one value, computed
+      # once, in every loop that reads it. As `sum / n`, an elementwise step
+      # after the sum, XLA recomputes it inside each full-size fusion that
+      # uses it (as `sum * (1 / n)` where `n` is a constant), and LLVM
+      # contracts `x - sum * (1 / n)` into one fused multiply-add in some of
+      # them and not in others: with an offset of 1e4 the frames differ by
+      # up to half an ulp of 1e4 (5e-4), the statistics were taken in one
+      # and an output recomputed in another (a tanh after a group norm,
+      # 4x6x6x16, had dx off by 3e-4 against float64; a masked batch norm
+      # its output). Probed frames are data values, the same everywhere.
+      if mask is None:
+        frame = pool_channels(jnp.sum(xs, axis=axes, keepdims=True) * (1 / n_sum), pool)
+      else:
+        frame = _sum(xs * (1 / jnp.maximum(count, 1)), axes, pool)
     frame = lax.stop_gradient(frame)
     if use_loop:
       s1, s2 = cpu_sums.framed_sums(xv, frame, axes)  # bfloat16 read as it is
