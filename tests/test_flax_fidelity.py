@@ -218,6 +218,45 @@ _NO_SPATIAL = (
     "`x[:, None]`, or use LayerNorm/BatchNorm for (batch, features) inputs.")
 
 
+# Pairs of layers that compute the same normalization (the pairs of Flax's
+# NormalizationTest.test_normalization_equivalence): Flax's agree to the bit, and
+# Flax's test compares them at 1e-7, so ours must take their statistics the same
+# way too (a layer norm over the spatial axes once tried plain sums first and
+# instance norm did not: 6e-7 apart on standard normal data).
+_SAME_NORMALIZATION = [
+    ("LayerNorm", {"feature_axes": (1, 2)}, "InstanceNorm", {"feature_axes": (1, 2)}),
+    ("LayerNorm", {"reduction_axes": (1, 2), "feature_axes": -1}, "InstanceNorm",
+     {"feature_axes": -1}),
+    ("LayerNorm", {"reduction_axes": -2, "feature_axes": (1, 3)}, "InstanceNorm",
+     {"feature_axes": (1, -1)}),
+    ("LayerNorm", {"reduction_axes": (1, 2, 3)}, "GroupNorm", {"num_groups": 1}),
+    ("InstanceNorm", {}, "GroupNorm", {"num_groups": None, "group_size": 1}),
+]
+
+
+@pytest.mark.parametrize("first,first_kw,second,second_kw", _SAME_NORMALIZATION)
+@pytest.mark.parametrize("uniform_init", [False, True])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_layers_computing_the_same_normalization_agree(first, first_kw, second, second_kw,
+                                                      uniform_init, seed):
+  # Centred data, as in Flax's test. With a large offset both layers are exact
+  # (tests of each layer against float64) but may round differently: group norm
+  # pools per-channel sums, layer norm sums all axes at once.
+  x = _rand((2, 3, 4, 5), seed=seed)
+  init = ({"bias_init": nn.initializers.uniform(), "scale_init": nn.initializers.uniform()}
+          if uniform_init else {})
+  a = getattr(jl, first)(**first_kw, **init)
+  b = getattr(jl, second)(**second_kw, **init)
+  va, vb = a.init(jax.random.key(1), x), b.init(jax.random.key(1), x)
+  chex.assert_trees_all_equal(va, vb)
+  ya, yb = a.apply(va, x), b.apply(vb, x)
+  np.testing.assert_allclose(ya, yb, rtol=1e-7, atol=1e-7)
+  # Flax's pair (equal to the bit) as the check that the pair is one normalization.
+  fa = getattr(nn, first)(**first_kw, **init)
+  fb = getattr(nn, second)(**second_kw, **init)
+  np.testing.assert_allclose(fa.apply(va, x), fb.apply(vb, x), rtol=1e-7, atol=1e-7)
+
+
 def test_instance_norm_on_rank_two_input_gives_flax_result(call):
   x = _rand((3, 4), offset=2.0)
   ours = jn.InstanceNorm(4, rngs=nnx.Rngs(0))
