@@ -710,16 +710,15 @@ def update_running(
   tracked = state.get("num_batches_tracked")
   if tracked is not None:
     new["num_batches_tracked"] = tracked + 1
-  if cumulative:
-    seen = jnp.asarray(0 if tracked is None else tracked) + 1
-    weight = 1.0 / seen.astype(jnp.float32)
-  else:
-    weight = 1 - momentum
+  seen = jnp.asarray(0 if tracked is None else tracked) + 1
   for key, batch in (("mean", mean), ("var", var)):
     if key not in state:
       continue
     old = state[key]
     dt = jnp.result_type(old.dtype, batch.dtype) if jnp.iscomplexobj(batch) else old.dtype
+    # The cumulative weight in the state's own precision (float64 state: a
+    # float32 1/3 moved the running mean of values near 1e4 by 3e-4).
+    weight = 1 / seen.astype(jnp.finfo(dt).dtype) if cumulative else 1 - momentum
     updated = ((1 - weight) * old + weight * batch).astype(dt)
     new[key] = updated if selected is None else jnp.where(selected, updated, old.astype(dt))
   return new
