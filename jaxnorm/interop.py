@@ -67,7 +67,11 @@ def _to_numpy(name: str, value) -> np.ndarray:
     import torch  # Lazily: only when given torch tensors.
 
     if isinstance(value, torch.Tensor):
-      return value.detach().cpu().numpy()
+      value = value.detach().cpu()
+      if value.dtype == torch.bfloat16:
+        # NumPy has no bfloat16 of torch's; the same bits as JAX's (ml_dtypes').
+        return value.view(torch.int16).numpy().view(jnp.bfloat16)
+      return value.numpy()
   raise TypeError(
       f"`state_dict['{name}']` must be a torch tensor or a NumPy array, got "
       f"{type(value).__name__}."
@@ -155,7 +159,8 @@ def from_torch(
 
 
 def to_torch(params: Mapping[str, ArrayLike] | None,
-             state: Mapping[str, ArrayLike] | None = None) -> dict[str, np.ndarray]:
+             state: Mapping[str, ArrayLike] | None = None, *,
+             tensors: bool = False) -> dict[str, Any]:
   """Converts ``(params, state)`` to a PyTorch state dict of NumPy arrays.
 
   The inverse of :func:`from_torch`: ``scale -> weight``, ``bias -> bias``,
@@ -164,11 +169,23 @@ def to_torch(params: Mapping[str, ArrayLike] | None,
   running averages but no ``num_batches_tracked`` (e.g. one made by
   :func:`jaxnorm.batch_norm_init`) gets ``num_batches_tracked = 0``, so the
   dict loads into a batch norm module with ``load_state_dict(strict=True)``.
-  Load it with ``module.load_state_dict({k: torch.from_numpy(v) for k, v in
-  sd.items()})``.
+  Load it with ``module.load_state_dict(to_torch(params, state, tensors=True))``,
+  or from the NumPy arrays with ``{k: torch.from_numpy(v) for k, v in
+  sd.items()}``.
 
   ``to_torch(*from_torch(sd))`` equals ``sd`` exactly (same keys, dtypes and
   values; float64 needs ``jax_enable_x64``).
+
+  bfloat16 values come out as JAX's NumPy bfloat16 (``jnp.bfloat16``, from
+  ``ml_dtypes``), which ``torch.from_numpy`` and ``torch.tensor`` do not
+  accept; ``tensors=True`` converts them bit for bit.
+
+  Args:
+    params: ``{"scale", "bias"}`` (either may be absent), or ``None``.
+    state: ``{"mean", "var", "num_batches_tracked"}`` (any may be absent), or
+      ``None``.
+    tensors: return CPU torch tensors instead of NumPy arrays (imports
+      ``torch``).
   """
   params = {} if params is None else params
   state = {} if state is None else state
@@ -193,7 +210,17 @@ def to_torch(params: Mapping[str, ArrayLike] | None,
     out["num_batches_tracked"] = np.asarray(state["num_batches_tracked"], np.int64)
   elif "running_mean" in out:
     out["num_batches_tracked"] = np.asarray(0, np.int64)
-  return out
+  return _as_tensors(out) if tensors else out
+
+
+def _as_tensors(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+  import torch  # Lazily: only when asked for torch tensors.
+
+  def tensor(a):
+    if a.dtype == jnp.bfloat16:
+      return torch.from_numpy(np.array(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.array(a))  # A writable copy, as torch expects.
+  return {k: tensor(v) for k, v in arrays.items()}
 
 
 def nchw_to_nhwc(x: ArrayLike) -> jax.Array:

@@ -223,6 +223,33 @@ def test_state_dict_round_trip_is_exact(make):
     np.testing.assert_array_equal(value.numpy(), sd[key].numpy())
 
 
+@pytest.mark.parametrize("make", [
+    lambda: torch.nn.BatchNorm2d(4, dtype=torch.bfloat16),
+    lambda: torch.nn.LayerNorm(4, dtype=torch.bfloat16),
+    lambda: torch.nn.BatchNorm1d(4, dtype=torch.float16),
+    lambda: torch.nn.GroupNorm(2, 4),
+], ids=["bn-bfloat16", "ln-bfloat16", "bn-float16", "gn-float32"])
+def test_low_precision_state_dicts_round_trip_bit_for_bit(make):
+  # torch's bfloat16 has no NumPy dtype of its own: from_torch reads its bits as JAX's bfloat16,
+  # and to_torch(..., tensors=True) writes them back as torch.bfloat16 (float16 as a check that
+  # the other path keeps working).
+  module = _randomize(make(), seed=4)
+  sd = module.state_dict()
+  params, state = interop.from_torch(sd)
+  for ours, theirs in (("scale", "weight"), ("mean", "running_mean")):
+    tree = params if ours == "scale" else state
+    if theirs in sd:
+      assert tree[ours].dtype == str(sd[theirs].dtype).removeprefix("torch."), ours
+      np.testing.assert_array_equal(np.asarray(tree[ours], np.float32), sd[theirs].float().numpy())
+  back = interop.to_torch(params, state, tensors=True)
+  assert sorted(back) == sorted(sd)
+  for key, value in sd.items():
+    assert back[key].dtype == value.dtype, key
+    assert torch.equal(back[key], value), key
+  fresh = make()
+  fresh.load_state_dict(back, strict=True)
+
+
 def test_from_torch_accepts_numpy_arrays_and_a_prefix():
   model = torch.nn.Sequential(torch.nn.Linear(3, 4), _randomize(torch.nn.BatchNorm1d(4), 3))
   sd = model.state_dict()
