@@ -454,6 +454,27 @@ def _fusion_boundary(v):
   return lax.reduce_precision(v, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
 
 
+def _one_rounding(v):
+  """``v`` rounded to one bit less than its format: the same value in every
+  loop that recomputes it.
+
+  XLA fuses a small elementwise result (a frame ``sum / count``) into each
+  loop that reads it and computes it there again. Where that result is a
+  product feeding a subtraction (``x - sum * (1 / n)``, ``n`` a constant),
+  LLVM contracts the pair into one fused multiply-add in some loops and not
+  in others, and the copies differ by half an ulp (5e-4 at an offset of 1e4).
+  A reduce-precision that is not a no-op is integer arithmetic on the bits: no
+  product reaches a subtraction, and every copy rounds alike. One bit less
+  moves a frame by at most ``2**-23`` of itself, which the shifted sums do not
+  notice. (:func:`_fusion_boundary` keeps the full format: XLA removes it from
+  the fused loops.)
+  """
+  if jnp.iscomplexobj(v):
+    return lax.complex(_one_rounding(v.real), _one_rounding(v.imag))
+  fi = jnp.finfo(v.dtype)
+  return lax.reduce_precision(v, exponent_bits=fi.nexp, mantissa_bits=fi.nmant - 1)
+
+
 def _sum(v, axes, pool):
   return pool_channels(jnp.sum(v, axis=axes, keepdims=True), pool)
 
@@ -728,24 +749,26 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
       # A reduction is never fused that way, and group norm's per-channel sums
       # are cheap column sums (fwd+bwd 0.5-0.6x Flax's).
       #
-      # The frame is the output of the reduction (or of the pooling product)
-      # itself, each value scaled before it is summed: one value, computed
-      # once, in every loop that reads it. As `sum / n`, an elementwise step
-      # after the sum, XLA recomputes it inside each full-size fusion that
-      # uses it (as `sum * (1 / n)` where `n` is a constant), and LLVM
-      # contracts `x - sum * (1 / n)` into one fused multiply-add in some of
-      # them and not in others: with an offset of 1e4 the frames differ by
-      # up to half an ulp of 1e4 (5e-4), the statistics were taken in one
-      # and an output recomputed in another (a tanh after a group norm,
-      # 4x6x6x16, had dx off by 3e-4 against float64; a masked batch norm
-      # its output). Probed frames are data values, the same everywhere.
-      # Cost: a masked frame's sum now waits for the count and scales inside
-      # (masked BN forward 1.27 -> 1.35-1.53x Flax's time at 8x8x8x64, 0.83 ->
-      # 0.95 at 64x32x32x128; README, "What changed").
+      # The frame must be one value in every loop that reads it. As
+      # `sum / n`, an elementwise step after the sum, XLA recomputes it inside
+      # each full-size fusion that uses it (as `sum * (1 / n)` where `n` is a
+      # constant), and LLVM contracts `x - sum * (1 / n)` into one fused
+      # multiply-add in some of them and not in others: with an offset of 1e4
+      # the frames differed by up to half an ulp of 1e4 (5e-4), the statistics
+      # taken in one and an output recomputed in another (a tanh after a
+      # group norm, 4x6x6x16, had dx off by 3e-4 against float64; a masked
+      # batch norm its output). Probed frames are data values, the same
+      # everywhere.
+      # - Pooled: the sums scaled before the pooling product, whose output
+      #   the frame is, computed once.
+      # - Masked: `_one_rounding(sum / count)`. The sum runs beside the count,
+      #   where scaling inside it had to wait for the count (masked BN
+      #   forward, 8x8x8x64: 1.35-1.53x Flax's time scaled inside; README,
+      #   "What changed").
       if mask is None:
         frame = pool_channels(jnp.sum(xs, axis=axes, keepdims=True) * (1 / n_sum), pool)
       else:
-        frame = _sum(xs * (1 / jnp.maximum(count, 1)), axes, pool)
+        frame = _one_rounding(_sum(xs, axes, pool) / n_sum)
     frame = lax.stop_gradient(frame)
     if use_loop:
       s1, s2 = cpu_sums.framed_sums(xv, frame, axes)  # bfloat16 read as it is
