@@ -366,17 +366,24 @@ def test_second_look_is_decided_once_for_a_vmapped_batch(looks_in_jax):
   assert hlo.count("stablehlo.case") == 1 and "jaxnorm_refine_moments" not in hlo
 
 
-def test_second_look_left_out_where_x_may_be_partitioned():
-  """Eight devices and no mesh in the type of ``x``: nothing is decided on the
-  data; inside ``shard_map`` each device decides for its own block (four
-  columns: the ``lax.cond``, not the compiled call)."""
+def test_second_look_taken_on_many_devices_unless_x_is_partitioned():
+  """Eight devices. Data whose type names no mesh (not sharded) take the
+  second look, a ``lax.cond`` (the compiled loops are for one device), and
+  get exact statistics: it was once left out there. Data sharded along the
+  batch under ``jit`` decide nothing on the data (a per-example statistic's
+  decision would be an all-reduce per call); inside ``shard_map`` each device
+  decides for its own block (four columns)."""
   x = probes_taken("edges", 64)
-  assert "stablehlo.case" not in jax.jit(lambda x: jaxnorm.moments(x, 0)).lower(x).as_text()
+  f = jax.jit(lambda x: jaxnorm.moments(x, 0))
+  assert "stablehlo.case" in f.lower(x).as_text()
+  assert_exact_stats(*f(x), x)
   mesh = jax.make_mesh((8,), ("b",))
-  f = jax.shard_map(lambda x: jnp.stack(jaxnorm.moments(x, 0))[None], mesh=mesh,
+  sharded = jax.device_put(x, jax.NamedSharding(mesh, jax.P("b")))
+  assert "stablehlo.case" not in f.lower(sharded).as_text()
+  g = jax.shard_map(lambda x: jnp.stack(jaxnorm.moments(x, 0))[None], mesh=mesh,
                     in_specs=jax.P(None), out_specs=jax.P("b"))
-  assert "stablehlo.case" in jax.jit(f).lower(x).as_text()
-  for stats in np.asarray(jax.jit(f)(x)):
+  assert "stablehlo.case" in jax.jit(g).lower(x).as_text()
+  for stats in np.asarray(jax.jit(g)(x)):
     assert_exact_stats(*stats, x)
 
 

@@ -154,8 +154,7 @@ def _unpartitioned(x) -> bool:
 
 
 def unpartitioned(x) -> bool:
-  """Whether nothing can partition ``x`` (see :func:`_unpartitioned`); the
-  second look of :mod:`jaxnorm._src.moments` takes the same rule."""
+  """Whether nothing can partition ``x`` (see :func:`_unpartitioned`)."""
   return _unpartitioned(x)
 
 
