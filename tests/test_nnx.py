@@ -453,3 +453,26 @@ def test_integer_input_is_refused_before_promotion(make):
   module = make()
   with pytest.raises(TypeError, match=f"{type(module).__name__}: `x` must have a floating-point"):
     module(jnp.ones((2, 3, 4), jnp.int32))
+
+
+@pytest.mark.parametrize("use_running_average", [True, False])
+@pytest.mark.parametrize("x_dtype,param_dtype", [
+    (jnp.complex64, jnp.float32), (jnp.complex64, jnp.complex64),
+    (jnp.float32, jnp.complex64)])
+def test_batch_norm_complex_promotion_matches_flax(x_dtype, param_dtype,
+                                                   use_running_average):
+  """Flax promotes (x, mean, var, scale, bias) together, so a complex x or
+  complex parameters make the running averages complex at inference."""
+  ours, theirs = _pair("BatchNorm", (5,), {"param_dtype": param_dtype,
+                                           "use_running_average": use_running_average})
+  kr, ki = jax.random.split(jax.random.key(0))
+  x = 2.0 * random_data.normal(kr, (6, 5)) + 0.5
+  if x_dtype == jnp.complex64:
+    x = x + 1j * random_data.normal(ki, (6, 5))
+  y1, y2 = ours(x), theirs(x)
+  assert y1.dtype == y2.dtype == jnp.complex64
+  np.testing.assert_allclose(y1, y2, atol=1e-5, rtol=1e-5)
+  for k in ("mean", "var"):
+    assert getattr(ours, k)[...].dtype == getattr(theirs, k)[...].dtype == jnp.float32
+    np.testing.assert_allclose(getattr(ours, k)[...], getattr(theirs, k)[...],
+                               atol=1e-6, rtol=1e-6)

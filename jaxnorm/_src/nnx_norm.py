@@ -169,7 +169,9 @@ class _BatchNormShell(nnx.BatchNorm):
 
     ``x``, ``mean``, ``var``, ``scale`` and ``bias`` first go through
     ``self.promote_dtype`` (with ``dtype=self.dtype``), as in Flax. At
-    inference the promoted ``mean``/``var`` normalize ``x``. In training the
+    inference the promoted ``mean``/``var`` normalize ``x`` (complex when
+    ``x`` or the parameters are, as in Flax; the core gets the variance's
+    real part, its imaginary part being 0). In training the
     batch's statistics do, and the running averages ``mean``/``var`` are
     updated in place from their stored float32 values (the update carries no
     gradient). ``mask`` (boolean, broadcast to ``x``) selects the entries in
@@ -196,7 +198,12 @@ class _BatchNormShell(nnx.BatchNorm):
       if self.axis_name is None:
         mask = common.degenerate_batch_mask(name, x, self.axis, mask, warn=True)
     else:
-      state = {"mean": mean, "var": var}
+      # Promotion with a complex x or parameters makes the stored float32
+      # variance complex with a zero imaginary part; Flax uses it as is
+      # (rsqrt of a real positive number). The core takes a real variance,
+      # so it gets the real part: the same numbers.
+      state = {"mean": mean,
+               "var": jnp.real(var) if jnp.iscomplexobj(var) else var}
     with common.module_errors(name):
       y, new_state = self._core(_params(scale, bias), state, x, train=train,
                                 mask=mask)
