@@ -521,6 +521,29 @@ def test_nnx_spectral_norm_default_is_flax_in_place():
                               atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype,param_dtype", [
+    (jnp.bfloat16, jnp.float32), (None, jnp.bfloat16), (jnp.bfloat16, jnp.bfloat16)])
+def test_nnx_spectral_norm_in_place_keeps_the_stored_dtype(dtype, param_dtype, call):
+  """Flax's in-place write casts to the layer's stored dtype: a float32 kernel
+  stays float32 (its values rounded through `dtype`) under dtype=bfloat16."""
+  def make(lib):
+    return lib.SpectralNorm(nnx.Linear(6, 3, rngs=nnx.Rngs(0)), dtype=dtype,
+                            param_dtype=param_dtype, rngs=nnx.Rngs(1))
+
+  ours, theirs = make(jn), make(nnx)
+  for seed in range(2):
+    x = _rand((2, 6), seed=seed)
+    y1 = call(lambda m, x: m(x), ours, x)
+    y2 = call(lambda m, x: m(x), theirs, x)
+    assert y1.dtype == y2.dtype
+    np.testing.assert_allclose(y1, y2, rtol=1e-2, atol=1e-2)
+    assert jax.tree.map(lambda a: a.dtype, nnx.state(ours)) == jax.tree.map(
+        lambda a: a.dtype, nnx.state(theirs))
+    assert ours.layer_instance.kernel[...].dtype == jnp.float32
+  chex.assert_trees_all_close(nnx.state(ours), nnx.state(theirs), rtol=1e-2,
+                              atol=1e-2)
+
+
 # -------------------------------------------------------------- layering
 
 

@@ -219,7 +219,9 @@ class SpectralNorm(nnx.SpectralNorm):
   ``sigma`` is ``sigma(W)``. A model that calls the layer once per step
   trains the same either way up to that reparametrization; one that calls it
   twice per step (a GAN discriminator on real and fake data) sees different
-  ``sigma`` and losses.
+  ``sigma`` and losses. Either way the layer sees ``W_sn`` in its
+  parameter's stored dtype (Flax's in-place write casts it so): ``dtype``
+  is the computation's, and never changes the layer's variables.
 
   Attributes:
     layer_instance: the wrapped module.
@@ -318,7 +320,12 @@ class SpectralNorm(nnx.SpectralNorm):
       if update_stats:
         u_var.set_value(new_state["u"].reshape(1, out))
         sigma_var.set_value(new_state["sigma"])
-      pairs.append((param, w_sn))
+      # The layer gets W_sn in the parameter's stored dtype, as Flax's
+      # in-place write does: `dtype` sets the computation's precision (a
+      # float32 kernel under dtype=bfloat16 holds bfloat16-rounded values),
+      # not the variable's dtype, which a jitted step or optimizer state
+      # relies on.
+      pairs.append((param, w_sn.astype(value.dtype)))
     if self.in_place:
       for param, w_sn in pairs:
         param.set_value(w_sn)
