@@ -563,6 +563,15 @@ def test_feature_shape_rejects(value, error, message):
     checks.feature_shape("num_features", value)
 
 
+def test_feature_shape_allow_zero():
+  """The Flax modules build zero-feature layers; the core does not."""
+  assert checks.feature_shape("num_features", 0, allow_zero=True) == (0,)
+  assert checks.feature_shape("num_features", (3, 0), allow_zero=True) == (3, 0)
+  with pytest.raises(ValueError, match=full_message(
+      "`num_features` must be non-negative, got (3, -1).") + "$"):
+    checks.feature_shape("num_features", (3, -1), allow_zero=True)
+
+
 def test_check_virtual_batch_size():
   assert checks.check_virtual_batch_size(2) == 2
   assert checks.check_virtual_batch_size(np.int64(4), batch_size=8) == 4

@@ -311,6 +311,85 @@ def test_ghost_batch_norm_initialized_on_one_example():
     ours(_rand((6, 3)))
 
 
+def _variables(module):
+  """Each variable's type, shape and dtype, by path."""
+  return {path: (type(v).__name__, v.shape, v.dtype)
+          for path, v in nnx.to_flat_state(nnx.state(module))}
+
+
+# Zero features, as Flax builds and runs them: (name, args, kwargs, x shape).
+_ZERO_FEATURES = [
+    ("LayerNorm", (0,), {}, (4, 3, 0)),
+    ("LayerNorm", (0,), {}, (4, 0, 3)),
+    ("RMSNorm", (0,), {}, (4, 3, 0)),
+    ("BatchNorm", (0,), {}, (4, 3, 0)),
+    ("BatchNorm", (0,), {"use_running_average": True}, (4, 3, 0)),
+    ("BatchNorm", (0,), {"axis": 1}, (4, 0, 3)),
+    ("InstanceNorm", (0,), {}, (4, 3, 0)),
+    ("GroupNorm", (0, None, 2), {}, (4, 3, 0)),
+    ("GroupNorm", (0,), {}, (4, 3, 0)),
+]
+
+
+@pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("name,args,kwargs,shape", _ZERO_FEATURES)
+def test_nnx_zero_features_build_and_run_as_in_flax(name, args, kwargs, shape,
+                                                    x_dtype, call):
+  ours = getattr(jn, name)(*args, **kwargs, rngs=nnx.Rngs(0))
+  theirs = getattr(nnx, name)(*args, **kwargs, rngs=nnx.Rngs(0))
+  assert _variables(ours) == _variables(theirs)
+  for attr in ("num_features", "num_groups", "group_size"):
+    assert getattr(ours, attr, None) == getattr(theirs, attr, None), attr
+  x = jnp.zeros(shape, x_dtype)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # a zero-size x is no mistake
+    y = call(lambda m, x: m(x), ours, x)
+  y_flax = call(lambda m, x: m(x), theirs, x)
+  assert (y.shape, y.dtype) == (y_flax.shape, y_flax.dtype) == (shape, y_flax.dtype)
+  assert _variables(ours) == _variables(theirs)
+
+
+def _zero_features_msg(name, terms):
+  them = "them" if " and " in terms else "it"
+  return (f"{name}: `num_features`=0 makes {terms} empty, and Flax skips an empty "
+          f"{terms.replace('`', '')}, so `x` of shape (4, 3, 2) is normalized "
+          f"without {them} (as in Flax). Build the module with `num_features` "
+          "equal to the size of `x` along the feature axes.")
+
+
+@pytest.mark.parametrize("name,terms", [
+    ("LayerNorm", "`scale` and `bias`"), ("RMSNorm", "`scale`"),
+    ("InstanceNorm", "`scale` and `bias`")])
+def test_nnx_zero_features_on_real_features_follow_flax_and_warn(name, terms):
+  """Flax reads `if self.scale`: an empty Param is falsy, so a zero-feature
+  module normalizes a non-empty x without scale or bias."""
+  x = _rand((4, 3, 2), offset=1.0).astype(jnp.bfloat16)
+  ours = getattr(jn, name)(0, rngs=nnx.Rngs(0))
+  with pytest.warns(UserWarning, match=_full(_zero_features_msg(name, terms))):
+    y = ours(x)
+  y_flax = getattr(nnx, name)(0, rngs=nnx.Rngs(0))(x)
+  assert y.dtype == y_flax.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_flax, np.float32),
+                             atol=2e-2, rtol=2e-2)
+
+
+def test_nnx_zero_features_errors_name_the_argument():
+  x = _rand((4, 3, 2))
+  # Flax fails to reshape 2 channels into 0 groups of 2 (TypeError).
+  with _raises(ValueError, "GroupNorm: `x` has 2 channels (shape (4, 3, 2)) but the "
+               "module was built for 0 (`num_features`: 0 groups of 2); build it "
+               "with `num_features`=2."):
+    jn.GroupNorm(0, None, 2, rngs=nnx.Rngs(0))(x)
+  with pytest.raises(TypeError, match="cannot reshape"):
+    nnx.GroupNorm(0, None, 2, rngs=nnx.Rngs(0))(x)
+  # Flax: ZeroDivisionError.
+  with pytest.raises(ValueError, match="`group_size` must be a positive int, got 0"):
+    jn.GroupNorm(0, None, 0, rngs=nnx.Rngs(0))
+  for name in ("LayerNorm", "RMSNorm", "BatchNorm", "InstanceNorm"):
+    with _raises(ValueError, f"{name}: `num_features` must be non-negative, got -1."):
+      getattr(jn, name)(-1, rngs=nnx.Rngs(0))
+
+
 # ------------------------------------------------------- Flax's error wording
 
 

@@ -504,12 +504,16 @@ def check_positive_int(name: str, value: Any) -> int:
   return v
 
 
-def feature_shape(name: str, num_features: Any) -> tuple[int, ...]:
+def feature_shape(name: str, num_features: Any, *,
+                  allow_zero: bool = False) -> tuple[int, ...]:
   """The features' shape from an int or a tuple (or list) of ints.
+
+  ``allow_zero`` accepts sizes of 0 (the Flax modules build zero-feature
+  layers, as Flax does); the functional core keeps refusing them.
 
   Raises:
     TypeError: anything else: a string such as ``"4"``, a bool, a float.
-    ValueError: a size <= 0.
+    ValueError: a size <= 0 (< 0 with ``allow_zero``).
   """
   shape: tuple[int, ...]
   if _is_int(num_features):
@@ -521,7 +525,9 @@ def feature_shape(name: str, num_features: Any) -> tuple[int, ...]:
     raise TypeError(
         f"`{name}` must be an int or a tuple of ints, got {num_features!r}."
     )
-  if any(n <= 0 for n in shape):
+  if allow_zero and any(n < 0 for n in shape):
+    raise ValueError(f"`{name}` must be non-negative, got {num_features!r}.")
+  if not allow_zero and any(n <= 0 for n in shape):
     raise ValueError(f"`{name}` must be positive, got {num_features!r}.")
   return shape
 

@@ -247,7 +247,10 @@ def check_dropout_rate(module_name: str, rate: Any) -> None:
         f"be in [0, 1], got {rate}.")
 
 
-def shape_tuple(module_name: str, num_features: int | Sequence[int]) -> tuple[int, ...]:
-  """``num_features`` (an int or a tuple of ints) as a shape, checked as the core checks it."""
+def shape_tuple(module_name: str, num_features: int | Sequence[int], *,
+                allow_zero: bool = False) -> tuple[int, ...]:
+  """``num_features`` (an int or a tuple of ints) as a shape, checked as the
+  core checks it; ``allow_zero`` accepts zero sizes, as Flax's modules do."""
   with module_errors(module_name):
-    return checks.feature_shape("num_features", num_features)
+    return checks.feature_shape("num_features", num_features,
+                                allow_zero=allow_zero)

@@ -23,6 +23,7 @@ This file imports no ``flax.linen`` code of jaxnorm's.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from collections.abc import Sequence
 from types import MappingProxyType
@@ -56,6 +57,36 @@ def _value(var: nnx.Variable | None) -> Array | None:
   return None if var is None else var[...]
 
 
+def _flax_affine(module: nnx.Module, x: Any, names: Sequence[str]) -> tuple:
+  """The ``names`` (``scale``, ``bias``) arrays as Flax's LayerNorm, RMSNorm,
+  GroupNorm and InstanceNorm read them, ``self.scale[...] if self.scale else
+  None``: a Variable's truth value is its length, so one that is empty along
+  its first axis (``num_features=0``) counts as switched off.
+
+  Flax then normalizes a non-empty ``x`` without them; so does this, with a
+  :class:`UserWarning`, as a zero-feature module on real features is most
+  likely a mistake.
+  """
+  values, dropped = [], []
+  for n in names:
+    var = getattr(module, n)
+    if var is not None and var.ndim and var.shape[0] == 0:
+      dropped.append(n)
+      var = None
+    values.append(_value(var))
+  if dropped and getattr(x, "size", 0):
+    name = type(module).__name__
+    terms = " and ".join(f"`{n}`" for n in dropped)
+    warnings.warn(
+        f"{name}: `num_features`={getattr(module, 'num_features', 0)!r} makes "
+        f"{terms} empty, and Flax skips an empty {terms.replace('`', '')}, so "
+        f"`x` of shape {tuple(x.shape)} is normalized without "
+        f"{'them' if len(dropped) > 1 else 'it'} (as in Flax). Build the module "
+        "with `num_features` equal to the size of `x` along the feature axes.",
+        UserWarning, stacklevel=3)
+  return tuple(values)
+
+
 class _Promotes(Protocol):
   """A module with Flax's dtype attributes: what :func:`_promote` reads."""
 
@@ -86,6 +117,13 @@ def _affine(shape: tuple[int, ...], *, rngs: nnx.Rngs, use_scale: bool,
   bias = (nnx.Param(bias_init(rngs.params(), shape, param_dtype), **bias_metadata)
           if use_bias else nnx.data(None))
   return scale, bias
+
+
+def _feature_shape(module: nnx.Module,
+                   num_features: int | Sequence[int]) -> tuple[int, ...]:
+  """The variables' shape: ``num_features`` as a tuple. Zero sizes are
+  allowed, as Flax builds (and runs, on zero-size inputs) such modules."""
+  return common.shape_tuple(type(module).__name__, num_features, allow_zero=True)
 
 
 def _store(module: nnx.Module, args: Mapping[str, Any],
@@ -149,7 +187,7 @@ class _BatchNormShell(nnx.BatchNorm):
     to their values (the subclass's ``__init__`` passes its ``locals()``);
     ``num_features`` may also be a tuple (several feature axes).
     """
-    shape = common.shape_tuple(type(self).__name__, args["num_features"])
+    shape = _feature_shape(self, args["num_features"])
     self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
     self.scale, self.bias = _affine(
@@ -403,8 +441,8 @@ class LayerNorm(nnx.LayerNorm):
     if zero_centered_scale and scale_init is initializers.ones:
       scale_init = initializers.zeros
     self.scale, self.bias = _affine(
-        common.shape_tuple(type(self).__name__, num_features), rngs=rngs, use_scale=use_scale,
-        use_bias=use_bias, scale_init=scale_init, bias_init=bias_init,
+        _feature_shape(self, num_features), rngs=rngs, use_scale=use_scale, use_bias=use_bias,
+        scale_init=scale_init, bias_init=bias_init,
         param_dtype=param_dtype, scale_metadata=scale_metadata,
         bias_metadata=bias_metadata)
     _store(self, locals(), _NORM_ATTRS + ("reduction_axes", "feature_axes"))
@@ -414,7 +452,8 @@ class LayerNorm(nnx.LayerNorm):
     """Normalizes ``x``; ``mask`` selects the entries in the statistics."""
     name = type(self).__name__
     common.check_hyperparameters(name, epsilon=self.epsilon)
-    x, scale, bias = _promote(self, (x, _value(self.scale), _value(self.bias)))
+    scale, bias = _flax_affine(self, x, ("scale", "bias"))
+    x, scale, bias = _promote(self, (x, scale, bias))
     common.check_axes(name, x, reduction_axes=self.reduction_axes,
                       feature_axes=self.feature_axes)
     with common.module_errors(name):
@@ -478,8 +517,8 @@ class RMSNorm(nnx.RMSNorm):
       scale_init = initializers.zeros
     if use_scale:
       self.scale = nnx.Param(
-          scale_init(rngs.params(), common.shape_tuple(type(self).__name__, num_features),
-                     param_dtype), **scale_metadata)
+          scale_init(rngs.params(), _feature_shape(self, num_features), param_dtype),
+          **scale_metadata)
     else:
       self.scale = nnx.data(None)
     _store(self, locals(), tuple(n for n in _NORM_ATTRS if n != "use_bias")
@@ -490,7 +529,8 @@ class RMSNorm(nnx.RMSNorm):
     """Normalizes ``x``; ``mask`` selects the entries in the statistics."""
     name = type(self).__name__
     common.check_hyperparameters(name, epsilon=self.epsilon)
-    x, scale = _promote(self, (x, _value(self.scale)))
+    scale, = _flax_affine(self, x, ("scale",))
+    x, scale = _promote(self, (x, scale))
     common.check_axes(name, x, reduction_axes=self.reduction_axes,
                       feature_axes=self.feature_axes)
     with common.module_errors(name):
@@ -569,17 +609,32 @@ class GroupNorm(nnx.GroupNorm):
     _store(self, locals(), tuple(n for n in _NORM_ATTRS if n != "num_features")
            + ("reduction_axes",))
     self.num_groups = groups
-    self.group_size = num_features // groups
+    # As in Flax: the given group_size, else the channels per group (zero
+    # channels in groups of 2 make 0 groups of 2).
+    self.group_size = num_features // groups if group_size is None else group_size
 
   def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
     """Normalizes ``x`` of shape ``(N, ..., C)``."""
     name = type(self).__name__
     common.check_hyperparameters(name, epsilon=self.epsilon)
-    x, scale, bias = _promote(self, (x, _value(self.scale), _value(self.bias)))
+    with common.module_errors(name):
+      checks.check_array("x", x)
+    channels = self.num_groups * self.group_size
+    if x.ndim and x.shape[-1] != channels:  # Flax's reshape to groups fails
+      raise ValueError(
+          f"{name}: `x` has {x.shape[-1]} channels (shape {tuple(x.shape)}) but "
+          f"the module was built for {channels} (`num_features`: "
+          f"{self.num_groups} groups of {self.group_size}); build it with "
+          f"`num_features`={x.shape[-1]}.")
+    scale, bias = _flax_affine(self, x, ("scale", "bias"))
+    x, scale, bias = _promote(self, (x, scale, bias))
     common.check_group_reduction_axes(name, x, self.reduction_axes)
+    # Zero channels in groups of `group_size` make 0 groups (Flax's count);
+    # the core needs a positive one, and any gives the same empty output.
+    num_groups = self.num_groups or 1
     with common.module_errors(name):
       return jaxnorm.group_norm(
-          _params(scale, bias), x, num_groups=self.num_groups, eps=self.epsilon,
+          _params(scale, bias), x, num_groups=num_groups, eps=self.epsilon,
           mask=mask, reduction_axes=self.reduction_axes,
           axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
           dtype=self.dtype)
@@ -636,8 +691,8 @@ class InstanceNorm(nnx.InstanceNorm):
       scale_metadata: Mapping[str, Any] = _NO_METADATA,
   ):
     self.scale, self.bias = _affine(
-        common.shape_tuple(type(self).__name__, num_features), rngs=rngs, use_scale=use_scale,
-        use_bias=use_bias, scale_init=scale_init, bias_init=bias_init,
+        _feature_shape(self, num_features), rngs=rngs, use_scale=use_scale, use_bias=use_bias,
+        scale_init=scale_init, bias_init=bias_init,
         param_dtype=param_dtype, scale_metadata=scale_metadata,
         bias_metadata=bias_metadata)
     _store(self, locals(), _NORM_ATTRS + ("feature_axes",))
@@ -647,7 +702,8 @@ class InstanceNorm(nnx.InstanceNorm):
     name = type(self).__name__
     common.check_hyperparameters(name, epsilon=self.epsilon)
     axes = common.instance_norm_axes(name, x, self.feature_axes)
-    x, scale, bias = _promote(self, (x, _value(self.scale), _value(self.bias)))
+    scale, bias = _flax_affine(self, x, ("scale", "bias"))
+    x, scale, bias = _promote(self, (x, scale, bias))
     xv, axes_v, mask_v, undo = common.instance_norm_view(name, x, axes, mask,
                                                          warn=True)
     with common.module_errors(name):
