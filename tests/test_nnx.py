@@ -1,5 +1,6 @@
 """jaxnorm.nnx against flax.nnx: same attributes and state, same outputs."""
 
+import contextlib
 import inspect
 import re
 
@@ -476,3 +477,96 @@ def test_batch_norm_complex_promotion_matches_flax(x_dtype, param_dtype,
     assert getattr(ours, k)[...].dtype == getattr(theirs, k)[...].dtype == jnp.float32
     np.testing.assert_allclose(getattr(ours, k)[...], getattr(theirs, k)[...],
                                atol=1e-6, rtol=1e-6)
+
+
+# Flax's only form for several feature axes: an int num_features, the product
+# of their sizes; Flax stores (num_features,) and reshapes at each call.
+# (name, args, kwargs, x shape)
+FLAT_FEATURE_CASES = [
+    ("LayerNorm", (18,), {"reduction_axes": (1, 2), "feature_axes": (1, 2)}, (4, 3, 6)),
+    ("LayerNorm", (15,), {"reduction_axes": (1, 2, 3), "feature_axes": (-1, 1)},
+     (2, 3, 4, 5)),
+    ("RMSNorm", (18,), {"reduction_axes": (1, 2), "feature_axes": (1, 2)}, (4, 3, 6)),
+    ("InstanceNorm", (15,), {"feature_axes": (1, -1)}, (2, 3, 4, 5)),
+    ("InstanceNorm", (18,), {"feature_axes": (1, 2)}, (4, 3, 6)),  # nothing to reduce
+    ("BatchNorm", (18,), {"axis": (1, 2), "use_running_average": True}, (4, 3, 6)),
+    ("BatchRenorm", (15,), {"axis": (1, 3), "use_running_average": True}, (2, 3, 4, 5)),
+]
+
+
+@pytest.mark.parametrize("name,args,kwargs,shape", FLAT_FEATURE_CASES)
+def test_int_num_features_for_several_feature_axes_like_flax(name, args, kwargs, shape):
+  kw = dict(kwargs, scale_init=_rand_init)
+  if name != "RMSNorm":
+    kw["bias_init"] = nnx.initializers.normal(0.5)
+  ours, theirs = _pair(name, args, kw)
+  assert _state_tree(ours) == _state_tree(theirs)
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(ours), nnx.state(theirs))
+  assert ours.scale.shape == args
+  x = 2.0 * random_data.normal(jax.random.key(0), shape) + 0.5
+  degenerate = name == "InstanceNorm" and len(shape) == 3
+  expect = (pytest.warns(UserWarning, match="no axis to normalize over")
+            if degenerate else contextlib.nullcontext())
+  with expect:
+    y1 = ours(x)
+  with expect:
+    y1_jit = _run(ours, x, None)
+  y2 = theirs(x)
+  assert y1.dtype == y2.dtype
+  np.testing.assert_allclose(y1, y2, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(y1_jit, y2, atol=1e-5, rtol=1e-5)
+  # Flax's state loads into ours and back.
+  flax_state = jax.tree.map(lambda a: a * 1.5 - 0.25, nnx.state(theirs))
+  nnx.update(theirs, flax_state)
+  nnx.update(ours, flax_state)
+  with expect:
+    np.testing.assert_allclose(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+  nnx.update(theirs, nnx.state(ours))
+  assert _state_tree(ours) == _state_tree(theirs)
+
+
+def test_tuple_num_features_is_flax_int_reshaped():
+  x = 2.0 * random_data.normal(jax.random.key(0), (4, 3, 6)) + 0.5
+  kw = {"reduction_axes": (1, 2), "feature_axes": (1, 2), "scale_init": _rand_init}
+  ours = jn.LayerNorm((3, 6), **kw, rngs=nnx.Rngs(1))
+  theirs = nnx.LayerNorm(18, **kw, rngs=nnx.Rngs(1))
+  assert ours.scale.shape == (3, 6)
+  theirs.scale[...] = ours.scale[...].reshape(18)
+  np.testing.assert_allclose(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+
+
+def test_flat_num_features_errors_name_the_module_argument():
+  x = random_data.normal(jax.random.key(0), (4, 3, 6))
+  # Flax cannot train a flat BatchNorm over several axes either.
+  with pytest.raises(ValueError, match="Incompatible shapes for broadcasting"):
+    nnx.BatchNorm(18, axis=(1, 2), rngs=nnx.Rngs(0))(x)
+  with pytest.raises(ValueError) as e:
+    jn.BatchNorm(18, axis=(1, 2), rngs=nnx.Rngs(0))(x)
+  assert str(e.value) == (
+      "BatchNorm: `num_features`=18 stores the running averages flat, shape (18,), "
+      "for the features of shape (3, 6) along `axis`=(1, 2): inference reshapes them, "
+      "as Flax does, but training cannot update them (Flax fails to broadcast the "
+      "batch statistics too). Pass `num_features`=(3, 6) to train (a flat state "
+      "reshapes to it with `.reshape((3, 6))`).")
+  # Sizes that do not match: Flax fails to reshape; ours names `feature_axes`
+  # (and the caller's axes, not the ones of a rank-3 instance norm's view).
+  with pytest.raises(TypeError, match="cannot reshape"):
+    nnx.LayerNorm(20, reduction_axes=(1, 2), feature_axes=(1, 2), rngs=nnx.Rngs(0))(x)
+  for module in (jn.LayerNorm(20, reduction_axes=(1, 2), feature_axes=(1, 2),
+                              rngs=nnx.Rngs(0)),
+                 jn.RMSNorm(20, reduction_axes=(1, 2), feature_axes=(1, 2),
+                            rngs=nnx.Rngs(0)),
+                 jn.InstanceNorm(20, feature_axes=(1, 2), rngs=nnx.Rngs(0))):
+    with pytest.raises(ValueError) as e:
+      module(x)
+    assert str(e.value) == (
+        f"{type(module).__name__}: `x` has features of shape (3, 6) along "
+        "`feature_axes`=(1, 2) but `scale` has shape (20,); build the module with "
+        "`num_features`=18 (or (3, 6)), or choose the feature axes with "
+        "`feature_axes=`.")
+  with pytest.raises(ValueError) as e:
+    jn.LayerNorm(5, rngs=nnx.Rngs(0))(x)
+  assert str(e.value) == (
+      "LayerNorm: `x` has features of shape (6,) along `feature_axes`=-1 but "
+      "`scale` has shape (5,); build the module with `num_features`=6, or choose "
+      "the feature axes with `feature_axes=`.")

@@ -23,6 +23,7 @@ This file imports no ``flax.linen`` code of jaxnorm's.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -85,6 +86,41 @@ def _flax_affine(module: nnx.Module, x: Any, names: Sequence[str]) -> tuple:
         "with `num_features` equal to the size of `x` along the feature axes.",
         UserWarning, stacklevel=3)
   return tuple(values)
+
+
+def _is_flat(value: Array | None, feature_shape: tuple[int, ...]) -> bool:
+  """Whether ``value`` holds several feature axes' entries in one axis: Flax's
+  int ``num_features`` for several feature axes (the product of their sizes),
+  which Flax reshapes to the features' shape at every call."""
+  return (value is not None and len(feature_shape) > 1 and value.ndim == 1
+          and value.shape[0] == math.prod(feature_shape))
+
+
+def _to_features(name: str, x: Array, arg: str, feature_axes: Axes,
+                 arrays: Sequence[Array | None],
+                 names: Sequence[str]) -> list[Array | None]:
+  """``arrays`` (scale, bias) in the shape of ``x`` along ``feature_axes``.
+
+  A flat one (Flax's int ``num_features`` for several feature axes) is
+  reshaped to the features' shape, as Flax does at each call; jaxnorm's tuple
+  ``num_features`` already has it. Any other shape raises, naming the
+  module's argument ``arg``.
+  """
+  shape = common.feature_shape_of(name, x, feature_axes, arg)
+  out = []
+  for key, value in zip(names, arrays, strict=True):
+    if _is_flat(value, shape):
+      value = value.reshape(shape)
+    elif value is not None and tuple(value.shape) != shape:
+      sizes = (f"{math.prod(shape)} (or {shape})" if len(shape) > 1
+               else f"{shape[0]}")
+      raise ValueError(
+          f"{name}: `x` has features of shape {shape} along `{arg}`="
+          f"{feature_axes!r} but `{key}` has shape {tuple(value.shape)}; build "
+          f"the module with `num_features`={sizes}, or choose the feature "
+          f"axes with `{arg}=`.")
+    out.append(value)
+  return out
 
 
 class _Promotes(Protocol):
@@ -231,6 +267,19 @@ class _BatchNormShell(nnx.BatchNorm):
     x, mean, var, scale, bias = _promote(
         self, (x, self.mean[...], self.var[...], _value(self.scale),
                _value(self.bias)))
+    shape = common.feature_shape_of(name, x, self.axis, "axis")
+    if train and _is_flat(self.mean[...], shape):
+      raise ValueError(
+          f"{name}: `num_features`={self.num_features!r} stores the running "
+          f"averages flat, shape {tuple(self.mean.shape)}, for the features of "
+          f"shape {shape} along `axis`={self.axis!r}: inference reshapes them, "
+          "as Flax does, but training cannot update them (Flax fails to "
+          f"broadcast the batch statistics too). Pass `num_features`={shape} "
+          f"to train (a flat state reshapes to it with `.reshape({shape})`).")
+    if not train:  # Flax's flat variables for several feature axes
+      mean, var, scale, bias = (
+          v.reshape(shape) if _is_flat(v, shape) else v
+          for v in (mean, var, scale, bias))
     if train:
       state = {"mean": self.mean[...], "var": self.var[...]}
       if self.axis_name is None:
@@ -276,7 +325,9 @@ class BatchNorm(_BatchNormShell):
   True
 
   Args:
-    num_features: size of ``x`` along ``axis`` (a tuple for several axes).
+    num_features: size of ``x`` along ``axis``; for several axes a tuple of
+      their sizes, or Flax's int (their product: flat variables, reshaped at
+      each call; inference only, as in Flax).
     use_running_average, axis, momentum, epsilon, dtype, param_dtype,
       use_bias, use_scale, bias_init, scale_init, axis_name,
       axis_index_groups, rngs, bias_metadata, scale_metadata: as in
@@ -386,7 +437,9 @@ class LayerNorm(nnx.LayerNorm):
 
   ``y = (x - mean) / sqrt(var + epsilon) * scale + bias`` with each example's
   statistics over ``reduction_axes``; ``scale``/``bias`` of shape
-  ``num_features`` run along ``feature_axes``. Built by
+  ``num_features`` run along ``feature_axes`` (for several feature axes, a
+  tuple of their sizes, or Flax's int, their product, reshaped at each
+  call). Built by
   ``flax.nnx.LayerNorm.__init__`` (same arguments and attributes); see
   :func:`jaxnorm.layer_norm`.
 
@@ -456,6 +509,8 @@ class LayerNorm(nnx.LayerNorm):
     x, scale, bias = _promote(self, (x, scale, bias))
     common.check_axes(name, x, reduction_axes=self.reduction_axes,
                       feature_axes=self.feature_axes)
+    scale, bias = _to_features(name, x, "feature_axes", self.feature_axes,
+                               (scale, bias), ("scale", "bias"))
     with common.module_errors(name):
       return jaxnorm.layer_norm(
           _params(scale, bias), x, axis=self.reduction_axes,
@@ -467,8 +522,9 @@ class LayerNorm(nnx.LayerNorm):
 class RMSNorm(nnx.RMSNorm):
   """RMS normalization (Zhang & Sennrich, 2019), a drop-in for ``flax.nnx.RMSNorm``.
 
-  ``y = x / sqrt(mean(x**2) + epsilon) * scale`` over ``reduction_axes``.
-  Built by ``flax.nnx.RMSNorm.__init__``; see :func:`jaxnorm.rms_norm`.
+  ``y = x / sqrt(mean(x**2) + epsilon) * scale`` over ``reduction_axes``;
+  ``scale`` runs along ``feature_axes`` (``num_features`` as in
+  :class:`LayerNorm`). Built by ``flax.nnx.RMSNorm.__init__``; see :func:`jaxnorm.rms_norm`.
 
   Attributes:
     scale: ``nnx.Param`` or None.
@@ -533,6 +589,8 @@ class RMSNorm(nnx.RMSNorm):
     x, scale = _promote(self, (x, scale))
     common.check_axes(name, x, reduction_axes=self.reduction_axes,
                       feature_axes=self.feature_axes)
+    scale, = _to_features(name, x, "feature_axes", self.feature_axes, (scale,),
+                          ("scale",))
     with common.module_errors(name):
       return jaxnorm.rms_norm(
           _params(scale), x, axis=self.reduction_axes,
@@ -647,6 +705,7 @@ class InstanceNorm(nnx.InstanceNorm):
   ``feature_axes``. Built by ``flax.nnx.InstanceNorm.__init__``; see
   :func:`jaxnorm.instance_norm`. An input with nothing to reduce over
   (``(N, C)``) gives ``bias``, as in Flax, with a :class:`UserWarning`.
+  ``num_features`` for several feature axes is as in :class:`LayerNorm`.
 
   Attributes:
     scale, bias: ``nnx.Param`` or None.
@@ -704,6 +763,8 @@ class InstanceNorm(nnx.InstanceNorm):
     axes = common.instance_norm_axes(name, x, self.feature_axes)
     scale, bias = _flax_affine(self, x, ("scale", "bias"))
     x, scale, bias = _promote(self, (x, scale, bias))
+    scale, bias = _to_features(name, x, "feature_axes", self.feature_axes,
+                               (scale, bias), ("scale", "bias"))
     xv, axes_v, mask_v, undo = common.instance_norm_view(name, x, axes, mask,
                                                          warn=True)
     with common.module_errors(name):
