@@ -155,6 +155,22 @@ def test_batch_renorm_matches_ioffe_2017(run, shape, axis):
   assert np.abs(y_ref - y_bn).max() > 1.0
 
 
+@pytest.mark.parametrize("offset", [1e3, 1e4, 1e5])
+def test_batch_renorm_exact_at_large_offsets_with_the_running_mean_caught_up(offset):
+  # Training's steady state: the running mean near the batch mean, both near a large offset.
+  # `d` came from the float32-rounded batch mean (half an ulp of 1e5 is 0.004 of the unit
+  # spread here), which reached the output: 3.7e-3 at 1e5.
+  rng = np.random.default_rng(0)
+  x = (offset + rng.standard_normal((256, 8))).astype(np.float32)
+  state = {"mean": jnp.full(8, offset, jnp.float32), "var": jnp.ones(8, jnp.float32)}
+  params = {"scale": jnp.asarray(rng.uniform(0.5, 2.0, 8), jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=8), jnp.float32)}
+  y, _ = jax.jit(functools.partial(jaxnorm.batch_renorm, train=True, r_max=3.0,
+                                   d_max=5.0))(params, state, x)
+  y_ref = renorm_ref(params, state, x, r_max=3.0, d_max=5.0)[0]
+  np.testing.assert_allclose(np.asarray(y, np.float64), y_ref, rtol=0, atol=2e-6)
+
+
 @pytest.mark.parametrize("shape,axis", CASES)
 def test_batch_renorm_gradients_treat_r_and_d_as_constants(shape, axis):
   x, params, state = _case(shape, axis, seed=1)

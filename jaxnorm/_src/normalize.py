@@ -191,7 +191,15 @@ def _renorm_factors(m, renorm, eps):
   r_max = jnp.asarray(r_max, real)
   d_max = jnp.asarray(d_max, real)
   r = jnp.clip(sigma_b / sigma, 1 / r_max, r_max)
-  d = jnp.clip((m.mean - run_mean) / sigma, -d_max, d_max)
+  # `mean - running mean` from the frame: `(shift - running) + mean_off` is
+  # exact where the rounded mean is not (ulp(1e5) / 2 = 0.004 of a unit
+  # spread reached `d`, and the output, at an offset of 1e5 once the running
+  # mean had caught up with the batch's).
+  if m.shift is None:
+    from_running = m.mean - run_mean
+  else:
+    from_running = (m.shift - run_mean.astype(m.shift.dtype)) + m.mean_off
+  d = jnp.clip(from_running / sigma, -d_max, d_max)
   return lax.stop_gradient(r), lax.stop_gradient(d)
 
 
