@@ -237,6 +237,21 @@ def test_explicit_mesh_axes_equal_unsharded(name):
   chex.assert_trees_all_close(sharded, one, rtol=2e-5, atol=2e-5)
 
 
+def test_moments_gradient_on_explicit_mesh_axes():
+  # The merge's derivative took the first block's frame with a gather, which raised a
+  # ShardingTypeError along an Explicit batch axis; the value is the textbook derivative of the
+  # variance, 2 (x - mean) / n, whatever the mesh.
+  mesh = _mesh((N_DEV,), ("d",), AxisType.Explicit)
+  x, _, _ = _data((64, 8), seed=7)
+  c = np.linspace(-1.0, 2.0, 8)
+  f = jax.jit(jax.grad(lambda x: jnp.sum(c.astype(np.float32) * jaxnorm.moments(x, 0)[1])))
+  with jax.set_mesh(mesh):
+    g = f(_put(mesh, x, P("d")))
+  x64 = np.asarray(x, np.float64)
+  want = c * 2 * (x64 - x64.mean(0)) / len(x64)
+  np.testing.assert_allclose(np.asarray(g, np.float64), want, rtol=0, atol=1e-6)
+
+
 # Part 2: communication, read from the compiled programs.
 
 

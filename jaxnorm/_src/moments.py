@@ -505,7 +505,11 @@ def _merge_two_pass(stats, axis):
   frame of the first non-empty entry, then two passes over the small arrays."""
   n, s, m, q = stats
   first = jnp.argmax(n > 0, axis=axis, keepdims=True)
-  r = jnp.take_along_axis(s, first, axis=axis)
+  # That entry's frame by a masked sum, not a gather: a gather along an axis
+  # sharded with Explicit mesh axes needs an output sharding (its derivative
+  # raised there), a sum is an all-reduce.
+  at_first = lax.broadcasted_iota(first.dtype, n.shape, axis) == first
+  r = jnp.sum(jnp.where(at_first, s, jnp.zeros((), s.dtype)), axis=axis, keepdims=True)
   delta = (s - r) + m
   total = jnp.sum(n, axis=axis, keepdims=True)
   safe = jnp.where(total > 0, total, 1)
