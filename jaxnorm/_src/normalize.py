@@ -596,6 +596,11 @@ def _jvp_in_jax(config, primals, tangents):
     # geometric mean over the sweep's 16 rows).
     off_h, rstd_h = lax.optimization_barrier((off, rstd))
     xhat = (d_hat if off is None else d_hat - off_h) * rstd_h
+    if mask is not None:
+      # A finite masked-out entry can still overflow `xhat` (3e38 with
+      # rstd > 1.2): its inf, times a zero cotangent, made the scale's
+      # gradient NaN.
+      xhat = jnp.where(mask | jnp.isfinite(xhat), xhat, zero)
     if off is None:
       # RMS statistics.
       v, rstd_x = None, rstd
