@@ -68,14 +68,16 @@ def _flax_affine(module: nnx.Module, x: Any, names: Sequence[str]) -> tuple:
   :class:`UserWarning`, as a zero-feature module on real features is most
   likely a mistake.
   """
-  values, dropped = [], []
+  values: list[Array | None] = []
+  dropped: list[str] = []
   for n in names:
     var = getattr(module, n)
     if var is not None and var.ndim and var.shape[0] == 0:
       dropped.append(n)
       var = None
     values.append(_value(var))
-  if dropped and getattr(x, "size", 0):
+  size: int = getattr(x, "size", 0)
+  if dropped and size:
     name = type(module).__name__
     terms = " and ".join(f"`{n}`" for n in dropped)
     warnings.warn(
@@ -109,7 +111,7 @@ def _to_features(name: str, x: Array, arg: str, feature_axes: Axes,
   shape = common.feature_shape_of(name, x, feature_axes, arg)
   out = []
   for key, value in zip(names, arrays, strict=True):
-    if _is_flat(value, shape):
+    if value is not None and _is_flat(value, shape):
       value = value.reshape(shape)
     elif value is not None and tuple(value.shape) != shape:
       sizes = (f"{math.prod(shape)} (or {shape})" if len(shape) > 1
