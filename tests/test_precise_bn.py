@@ -184,3 +184,68 @@ def test_linen_feature_axis_and_mask_of_the_layer():
                               rtol=1e-6)
   chex.assert_trees_all_close(new["batch_stats"]["BatchNorm_0"]["var"], kept.var((0, 2)),
                               rtol=1e-5)
+
+
+# Data far from zero: a large mean with unit spread. The reference is the
+# float64 mean and variance of the same float32 values, whatever the batching.
+def _offset_batches(offset, sizes, f=8, seed=1):
+  rng = np.random.default_rng(seed)
+  return [(offset + rng.standard_normal((s, f))).astype(np.float32) for s in sizes]
+
+
+def _f64_moments(batches):
+  a = np.concatenate([np.asarray(b, np.float64) for b in batches])
+  return a.mean(0), a.var(0)
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4, 1e5])
+def test_accumulator_exact_at_large_offsets(offset):
+  # Each batch's mean rounded to float32 (half an ulp of the offset, 4e-3 at
+  # 1e5) must not reach the between-batch term of the variance.
+  for sizes in ([16, 17, 18, 19, 20], [1, 2, 3, 64, 5], [90]):
+    batches = _offset_batches(offset, sizes)
+    acc = jaxnorm.precise_stats_init(8)
+    for b in batches[::-1]:
+      acc = jaxnorm.precise_stats_update(acc, b)
+    s = jaxnorm.precise_stats_result(acc)
+    mean, var = _f64_moments(batches)
+    np.testing.assert_allclose(np.asarray(s["mean"], np.float64), mean, rtol=1e-7)
+    np.testing.assert_allclose(np.asarray(s["var"], np.float64), var, rtol=1e-6)
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4, 1e5])
+def test_accumulator_exact_at_large_offsets_masked(offset):
+  batches = _offset_batches(offset, [20, 7, 33])
+  rng = np.random.default_rng(2)
+  masks = [rng.random(b.shape) > 0.4 for b in batches]
+  acc = jaxnorm.precise_stats_init(8)
+  for b, m in zip(batches, masks, strict=True):
+    acc = jaxnorm.precise_stats_update(acc, np.where(m, b, np.nan), mask=jnp.asarray(m))
+  s = jaxnorm.precise_stats_result(acc)
+  for f in range(8):
+    kept = np.concatenate([np.asarray(b, np.float64)[m[:, f], f]
+                           for b, m in zip(batches, masks, strict=True)])
+    np.testing.assert_allclose(float(s["mean"][f]), kept.mean(), rtol=1e-7)
+    np.testing.assert_allclose(float(s["var"][f]), kept.var(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e5])
+def test_drivers_exact_at_large_offsets(offset):
+  # The linen and nnx drivers take each batch's statistics the same way.
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return jl.BatchNorm(use_running_average=True)(x)
+
+  batches = _offset_batches(offset, [16, 17, 18, 19, 20])
+  mean, var = _f64_moments(batches)
+  model = Net()
+  vs = model.init(jax.random.key(0), batches[0])
+  st = jl.precise_batch_stats(model, vs, batches)["batch_stats"]["BatchNorm_0"]
+  np.testing.assert_allclose(np.asarray(st["mean"], np.float64), mean, rtol=1e-7)
+  np.testing.assert_allclose(np.asarray(st["var"], np.float64), var, rtol=1e-6)
+  bn = jn.BatchNorm(8, rngs=nnx.Rngs(0))
+  bn.eval()
+  jn.precise_batch_stats(bn, batches)
+  np.testing.assert_allclose(np.asarray(bn.mean[...], np.float64), mean, rtol=1e-7)
+  np.testing.assert_allclose(np.asarray(bn.var[...], np.float64), var, rtol=1e-6)

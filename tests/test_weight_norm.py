@@ -180,3 +180,51 @@ def test_bad_arguments():
   msg = "`eps` must be >= 0, got -1.0."
   with pytest.raises(ValueError, match="^" + re.escape(msg) + "$"):
     jaxnorm.weight_norm({"v": v}, eps=-1.0)
+
+
+# Kernels of extreme magnitude: ||v||**2 formed in float32 overflows for
+# entries ~1e20 and underflows for ~1e-25 (w ~ 0 both ways). The references
+# are float64 NumPy formulas on the same float32 values.
+def _wn64(v, g, t):
+  """w = g v / ||v|| (norm over axis 0), and d/d(v, g) of sum(w * t), float64."""
+  v, g, t = (np.asarray(a, np.float64) for a in (v, g, t))
+  norm = np.sqrt(np.sum(v * v, axis=0))
+  u = v / norm
+  dv = g / norm * (t - u * np.sum(u * t, axis=0))
+  return g * u, dv, np.sum(u * t, axis=0)
+
+
+@pytest.mark.parametrize("magnitude", [1e-30, 1e-25, 1e-20, 1.0, 1e20, 1e30])
+def test_extreme_magnitudes_match_float64(magnitude):
+  rng = np.random.default_rng(0)
+  v = (rng.standard_normal((64, 16)) * magnitude).astype(np.float32)
+  g = rng.standard_normal(16).astype(np.float32)
+  t = rng.standard_normal((64, 16)).astype(np.float32)
+  w_ref, dv_ref, dg_ref = _wn64(v, g, t)
+  wn = {"v": jnp.asarray(v), "g": jnp.asarray(g)}
+  w = jaxnorm.weight_norm(wn)
+  grads = jax.grad(lambda wn: jnp.sum(jaxnorm.weight_norm(wn) * t))(wn)
+  np.testing.assert_allclose(np.asarray(w, np.float64), w_ref, rtol=0,
+                             atol=2e-6 * np.abs(w_ref).max())
+  np.testing.assert_allclose(np.asarray(grads["v"], np.float64), dv_ref, rtol=0,
+                             atol=2e-6 * np.abs(dv_ref).max())
+  np.testing.assert_allclose(np.asarray(grads["g"], np.float64), dg_ref, rtol=0,
+                             atol=2e-6 * np.abs(dg_ref).max())
+  # The init's length is the same norm: g = ||v||, and the roundtrip gives v.
+  init = jaxnorm.weight_norm_init(jnp.asarray(v))
+  np.testing.assert_allclose(np.asarray(init["g"], np.float64),
+                             np.linalg.norm(v.astype(np.float64), axis=0), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(jaxnorm.weight_norm(init), np.float64),
+                             v.astype(np.float64), rtol=0, atol=2e-6 * np.abs(v).max())
+
+
+@pytest.mark.parametrize("magnitude", [1e-25, 1e20])
+def test_extreme_magnitudes_with_eps(magnitude):
+  # Flax's eps=1e-12: w = g v / sqrt(||v||**2 + eps).
+  rng = np.random.default_rng(1)
+  v = (rng.standard_normal((32, 4)) * magnitude).astype(np.float32)
+  v64 = v.astype(np.float64)
+  w_ref = v64 / np.sqrt(np.sum(v64 * v64, axis=0) + 1e-12)
+  w = jaxnorm.weight_norm({"v": jnp.asarray(v)}, eps=1e-12)
+  np.testing.assert_allclose(np.asarray(w, np.float64), w_ref, rtol=2e-6,
+                             atol=2e-6 * np.abs(w_ref).max())

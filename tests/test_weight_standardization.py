@@ -165,3 +165,68 @@ def test_nnx_std_conv_and_wrapper():
       y, rm.f64(xd) @ rm.scaled_weight_standardization(k, gain[...], gamma=2.0), atol=1e-5)
   grads = nnx.grad(lambda m: jnp.sum(m(xd) ** 2))(m)
   assert grads["gains"][path][...].shape == (4,)
+
+
+# Kernels far from zero: a large mean with unit spread. `kernel - mean` must be
+# exact (not `kernel - float32(mean)`, off by half an ulp of the mean). The
+# references are float64 NumPy formulas on the same float32 values.
+def _offset_kernel(offset, shape=(3, 3, 32, 16), seed=1):
+  return (offset + np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
+
+
+def _ws64(w, g, eps):
+  """WS output and d/dw sum(WS(w) * g), float64, fan-in all axes but the last."""
+  w2 = np.asarray(w, np.float64).reshape(-1, w.shape[-1])
+  g2 = np.asarray(g, np.float64).reshape(w2.shape)
+  c = w2 - w2.mean(0)
+  r = 1 / np.sqrt((c * c).mean(0) + eps)
+  dw = r * (g2 - g2.mean(0)) - r**3 * c * (g2 * c).mean(0)
+  return (c * r).reshape(w.shape), dw.reshape(w.shape)
+
+
+def _sws64(w, gain, g, gamma, eps):
+  """Scaled WS output and d/d(w, gain) sum(SWS(w, gain) * g), float64."""
+  w2 = np.asarray(w, np.float64).reshape(-1, w.shape[-1])
+  g2 = np.asarray(g, np.float64).reshape(w2.shape)
+  gain = np.asarray(gain, np.float64)
+  c = w2 - w2.mean(0)
+  ss = (c * c).sum(0)
+  s = 1 / np.sqrt(np.maximum(ss, eps))
+  assert np.all(ss > eps)
+  y = gamma * gain * c * s
+  dw = gamma * gain * (s * (g2 - g2.mean(0)) - s**3 * c * (g2 * c).sum(0))
+  dgain = gamma * (g2 * c * s).sum(0)
+  return y.reshape(w.shape), dw.reshape(w.shape), dgain
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4, 1e5])
+def test_weight_standardization_exact_at_large_offsets(offset):
+  w = _offset_kernel(offset)
+  g = np.random.default_rng(2).standard_normal(w.shape).astype(np.float32)
+  y_ref, dw_ref = _ws64(w, g, 1e-6)
+  y = jaxnorm.weight_standardization(jnp.asarray(w))
+  dw = jax.grad(lambda w: jnp.sum(jaxnorm.weight_standardization(w) * g))(jnp.asarray(w))
+  # |y| <= 4: float32 rounding of the output is 2.4e-7.
+  np.testing.assert_allclose(np.asarray(y, np.float64), y_ref, atol=2e-6, rtol=0)
+  np.testing.assert_allclose(np.asarray(dw, np.float64), dw_ref,
+                             atol=2e-6 * np.abs(dw_ref).max(), rtol=0)
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4, 1e5])
+def test_scaled_weight_standardization_exact_at_large_offsets(offset):
+  w = _offset_kernel(offset)
+  rng = np.random.default_rng(3)
+  g = rng.standard_normal(w.shape).astype(np.float32)
+  gain = (1 + 0.1 * rng.standard_normal(w.shape[-1])).astype(np.float32)
+  relu = math.sqrt(2.0 / (1.0 - 1.0 / math.pi))
+  y_ref, dw_ref, dgain_ref = _sws64(w, gain, g, relu, 1e-4)
+  f = lambda w, gain: jaxnorm.scaled_weight_standardization(w, gain, gamma="relu")
+  y = f(jnp.asarray(w), jnp.asarray(gain))
+  dw, dgain = jax.grad(lambda w, gain: jnp.sum(f(w, gain) * g), argnums=(0, 1))(
+      jnp.asarray(w), jnp.asarray(gain))
+  np.testing.assert_allclose(np.asarray(y, np.float64), y_ref,
+                             atol=2e-6 * np.abs(y_ref).max(), rtol=0)
+  np.testing.assert_allclose(np.asarray(dw, np.float64), dw_ref,
+                             atol=2e-6 * np.abs(dw_ref).max(), rtol=0)
+  np.testing.assert_allclose(np.asarray(dgain, np.float64), dgain_ref,
+                             atol=2e-6 * np.abs(dgain_ref).max(), rtol=0)

@@ -888,6 +888,28 @@ def moments(
   return mean, var
 
 
+def centered_moments(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """``(x - mean, var)`` over ``axes`` (normalized), with ``var`` kept as ``keepdims``.
+
+  ``x - mean`` is formed as the layers form it, ``(x - frame) - mean_off`` in
+  each block's frame (:class:`Moments`), never as ``x - mean`` with ``mean``
+  rounded to float32: that rounding, half an ulp of the mean (4e-3 at 1e5),
+  would reach every output. Differentiable as :func:`moments` (the frame is a
+  constant; ``mean_off`` carries the mean's derivative). Real or complex
+  ``x``; the result is in :func:`stat_dtype`, ``var`` in :func:`real_dtype`.
+  """
+  sdt = stat_dtype(x.dtype)
+  shape = tuple(1 if a in axes else d for a, d in enumerate(x.shape))
+  if x.size == 0:
+    return x.astype(sdt), jnp.zeros(shape, real_dtype(x.dtype))
+  view = block_view(x.shape, axes, blocks_for(x, axes))
+  xv = x.reshape(view.shape)
+  mom = block_moments(xv, view)
+  assert mom.shift is not None and mom.mean_off is not None  # not RMS statistics
+  centered = (xv.astype(sdt) - mom.shift) - mom.mean_off
+  return centered.reshape(x.shape), first_block(mom.var, view).reshape(shape)
+
+
 def first_block(v, view: View):
   """A merged statistic without its (size-1 or repeated) block axis."""
   if view.block_axis is None or v.ndim != len(view.shape):

@@ -47,12 +47,48 @@ def _check_wn(wn) -> None:
     )
 
 
+def _unit_scale(v, reduction_axes):
+  """A power of two ``c`` per unit (keepdims) with ``max|v| * c`` in [1/2, 1).
+
+  ``sum(v**2)`` in float32 overflows for entries from about 1e19 and loses
+  everything below about 1e-23 (a weight of 1e20 or 1e-25 came out as ~0);
+  ``sum((c v)**2)`` lies in [1/4, n) and ``c`` cancels from ``c v / ||c v||``.
+  A power of two scales exactly, so where ``v`` needs no scaling the result is
+  the unscaled one. ``c`` is 1 where ``v`` is all zeros (or not finite), and a
+  constant for differentiation (``v / ||v||`` is the same for every ``c``).
+  One more reduction over ``v`` (a weight, not an activation).
+  """
+  m = lax.stop_gradient(jnp.max(jnp.abs(v), axis=reduction_axes, keepdims=True))
+  m = m.astype(moments_lib.stat_dtype(m.dtype))  # float32 for half precision
+  _, e = jnp.frexp(m)
+  # Subnormal maxima are scaled by at most 2**125 (float32; 2**1021 float64),
+  # which keeps `c` and the squares finite; `c * c` may still overflow, see
+  # `_inverse_norm`.
+  top = jnp.finfo(m.dtype).maxexp - 3
+  e = jnp.clip(e, -top, top)
+  return jnp.ldexp(jnp.ones_like(m), -e)
+
+
 def _inverse_norm(v, reduction_axes, eps):
-  """``1 / sqrt(sum(v**2) + eps)`` over `reduction_axes`, keepdims; 0 where that sum is 0."""
-  sq = jnp.sum(v * v, axis=reduction_axes, keepdims=True) + eps
+  """``(c v, c / sqrt(sum(v**2) + eps))`` over `reduction_axes`, keepdims, with
+  ``c`` from :func:`_unit_scale`; the second is 0 where the sum is 0.
+
+  ``c v * (c / ...)`` would round twice; the caller multiplies ``c v`` by
+  ``1 / sqrt(sum((c v)**2) + eps c**2)``, the same number.
+  """
+  # In float32 for half-precision `v` (whose squares' sum overflows float16
+  # from 65504 and whose exponents cannot hold `c`), else in `v`'s dtype.
+  c = _unit_scale(v, reduction_axes)
+  cv = v.astype(c.dtype) * c
+  sq = jnp.sum(cv * cv, axis=reduction_axes, keepdims=True)
+  if eps:
+    # `eps c**2`: inf where c**2 overflows (v below 1e-19 or so, against an
+    # eps of 1e-12), and then w = c v * 0 = 0, within eps**-1/2 |v| of the
+    # true one. Kept out for eps = 0, where 0 * inf would be NaN.
+    sq = sq + eps * c * c
   positive = sq > 0
   # Double `where`: the unused branch sees 1, so gradients stay finite at v = 0.
-  return jnp.where(positive, lax.rsqrt(jnp.where(positive, sq, 1)), 0)
+  return cv, jnp.where(positive, lax.rsqrt(jnp.where(positive, sq, 1)), 0)
 
 
 def weight_norm_init(w: jax.Array, *, axis: int | Sequence[int] = -1) -> dict[str, jax.Array]:
@@ -75,7 +111,11 @@ def weight_norm_init(w: jax.Array, *, axis: int | Sequence[int] = -1) -> dict[st
   checks.check_array("w", w)
   feature = _feature_axes(axis, w.ndim)
   reduction = tuple(a for a in range(w.ndim) if a not in feature)
-  g = jnp.sqrt(jnp.sum(jnp.abs(w) ** 2, axis=reduction))
+  # Scaled as in `weight_norm` (`_unit_scale`): no overflow or underflow of
+  # the squares; dividing by a power of two is exact.
+  c = _unit_scale(w, reduction)
+  a = jnp.abs(w).astype(c.dtype) * c
+  g = jnp.squeeze(jnp.sqrt(jnp.sum(a * a, axis=reduction, keepdims=True)) / c, reduction)
   return {"v": w, "g": g.astype(w.dtype)}
 
 
@@ -94,6 +134,9 @@ def weight_norm(wn: Mapping[str, jax.Array], *, axis: int | Sequence[int] | None
     eps: added to ``||v||**2`` under the square root. With the default 0, a
       unit whose direction ``v`` is all zeros gets a zero weight and a zero
       (finite) gradient instead of NaN. Flax's ``WeightNorm`` uses 1e-12.
+      The norm is taken of ``v`` scaled by a power of two to a maximum of
+      about 1, so entries of any finite magnitude (1e-30 to 1e30 in float32)
+      neither overflow nor underflow.
     dtype: the output dtype; by default the promoted dtype of ``v`` and ``g``.
 
   Returns:
@@ -106,7 +149,8 @@ def weight_norm(wn: Mapping[str, jax.Array], *, axis: int | Sequence[int] | None
   feature = _feature_axes(axis, v.ndim)
   reduction = tuple(a for a in range(v.ndim) if a not in feature)
   feature_shape = tuple(v.shape[a] for a in feature)
-  w = v * _inverse_norm(v, reduction, eps)
+  cv, inv = _inverse_norm(v, reduction, eps)
+  w = cv * inv
   args = [v]
   g = wn.get("g")
   if g is not None:

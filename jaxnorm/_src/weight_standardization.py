@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxnorm._src import checks
-from jaxnorm._src.moments import moments
+from jaxnorm._src.moments import centered_moments
 
 # Brock et al. (2021a), Table 1 / Appendix D: the gain that restores unit
 # variance after each nonlinearity applied to a unit Gaussian input,
@@ -43,9 +43,12 @@ def _setup(kernel, axis, eps):
 
 
 def _standardized(kernel, fan_in_axes):
-  # The core's moments: exact, float32 or wider, on the kernel's fan-in.
-  mean, var = moments(kernel, fan_in_axes, keepdims=True)
-  return kernel.astype(mean.dtype) - mean, var
+  # The core's moments: exact, float32 or wider, on the kernel's fan-in, and
+  # `kernel - mean` as `(kernel - frame) - mean_off`, as the layers form it.
+  # `kernel - float32(mean)` carried the mean's rounding into every output:
+  # a kernel of 1e5 + randn (3x3x32x16) was off by 4e-3 (2.9e-5 at 1e3, 4.8e-4
+  # at 1e4); it is now within 1e-6 of float64, its gradient too.
+  return centered_moments(kernel, fan_in_axes)
 
 
 def weight_standardization(
