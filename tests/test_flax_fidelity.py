@@ -530,6 +530,81 @@ def test_axis_errors_name_the_module_argument(name):
     getattr(jn, name)(3, reduction_axes=2, rngs=nnx.Rngs(0))(x)
 
 
+# ----------------------------------------- axis arguments as Flax reads them
+
+# Flax's modules take an int or any iterable of ints and merge an axis named
+# twice once negatives are made positive; the functional core refuses a
+# duplicate (tests/test_checks.py).
+_AXES_CASES = [  # name, constructor args, call args, nnx num_features
+    ("LayerNorm", {"reduction_axes": (-1, 2)}, {}, 6),
+    ("LayerNorm", {"feature_axes": (2, -1)}, {}, 6),
+    ("LayerNorm", {"reduction_axes": np.array([1, 2]), "feature_axes": [-1]}, {}, 6),
+    ("LayerNorm", {"reduction_axes": {1, 2}}, {}, 6),
+    ("RMSNorm", {"reduction_axes": (1, -2, 2)}, {}, 6),
+    ("BatchNorm", {"axis": (1, -2)}, {"use_running_average": True}, 3),
+    ("BatchNorm", {"axis": np.array([1, 2])}, {"use_running_average": True}, 18),
+    ("BatchNorm", {"axis": (-1, 2), "momentum": 0.5}, {"use_running_average": False}, 6),
+    ("InstanceNorm", {"feature_axes": (-1, 2)}, {}, 6),
+    ("GroupNorm", {"num_groups": 3, "reduction_axes": (1, -1, 2)}, {}, 6),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,call_kw,_", _AXES_CASES)
+def test_linen_axis_arguments_read_as_flax_reads_them(name, kwargs, call_kw, _):
+  x = _rand((4, 3, 6), offset=0.5)
+  ours, theirs = getattr(jl, name)(**kwargs), getattr(nn, name)(**kwargs)
+  v = theirs.init(jax.random.key(0), x, **call_kw)
+  chex.assert_trees_all_equal_shapes_and_dtypes(ours.init(jax.random.key(0), x, **call_kw), v)
+  mutable = ["batch_stats"] if name == "BatchNorm" else False
+  chex.assert_trees_all_close(ours.apply(v, x, mutable=mutable, **call_kw),
+                              theirs.apply(v, x, mutable=mutable, **call_kw),
+                              atol=2e-5)
+
+
+@pytest.mark.parametrize("name,kwargs,call_kw,num_features", _AXES_CASES)
+def test_nnx_axis_arguments_read_as_flax_reads_them(name, kwargs, call_kw,
+                                                    num_features):
+  x = _rand((4, 3, 6), offset=0.5)
+  args = (num_features,)
+  kwargs = {**kwargs, **call_kw}
+  ours = getattr(jn, name)(*args, **kwargs, rngs=nnx.Rngs(0))
+  theirs = getattr(nnx, name)(*args, **kwargs, rngs=nnx.Rngs(0))
+  chex.assert_trees_all_close(ours(x), theirs(x), atol=2e-5)
+  chex.assert_trees_all_close(nnx.state(ours), nnx.state(theirs), atol=2e-5)
+
+
+@pytest.mark.parametrize("broadcast_dims", [(0, 0), (-1, 2), np.array([1]), {0, 2}])
+def test_dropout_broadcast_dims_read_as_flax_reads_them(broadcast_dims):
+  x = _rand((4, 3, 6))
+  rngs = {"dropout": jax.random.key(3)}
+  y = jl.Dropout(0.5, broadcast_dims=broadcast_dims).apply(
+      {}, x, deterministic=False, rngs=rngs)
+  y_flax = nn.Dropout(0.5, broadcast_dims=broadcast_dims).apply(
+      {}, x, deterministic=False, rngs=rngs)
+  chex.assert_trees_all_equal(y, y_flax)
+  y = jn.Dropout(0.5, broadcast_dims=broadcast_dims, rngs=nnx.Rngs(dropout=3))(x)
+  y_flax = nnx.Dropout(0.5, broadcast_dims=broadcast_dims,
+                       rngs=nnx.Rngs(dropout=3))(x)
+  chex.assert_trees_all_equal(y, y_flax)
+
+
+def test_axis_argument_errors_are_prefixed_with_the_module():
+  x = jnp.ones((4, 3, 6))
+  msg = ("Dropout: `broadcast_dims`=(0, 3) is out of range for an input with 3 "
+         "dimensions; expected values in [-3, 2].")
+  with _raises(ValueError, msg):
+    jl.Dropout(0.5, broadcast_dims=(0, 3)).apply(
+        {}, x, deterministic=False, rngs={"dropout": jax.random.key(0)})
+  with _raises(ValueError, msg):
+    jn.Dropout(0.5, broadcast_dims=(0, 3), rngs=nnx.Rngs(0))(x)
+  msg = ("LayerNorm: `reduction_axes` must be an int or an iterable of ints, "
+         "got (1, 2.0).")
+  with _raises(TypeError, msg):
+    jl.LayerNorm(reduction_axes=(1, 2.0)).init(jax.random.key(0), x)
+  with _raises(TypeError, msg):
+    jn.LayerNorm(6, reduction_axes=(1, 2.0), rngs=nnx.Rngs(0))(x)
+
+
 # -------------------------------------------------- nnx SpectralNorm in place
 
 

@@ -18,16 +18,16 @@ from flax.core import FrozenDict
 from flax.core import unfreeze
 
 import jaxnorm
-from jaxnorm._src import checks
 from jaxnorm._src import module_common as common
 
 Array = jax.Array
 
 
-def _feature_axes(feature_axes, ndim):
+def _feature_axes(module_name, feature_axes, ndim):
+  """Flax's reading of ``feature_axes`` (None: no feature axes)."""
   if feature_axes is None:
     return ()
-  return checks.normalize_axes("feature_axes", feature_axes, ndim)
+  return common.canonical_axes(module_name, "feature_axes", feature_axes, ndim)
 
 
 class WeightNorm(nn.WeightNorm):
@@ -78,7 +78,7 @@ class WeightNorm(nn.WeightNorm):
     name = self._path(path)
     if self.variable_filter and not any(f in name for f in self.variable_filter):
       return value
-    feature = _feature_axes(self.feature_axes, value.ndim)
+    feature = _feature_axes(type(self).__name__, self.feature_axes, value.ndim)
     wn = {"v": value}
     if self.use_scale:
       shape = tuple(value.shape[a] for a in feature)
@@ -247,5 +247,11 @@ class Dropout(nn.Dropout):
       return jnp.zeros_like(inputs)
     if rng is None:
       rng = self.make_rng(self.rng_collection)
-    return jaxnorm.dropout(rng, inputs, self.rate, train=True,
-                               broadcast_dims=self.broadcast_dims)
+    name = type(self).__name__
+    # Flax's reading of `broadcast_dims`: any iterable, an axis named twice
+    # counts once.
+    dims = common.canonical_axes(name, "broadcast_dims", self.broadcast_dims,
+                                 jnp.ndim(inputs))
+    with common.module_errors(name):
+      return jaxnorm.dropout(rng, inputs, self.rate, train=True,
+                             broadcast_dims=dims)
