@@ -268,7 +268,8 @@ class GroupNorm(nn.GroupNorm):
   ``x`` of shape ``(N, ..., C)``: the ``C`` channels are split into
   ``num_groups`` groups (default 32; or groups of ``group_size`` with
   ``num_groups=None``) and each example's group is normalized over its
-  channels and ``reduction_axes`` (default: every axis but the first);
+  channels and ``reduction_axes`` (default: every axis but the first; for a
+  1-D ``x`` of shape ``(C,)``, as in Flax, each group of the vector alone);
   ``scale``/``bias`` have shape ``(C,)``. A subclass of
   ``flax.linen.GroupNorm`` with its fields and its error messages; see
   :func:`jaxnorm.group_norm`.
@@ -276,12 +277,18 @@ class GroupNorm(nn.GroupNorm):
 
   @nn.compact
   def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
-    """Normalizes ``x`` of shape ``(N, ..., C)``."""
+    """Normalizes ``x`` of shape ``(N, ..., C)`` (or a lone ``(C,)``)."""
     name = type(self).__name__
     common.check_hyperparameters(name, epsilon=self.epsilon)
     (channels,) = common.feature_shape_of(name, x, -1, "x")
     reduction_axes = common.check_group_reduction_axes(name, x,
                                                        self.reduction_axes)
+    if reduction_axes is None and x.ndim == 1:
+      # Flax's default reduces over every axis but the first and the
+      # channels, plus the channels: on a lone vector (C,), the channels only,
+      # so each group of the vector is normalized on its own (flax.nnx's
+      # GroupNorm raises here, and so does jaxnorm's).
+      reduction_axes = (0,)
     groups = common.resolve_groups(name, channels, self.num_groups,
                                    self.group_size, what="channels")
     params = _declare_affine(self, (channels,), self.use_scale, self.use_bias)
