@@ -168,7 +168,9 @@ class SpectralNorm(nn.SpectralNorm):
     n_steps: power-iteration steps per call.
     epsilon: added to squared norms in the power iteration.
     dtype: result dtype (default: promoted from the variable, ``u`` and sigma).
-    param_dtype: dtype of ``u`` and ``sigma``.
+    param_dtype: dtype of ``u`` and ``sigma`` at init; as in Flax, an update
+      (``update_stats=True``, ``init`` included) stores them in the dtype of
+      ``u`` promoted with the variable's (float32 for a float32 kernel).
     error_on_non_matrix: raise for variables with more than two dimensions.
     collection_name: the collection holding ``u`` and ``sigma``.
   """
@@ -208,7 +210,14 @@ class SpectralNorm(nn.SpectralNorm):
                           (1, out), self.param_dtype)
     sigma_var = self.variable(self.collection_name, sigma_name, jnp.ones, (),
                               self.param_dtype)
-    state = {"u": u_var.value.reshape(out), "sigma": sigma_var.value}
+    # Flax stores the power iteration's result, whose dtype is that of the
+    # stored `u` promoted with the variable's (float32 `u`/`sigma` for a
+    # float32 kernel under `param_dtype=bfloat16`); the core keeps the state's
+    # dtype, so it gets the state in that dtype (an exact cast: the iteration
+    # runs in it anyway).
+    stat_dtype = jnp.promote_types(u_var.value.dtype, value.dtype)
+    state = {"u": u_var.value.reshape(out).astype(stat_dtype),
+             "sigma": sigma_var.value.astype(stat_dtype)}
     w_sn, new_state = jaxnorm.spectral_norm(
         value, state, n_steps=self.n_steps, train=True, eps=self.epsilon,
         dtype=self.dtype)
