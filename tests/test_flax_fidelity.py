@@ -257,6 +257,34 @@ def test_layers_computing_the_same_normalization_agree(first, first_kw, second, 
   np.testing.assert_allclose(fa.apply(va, x), fb.apply(vb, x), rtol=1e-7, atol=1e-7)
 
 
+def test_batch_norm_step_on_an_empty_batch_keeps_running_averages():
+  """Flax's running averages become NaN (0/0) on an empty batch; jaxnorm's
+  stay as they were (README, "Differences from Flax"), and the warning says
+  so rather than calling it one value per feature."""
+  x = jnp.zeros((0, 5))
+  v = nn.BatchNorm(use_running_average=False).init(jax.random.key(0), jnp.ones((2, 5)))
+  y_flax, s_flax = nn.BatchNorm(use_running_average=False).apply(
+      v, x, mutable=["batch_stats"])
+  assert np.isnan(np.asarray(s_flax["batch_stats"]["mean"])).all()
+  msg = ("BatchNorm: `x` of shape (0, 5) is an empty batch (no values per "
+         "feature), so there are no batch statistics: the output is empty and "
+         "the running averages are left unchanged (Flax would set them to "
+         "NaN, 0/0).")
+  with pytest.warns(UserWarning) as record:
+    y, s = jl.BatchNorm(use_running_average=False).apply(
+        v, x, mutable=["batch_stats"])
+  assert [str(w.message) for w in record] == [msg]
+  assert y.shape == y_flax.shape and y.dtype == y_flax.dtype
+  np.testing.assert_array_equal(s["batch_stats"]["mean"], np.zeros(5))
+  np.testing.assert_array_equal(s["batch_stats"]["var"], np.ones(5))
+  m = jn.BatchNorm(5, rngs=nnx.Rngs(0))
+  with pytest.warns(UserWarning) as record:
+    assert m(x).shape == (0, 5)
+  assert [str(w.message) for w in record] == [msg]
+  np.testing.assert_array_equal(m.mean[...], np.zeros(5))
+  np.testing.assert_array_equal(m.var[...], np.ones(5))
+
+
 def test_instance_norm_on_rank_two_input_gives_flax_result(call):
   x = _rand((3, 4), offset=2.0)
   ours = jn.InstanceNorm(4, rngs=nnx.Rngs(0))

@@ -141,13 +141,23 @@ def degenerate_batch_mask(module_name: str, x: Any,
   With at most one value per feature and no ``mask``, Flax normalizes each
   value with itself (output: ``bias``; running mean: a step toward ``x``,
   running variance: toward 0). An all-true mask gives the core the same math
-  without its "batch too small" error. ``warn`` says whether to emit the
-  :class:`UserWarning` (Flax linen's ``init`` on one example is the usual way
-  to build variables, and its output is not used, so it stays silent).
+  without its "batch too small" error. An empty batch (no values per
+  feature) has no statistics: the core leaves the running averages unchanged
+  where Flax's become NaN, and the warning says so. ``warn`` says whether to
+  emit the :class:`UserWarning` (Flax linen's ``init`` on one example is the
+  usual way to build variables, and its output is not used, so it stays
+  silent).
   """
-  if mask is not None or values_per_feature(x, feature_axes) > 1:
+  count = values_per_feature(x, feature_axes)
+  if mask is not None or count > 1:
     return mask
-  if warn:
+  if warn and count == 0:
+    warnings.warn(
+        f"{module_name}: `x` of shape {tuple(x.shape)} is an empty batch (no "
+        "values per feature), so there are no batch statistics: the output is "
+        "empty and the running averages are left unchanged (Flax would set "
+        "them to NaN, 0/0).", UserWarning, stacklevel=4)
+  elif warn:
     warnings.warn(
         f"{module_name}: train-mode batch statistics need more than one value "
         f"per feature, but `x` of shape {tuple(x.shape)} has one per feature, "
