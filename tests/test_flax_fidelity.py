@@ -285,6 +285,27 @@ def test_batch_norm_step_on_an_empty_batch_keeps_running_averages():
   np.testing.assert_array_equal(m.var[...], np.ones(5))
 
 
+def test_batch_norm_mask_with_axis_name_weights_devices_by_selected_count():
+  """README, "Differences from Flax": jaxnorm gives the masked statistics of
+  the whole batch; Flax the unweighted mean of the per-device masked means."""
+  x = np.asarray(_rand((2, 4, 3), offset=0.5)) * 2
+  mask = np.ones((2, 4, 3), bool)
+  mask[0, 1:] = False  # device 0 keeps 1 example, device 1 all 4
+  v = nn.BatchNorm(use_running_average=False).init(jax.random.key(0), x[0])
+  means = []
+  for M in (jl, nn):
+    m = M.BatchNorm(axis_name="d", use_running_average=False, momentum=0.0)
+    f = lambda a, k, m=m: m.apply(v, a, mask=k, mutable=["batch_stats"])[1]
+    means.append(jax.vmap(f, axis_name="d")(jnp.asarray(x), jnp.asarray(mask)))
+  x64 = x.astype(np.float64)
+  whole = np.array([x64[..., c][mask[..., c]].mean() for c in range(3)])
+  per_device = np.mean([[x64[d, :, c][mask[d, :, c]].mean() for c in range(3)]
+                        for d in range(2)], axis=0)
+  np.testing.assert_allclose(means[0]["batch_stats"]["mean"][0], whole, atol=1e-6)
+  np.testing.assert_allclose(means[1]["batch_stats"]["mean"][0], per_device, atol=1e-6)
+  assert np.abs(whole - per_device).max() > 0.1
+
+
 def test_instance_norm_on_rank_two_input_gives_flax_result(call):
   x = _rand((3, 4), offset=2.0)
   ours = jn.InstanceNorm(4, rngs=nnx.Rngs(0))
