@@ -270,7 +270,7 @@ def test_batch_norm_step_on_an_empty_batch_keeps_running_averages():
          "feature), so there are no batch statistics: the output is empty and "
          "the running averages are left unchanged (Flax would set them to "
          "NaN, 0/0).")
-  with pytest.warns(UserWarning) as record:
+  with pytest.warns(UserWarning, match="an empty batch") as record:
     y, s = jl.BatchNorm(use_running_average=False).apply(
         v, x, mutable=["batch_stats"])
   assert [str(w.message) for w in record] == [msg]
@@ -278,7 +278,7 @@ def test_batch_norm_step_on_an_empty_batch_keeps_running_averages():
   np.testing.assert_array_equal(s["batch_stats"]["mean"], np.zeros(5))
   np.testing.assert_array_equal(s["batch_stats"]["var"], np.ones(5))
   m = jn.BatchNorm(5, rngs=nnx.Rngs(0))
-  with pytest.warns(UserWarning) as record:
+  with pytest.warns(UserWarning, match="an empty batch") as record:
     assert m(x).shape == (0, 5)
   assert [str(w.message) for w in record] == [msg]
   np.testing.assert_array_equal(m.mean[...], np.zeros(5))
