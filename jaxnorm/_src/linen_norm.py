@@ -64,7 +64,8 @@ class _BatchNormShell(nn.BatchNorm):
                                  momentum=self.momentum)
     feature_shape = common.feature_shape_of(name, x, self.axis, "axis")
     # Flax's reading of `axis` (any iterable; an axis named twice counts once).
-    axis = common.canonical_axes(name, "axis", self.axis, x.ndim)
+    axis = common.core_axes(
+        self.axis, common.canonical_axes(name, "axis", self.axis, x.ndim))
     # Same creation order as flax: running statistics, then scale, then bias
     # (the order fixes which random key each initializer receives).
     ra_mean = self.variable("batch_stats", "mean",
@@ -81,7 +82,8 @@ class _BatchNormShell(nn.BatchNorm):
     if train and axis_name is None:
       # `init` on one example is how linen models are usually built; its
       # output is not used, so only `apply` warns.
-      mask = common.degenerate_batch_mask(name, x, axis, mask,
+      mask = common.degenerate_batch_mask(
+          name, x, common.canonical_axes(name, "axis", axis, x.ndim), mask,
                                           warn=not initializing)
     with common.module_errors(name):
       y, new_state = self._core(params, state, x, train=train, axis=axis,
@@ -148,7 +150,8 @@ class BatchNorm(_BatchNormShell):
   virtual_batch_size: int | None = None
 
   def _core(self, params, state, x, *, train, axis, axis_name, mask, warn):
-    k = common.chunk_size(type(self).__name__, x, axis,
+    k = common.chunk_size(type(self).__name__, x, common.canonical_axes(
+        type(self).__name__, "axis", axis, x.ndim),
                           self.virtual_batch_size, warn=warn) if train else None
     return jaxnorm.batch_norm(
         params, state, x, train=train, axis=axis, momentum=self.momentum,

@@ -104,6 +104,17 @@ def canonical_axes(module_name: str, arg_name: str, axes: Any,
     return tuple(sorted({int(a) % ndim for a in items}))
 
 
+def core_axes(given: Any, canonical: tuple[int, ...]) -> Any:
+  """What to hand the core: the caller's axes where the core takes them as
+  they are (so its messages show the caller's ``-1``), else ``canonical``."""
+  if checks.is_int(given):
+    return given
+  if (isinstance(given, (tuple, list)) and len(given) == len(canonical)
+      and all(checks.is_int(a) for a in given)):
+    return given
+  return canonical
+
+
 def feature_shape_of(module_name: str, x: Any, axes: Any,
                      arg_name: str) -> tuple[int, ...]:
   """The shape of ``x`` along ``axes`` (read as Flax reads them), with the

@@ -269,7 +269,8 @@ class _BatchNormShell(nnx.BatchNorm):
                _value(self.bias)))
     shape = common.feature_shape_of(name, x, self.axis, "axis")
     # Flax's reading of `axis` (any iterable; an axis named twice counts once).
-    axis = common.canonical_axes(name, "axis", self.axis, x.ndim)
+    axis = common.core_axes(
+        self.axis, common.canonical_axes(name, "axis", self.axis, x.ndim))
     if train and _is_flat(self.mean[...], shape):
       raise ValueError(
           f"{name}: `num_features`={self.num_features!r} stores the running "
@@ -285,7 +286,8 @@ class _BatchNormShell(nnx.BatchNorm):
     if train:
       state = {"mean": self.mean[...], "var": self.var[...]}
       if self.axis_name is None:
-        mask = common.degenerate_batch_mask(name, x, axis, mask, warn=True)
+        mask = common.degenerate_batch_mask(
+          name, x, common.canonical_axes(name, "axis", axis, x.ndim), mask, warn=True)
     else:
       # Promotion with a complex x or parameters makes the stored float32
       # variance complex with a zero imaginary part; Flax uses it as is
@@ -373,7 +375,8 @@ class BatchNorm(_BatchNormShell):
     self.virtual_batch_size = virtual_batch_size
 
   def _core(self, params, state, x, *, train, axis, mask):
-    k = common.chunk_size(type(self).__name__, x, axis,
+    k = common.chunk_size(type(self).__name__, x, common.canonical_axes(
+        type(self).__name__, "axis", axis, x.ndim),
                           self.virtual_batch_size, warn=True) if train else None
     return jaxnorm.batch_norm(
         params, state, x, train=train, axis=axis, momentum=self.momentum,
