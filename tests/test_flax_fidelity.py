@@ -257,6 +257,55 @@ def test_layers_computing_the_same_normalization_agree(first, first_kw, second, 
   np.testing.assert_allclose(fa.apply(va, x), fb.apply(vb, x), rtol=1e-7, atol=1e-7)
 
 
+def test_batch_norm_step_on_an_empty_batch_keeps_running_averages():
+  """Flax's running averages become NaN (0/0) on an empty batch; jaxnorm's
+  stay as they were (README, "Differences from Flax"), and the warning says
+  so rather than calling it one value per feature."""
+  x = jnp.zeros((0, 5))
+  v = nn.BatchNorm(use_running_average=False).init(jax.random.key(0), jnp.ones((2, 5)))
+  y_flax, s_flax = nn.BatchNorm(use_running_average=False).apply(
+      v, x, mutable=["batch_stats"])
+  assert np.isnan(np.asarray(s_flax["batch_stats"]["mean"])).all()
+  msg = ("BatchNorm: `x` of shape (0, 5) is an empty batch (no values per "
+         "feature), so there are no batch statistics: the output is empty and "
+         "the running averages are left unchanged (Flax would set them to "
+         "NaN, 0/0).")
+  with pytest.warns(UserWarning, match="an empty batch") as record:
+    y, s = jl.BatchNorm(use_running_average=False).apply(
+        v, x, mutable=["batch_stats"])
+  assert [str(w.message) for w in record] == [msg]
+  assert y.shape == y_flax.shape and y.dtype == y_flax.dtype
+  np.testing.assert_array_equal(s["batch_stats"]["mean"], np.zeros(5))
+  np.testing.assert_array_equal(s["batch_stats"]["var"], np.ones(5))
+  m = jn.BatchNorm(5, rngs=nnx.Rngs(0))
+  with pytest.warns(UserWarning, match="an empty batch") as record:
+    assert m(x).shape == (0, 5)
+  assert [str(w.message) for w in record] == [msg]
+  np.testing.assert_array_equal(m.mean[...], np.zeros(5))
+  np.testing.assert_array_equal(m.var[...], np.ones(5))
+
+
+def test_batch_norm_mask_with_axis_name_weights_devices_by_selected_count():
+  """README, "Differences from Flax": jaxnorm gives the masked statistics of
+  the whole batch; Flax the unweighted mean of the per-device masked means."""
+  x = np.asarray(_rand((2, 4, 3), offset=0.5)) * 2
+  mask = np.ones((2, 4, 3), bool)
+  mask[0, 1:] = False  # device 0 keeps 1 example, device 1 all 4
+  v = nn.BatchNorm(use_running_average=False).init(jax.random.key(0), x[0])
+  means = []
+  for M in (jl, nn):
+    m = M.BatchNorm(axis_name="d", use_running_average=False, momentum=0.0)
+    f = lambda a, k, m=m: m.apply(v, a, mask=k, mutable=["batch_stats"])[1]
+    means.append(jax.vmap(f, axis_name="d")(jnp.asarray(x), jnp.asarray(mask)))
+  x64 = x.astype(np.float64)
+  whole = np.array([x64[..., c][mask[..., c]].mean() for c in range(3)])
+  per_device = np.mean([[x64[d, :, c][mask[d, :, c]].mean() for c in range(3)]
+                        for d in range(2)], axis=0)
+  np.testing.assert_allclose(means[0]["batch_stats"]["mean"][0], whole, atol=1e-6)
+  np.testing.assert_allclose(means[1]["batch_stats"]["mean"][0], per_device, atol=1e-6)
+  assert np.abs(whole - per_device).max() > 0.1
+
+
 def test_instance_norm_on_rank_two_input_gives_flax_result(call):
   x = _rand((3, 4), offset=2.0)
   ours = jn.InstanceNorm(4, rngs=nnx.Rngs(0))
@@ -528,6 +577,81 @@ def test_axis_errors_name_the_module_argument(name):
     getattr(jl, name)(reduction_axes=2).init(jax.random.key(0), x)
   with _raises(ValueError, msg):
     getattr(jn, name)(3, reduction_axes=2, rngs=nnx.Rngs(0))(x)
+
+
+# ----------------------------------------- axis arguments as Flax reads them
+
+# Flax's modules take an int or any iterable of ints and merge an axis named
+# twice once negatives are made positive; the functional core refuses a
+# duplicate (tests/test_checks.py).
+_AXES_CASES = [  # name, constructor args, call args, nnx num_features
+    ("LayerNorm", {"reduction_axes": (-1, 2)}, {}, 6),
+    ("LayerNorm", {"feature_axes": (2, -1)}, {}, 6),
+    ("LayerNorm", {"reduction_axes": np.array([1, 2]), "feature_axes": [-1]}, {}, 6),
+    ("LayerNorm", {"reduction_axes": {1, 2}}, {}, 6),
+    ("RMSNorm", {"reduction_axes": (1, -2, 2)}, {}, 6),
+    ("BatchNorm", {"axis": (1, -2)}, {"use_running_average": True}, 3),
+    ("BatchNorm", {"axis": np.array([1, 2])}, {"use_running_average": True}, 18),
+    ("BatchNorm", {"axis": (-1, 2), "momentum": 0.5}, {"use_running_average": False}, 6),
+    ("InstanceNorm", {"feature_axes": (-1, 2)}, {}, 6),
+    ("GroupNorm", {"num_groups": 3, "reduction_axes": (1, -1, 2)}, {}, 6),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,call_kw,_", _AXES_CASES)
+def test_linen_axis_arguments_read_as_flax_reads_them(name, kwargs, call_kw, _):
+  x = _rand((4, 3, 6), offset=0.5)
+  ours, theirs = getattr(jl, name)(**kwargs), getattr(nn, name)(**kwargs)
+  v = theirs.init(jax.random.key(0), x, **call_kw)
+  chex.assert_trees_all_equal_shapes_and_dtypes(ours.init(jax.random.key(0), x, **call_kw), v)
+  mutable = ["batch_stats"] if name == "BatchNorm" else False
+  chex.assert_trees_all_close(ours.apply(v, x, mutable=mutable, **call_kw),
+                              theirs.apply(v, x, mutable=mutable, **call_kw),
+                              atol=2e-5)
+
+
+@pytest.mark.parametrize("name,kwargs,call_kw,num_features", _AXES_CASES)
+def test_nnx_axis_arguments_read_as_flax_reads_them(name, kwargs, call_kw,
+                                                    num_features):
+  x = _rand((4, 3, 6), offset=0.5)
+  args = (num_features,)
+  kwargs = {**kwargs, **call_kw}
+  ours = getattr(jn, name)(*args, **kwargs, rngs=nnx.Rngs(0))
+  theirs = getattr(nnx, name)(*args, **kwargs, rngs=nnx.Rngs(0))
+  chex.assert_trees_all_close(ours(x), theirs(x), atol=2e-5)
+  chex.assert_trees_all_close(nnx.state(ours), nnx.state(theirs), atol=2e-5)
+
+
+@pytest.mark.parametrize("broadcast_dims", [(0, 0), (-1, 2), np.array([1]), {0, 2}])
+def test_dropout_broadcast_dims_read_as_flax_reads_them(broadcast_dims):
+  x = _rand((4, 3, 6))
+  rngs = {"dropout": jax.random.key(3)}
+  y = jl.Dropout(0.5, broadcast_dims=broadcast_dims).apply(
+      {}, x, deterministic=False, rngs=rngs)
+  y_flax = nn.Dropout(0.5, broadcast_dims=broadcast_dims).apply(
+      {}, x, deterministic=False, rngs=rngs)
+  chex.assert_trees_all_equal(y, y_flax)
+  y = jn.Dropout(0.5, broadcast_dims=broadcast_dims, rngs=nnx.Rngs(dropout=3))(x)
+  y_flax = nnx.Dropout(0.5, broadcast_dims=broadcast_dims,
+                       rngs=nnx.Rngs(dropout=3))(x)
+  chex.assert_trees_all_equal(y, y_flax)
+
+
+def test_axis_argument_errors_are_prefixed_with_the_module():
+  x = jnp.ones((4, 3, 6))
+  msg = ("Dropout: `broadcast_dims`=(0, 3) is out of range for an input with 3 "
+         "dimensions; expected values in [-3, 2].")
+  with _raises(ValueError, msg):
+    jl.Dropout(0.5, broadcast_dims=(0, 3)).apply(
+        {}, x, deterministic=False, rngs={"dropout": jax.random.key(0)})
+  with _raises(ValueError, msg):
+    jn.Dropout(0.5, broadcast_dims=(0, 3), rngs=nnx.Rngs(0))(x)
+  msg = ("LayerNorm: `reduction_axes` must be an int or an iterable of ints, "
+         "got (1, 2.0).")
+  with _raises(TypeError, msg):
+    jl.LayerNorm(reduction_axes=(1, 2.0)).init(jax.random.key(0), x)
+  with _raises(TypeError, msg):
+    jn.LayerNorm(6, reduction_axes=(1, 2.0), rngs=nnx.Rngs(0))(x)
 
 
 # -------------------------------------------------- nnx SpectralNorm in place

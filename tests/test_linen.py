@@ -418,3 +418,25 @@ def test_errors_name_module_and_argument():
     jl.BatchNorm(use_running_average=False, momentum=1.5).apply(
         v, x, mutable=["batch_stats"])
   assert _msg(e) == "BatchNorm: `momentum` must be in [0, 1], got 1.5."
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_group_norm_on_a_lone_vector_normalizes_each_group(masked):
+  """flax.linen.GroupNorm on x of shape (C,): each group of the vector is
+  normalized on its own (flax.nnx's GroupNorm raises there)."""
+  x = (jnp.arange(12.0) ** 1.5).astype(jnp.float32)
+  mask = jnp.asarray(np.arange(12) % 4 != 1) if masked else None
+  m = jl.GroupNorm(num_groups=3, scale_init=_rand_init, bias_init=_rand_init)
+  v = nn.GroupNorm(num_groups=3, scale_init=_rand_init,
+                   bias_init=_rand_init).init(jax.random.key(0), x)
+  y = m.apply(v, x, mask=mask)
+  np.testing.assert_allclose(y, nn.GroupNorm(num_groups=3).apply(v, x, mask=mask),
+                             rtol=1e-5, atol=1e-5)
+  g = np.asarray(x, np.float64).reshape(3, 4)
+  sel = np.ones((3, 4), bool) if mask is None else np.asarray(mask).reshape(3, 4)
+  mean = np.array([r[s].mean() for r, s in zip(g, sel, strict=True)])[:, None]
+  var = np.array([r[s].var() for r, s in zip(g, sel, strict=True)])[:, None]
+  ref = ((g - mean) / np.sqrt(var + 1e-6)).ravel()
+  ref = ref * np.asarray(v["params"]["scale"], np.float64) + np.asarray(
+      v["params"]["bias"], np.float64)
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)

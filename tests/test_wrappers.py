@@ -104,6 +104,30 @@ def test_linen_spectral_norm_parity(make, x, n_steps):
   chex.assert_trees_all_close(grad(ours), grad(theirs), rtol=1e-5, atol=1e-5)
 
 
+def _dtypes(tree):
+  return jax.tree.map(lambda a: jnp.asarray(a).dtype, tree)
+
+
+@pytest.mark.parametrize("layer_dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("init_update", [True, False])
+def test_linen_spectral_norm_param_dtype_stats_like_flax(layer_dtype, init_update):
+  """`param_dtype` is u/sigma's dtype at creation; Flax's update stores the
+  power iteration's result, promoted with the kernel's dtype."""
+  make = lambda M: M.SpectralNorm(nn.Dense(4, param_dtype=layer_dtype),
+                                  param_dtype=jnp.bfloat16)
+  ours, theirs = make(jl), make(nn)
+  v_ours = ours.init(jax.random.key(0), X_DENSE, update_stats=init_update)
+  v = theirs.init(jax.random.key(0), X_DENSE, update_stats=init_update)
+  assert _dtypes(v_ours) == _dtypes(v)
+  chex.assert_trees_all_close(v_ours, v, rtol=1e-2, atol=1e-2)
+  for update in (True, False, True):
+    out_ours = ours.apply(v, X_DENSE, update_stats=update, mutable=["batch_stats"])
+    out = theirs.apply(v, X_DENSE, update_stats=update, mutable=["batch_stats"])
+    assert _dtypes(out_ours) == _dtypes(out)
+    chex.assert_trees_all_close(out_ours, out, rtol=2e-2, atol=2e-2)
+    v = {**v, **out[1]}
+
+
 def test_linen_spectral_norm_error_on_non_matrix():
   module = jl.SpectralNorm(nn.Conv(4, (3, 3)), error_on_non_matrix=True)
   msg = ("SpectralNorm: Input is 4D but error_on_non_matrix is True: the "

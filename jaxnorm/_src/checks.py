@@ -299,6 +299,9 @@ def _is_int(value: Any) -> TypeGuard[numbers.Integral | np.integer]:
           and not isinstance(value, (bool, np.bool_)))
 
 
+is_int = _is_int
+
+
 def normalize_axes(name: str, axis: int | Sequence[int],
                    ndim: int) -> tuple[int, ...]:
   """Turns an int or a sequence of ints into sorted non-negative axes.

@@ -37,6 +37,7 @@ from jaxnorm._src import weight_standardization as ws_lib
 from jaxnorm._src.batch_norm import batch_norm
 from jaxnorm._src.linen_norm import BatchNorm as _JaxnormBatchNorm
 from jaxnorm._src.linen_norm import BatchRenorm as _JaxnormBatchRenorm
+from jaxnorm._src.module_common import canonical_axes
 from jaxnorm._src.module_common import degenerate_batch_mask
 from jaxnorm._src.module_common import feature_shape_of
 from jaxnorm._src.module_common import module_errors
@@ -197,7 +198,8 @@ class ConditionalBatchNorm(nn.Module):
     if train:
       # One value per feature: Flax's result (the bias), with a warning
       # outside `init` (as BatchNorm).
-      mask = degenerate_batch_mask(type(self).__name__, x, -1, cast("Array | None", mask),
+      mask = degenerate_batch_mask(type(self).__name__, x, (jnp.ndim(x) - 1,),
+                                   cast("Array | None", mask),
                                    warn=not initializing)
     with module_errors(type(self).__name__):
       y, new = cond_lib.conditional_batch_norm(
@@ -642,7 +644,8 @@ def precise_batch_stats(
           return next_fun(*a, **kw)
         x, mask = _bn_call(a, kw)
         if context.module.path == target:
-          axes = checks.normalize_axes("axis", context.module.axis, x.ndim)
+          axes = canonical_axes(type(context.module).__name__, "axis",
+                                context.module.axis, x.ndim)
           captured.append(precise_lib.batch_moments(x, axis=axes, mask=mask))
         return inference_bn(context, x, stats)
 

@@ -51,7 +51,7 @@ class _BatchNormShell(nn.BatchNorm):
   """Variable handling shared by BatchNorm and BatchRenorm (Flax's fields)."""
 
   def _core(self, params: dict, state: dict, x: Array, *, train: bool,
-            axis_name: str | None, mask: Array | None,
+            axis: tuple[int, ...], axis_name: str | None, mask: Array | None,
             warn: bool) -> tuple[Array, dict]:
     raise NotImplementedError
 
@@ -63,6 +63,9 @@ class _BatchNormShell(nn.BatchNorm):
     common.check_hyperparameters(name, epsilon=self.epsilon,
                                  momentum=self.momentum)
     feature_shape = common.feature_shape_of(name, x, self.axis, "axis")
+    # Flax's reading of `axis` (any iterable; an axis named twice counts once).
+    axis = common.core_axes(
+        self.axis, common.canonical_axes(name, "axis", self.axis, x.ndim))
     # Same creation order as flax: running statistics, then scale, then bias
     # (the order fixes which random key each initializer receives).
     ra_mean = self.variable("batch_stats", "mean",
@@ -79,10 +82,11 @@ class _BatchNormShell(nn.BatchNorm):
     if train and axis_name is None:
       # `init` on one example is how linen models are usually built; its
       # output is not used, so only `apply` warns.
-      mask = common.degenerate_batch_mask(name, x, self.axis, mask,
+      mask = common.degenerate_batch_mask(
+          name, x, common.canonical_axes(name, "axis", axis, x.ndim), mask,
                                           warn=not initializing)
     with common.module_errors(name):
-      y, new_state = self._core(params, state, x, train=train,
+      y, new_state = self._core(params, state, x, train=train, axis=axis,
                                 axis_name=axis_name, mask=mask,
                                 warn=not initializing)
     if train and not initializing:
@@ -145,11 +149,12 @@ class BatchNorm(_BatchNormShell):
 
   virtual_batch_size: int | None = None
 
-  def _core(self, params, state, x, *, train, axis_name, mask, warn):
-    k = common.chunk_size(type(self).__name__, x, self.axis,
+  def _core(self, params, state, x, *, train, axis, axis_name, mask, warn):
+    k = common.chunk_size(type(self).__name__, x, common.canonical_axes(
+        type(self).__name__, "axis", axis, x.ndim),
                           self.virtual_batch_size, warn=warn) if train else None
     return jaxnorm.batch_norm(
-        params, state, x, train=train, axis=self.axis, momentum=self.momentum,
+        params, state, x, train=train, axis=axis, momentum=self.momentum,
         eps=self.epsilon, axis_name=axis_name,
         axis_index_groups=self.axis_index_groups if axis_name else None,
         mask=mask, virtual_batch_size=k, dtype=self.dtype)
@@ -179,11 +184,11 @@ class BatchRenorm(_BatchNormShell):
   r_max: float = 3.0
   d_max: float = 5.0
 
-  def _core(self, params, state, x, *, train, axis_name, mask, warn):
+  def _core(self, params, state, x, *, train, axis, axis_name, mask, warn):
     del warn
     return jaxnorm.batch_renorm(
         params, state, x, train=train, r_max=self.r_max, d_max=self.d_max,
-        axis=self.axis, momentum=self.momentum, eps=self.epsilon,
+        axis=axis, momentum=self.momentum, eps=self.epsilon,
         axis_name=axis_name,
         axis_index_groups=self.axis_index_groups if axis_name else None,
         mask=mask, dtype=self.dtype)
@@ -213,14 +218,15 @@ class LayerNorm(nn.LayerNorm):
     """Normalizes ``x``; ``mask`` selects the entries in the statistics."""
     name = type(self).__name__
     common.check_hyperparameters(name, epsilon=self.epsilon)
-    common.check_axes(name, x, reduction_axes=self.reduction_axes)
-    feature_shape = common.feature_shape_of(name, x, self.feature_axes,
-                                            "feature_axes")
+    reduction_axes, feature_axes = common.check_axes(
+        name, x, reduction_axes=self.reduction_axes,
+        feature_axes=self.feature_axes)
+    feature_shape = tuple(x.shape[a] for a in feature_axes)
     params = _declare_affine(self, feature_shape, self.use_scale, self.use_bias,
                              zero_centered=self.zero_centered_scale)
     with common.module_errors(name):
       return jaxnorm.layer_norm(
-          params, x, axis=self.reduction_axes, feature_axes=self.feature_axes,
+          params, x, axis=reduction_axes, feature_axes=feature_axes,
           eps=self.epsilon, mask=mask, axis_name=self.axis_name,
           axis_index_groups=self.axis_index_groups, dtype=self.dtype,
           zero_centered_scale=self.zero_centered_scale)
@@ -243,16 +249,17 @@ class RMSNorm(nn.RMSNorm):
     """Normalizes ``x``; ``mask`` selects the entries in the statistics."""
     name = type(self).__name__
     common.check_hyperparameters(name, epsilon=self.epsilon)
-    common.check_axes(name, x, reduction_axes=self.reduction_axes)
-    feature_shape = common.feature_shape_of(name, x, self.feature_axes,
-                                            "feature_axes")
+    reduction_axes, feature_axes = common.check_axes(
+        name, x, reduction_axes=self.reduction_axes,
+        feature_axes=self.feature_axes)
+    feature_shape = tuple(x.shape[a] for a in feature_axes)
     params = {}
     if self.use_scale:
       params["scale"] = self.param("scale", _scale_init(self, self.zero_centered_scale),
                                    feature_shape, self.param_dtype)
     with common.module_errors(name):
       return jaxnorm.rms_norm(
-          params, x, axis=self.reduction_axes, feature_axes=self.feature_axes,
+          params, x, axis=reduction_axes, feature_axes=feature_axes,
           eps=self.epsilon, mask=mask, axis_name=self.axis_name,
           axis_index_groups=self.axis_index_groups, dtype=self.dtype,
           zero_centered_scale=self.zero_centered_scale)
@@ -264,7 +271,8 @@ class GroupNorm(nn.GroupNorm):
   ``x`` of shape ``(N, ..., C)``: the ``C`` channels are split into
   ``num_groups`` groups (default 32; or groups of ``group_size`` with
   ``num_groups=None``) and each example's group is normalized over its
-  channels and ``reduction_axes`` (default: every axis but the first);
+  channels and ``reduction_axes`` (default: every axis but the first; for a
+  1-D ``x`` of shape ``(C,)``, as in Flax, each group of the vector alone);
   ``scale``/``bias`` have shape ``(C,)``. A subclass of
   ``flax.linen.GroupNorm`` with its fields and its error messages; see
   :func:`jaxnorm.group_norm`.
@@ -272,18 +280,25 @@ class GroupNorm(nn.GroupNorm):
 
   @nn.compact
   def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
-    """Normalizes ``x`` of shape ``(N, ..., C)``."""
+    """Normalizes ``x`` of shape ``(N, ..., C)`` (or a lone ``(C,)``)."""
     name = type(self).__name__
     common.check_hyperparameters(name, epsilon=self.epsilon)
     (channels,) = common.feature_shape_of(name, x, -1, "x")
-    common.check_group_reduction_axes(name, x, self.reduction_axes)
+    reduction_axes = common.check_group_reduction_axes(name, x,
+                                                       self.reduction_axes)
+    if reduction_axes is None and x.ndim == 1:
+      # Flax's default reduces over every axis but the first and the
+      # channels, plus the channels: on a lone vector (C,), the channels only,
+      # so each group of the vector is normalized on its own (flax.nnx's
+      # GroupNorm raises here, and so does jaxnorm's).
+      reduction_axes = (0,)
     groups = common.resolve_groups(name, channels, self.num_groups,
                                    self.group_size, what="channels")
     params = _declare_affine(self, (channels,), self.use_scale, self.use_bias)
     with common.module_errors(name):
       return jaxnorm.group_norm(
           params, x, num_groups=groups, eps=self.epsilon, mask=mask,
-          reduction_axes=self.reduction_axes, axis_name=self.axis_name,
+          reduction_axes=reduction_axes, axis_name=self.axis_name,
           axis_index_groups=self.axis_index_groups, dtype=self.dtype)
 
 

@@ -18,16 +18,16 @@ from flax.core import FrozenDict
 from flax.core import unfreeze
 
 import jaxnorm
-from jaxnorm._src import checks
 from jaxnorm._src import module_common as common
 
 Array = jax.Array
 
 
-def _feature_axes(feature_axes, ndim):
+def _feature_axes(module_name, feature_axes, ndim):
+  """Flax's reading of ``feature_axes`` (None: no feature axes)."""
   if feature_axes is None:
     return ()
-  return checks.normalize_axes("feature_axes", feature_axes, ndim)
+  return common.canonical_axes(module_name, "feature_axes", feature_axes, ndim)
 
 
 class WeightNorm(nn.WeightNorm):
@@ -78,7 +78,7 @@ class WeightNorm(nn.WeightNorm):
     name = self._path(path)
     if self.variable_filter and not any(f in name for f in self.variable_filter):
       return value
-    feature = _feature_axes(self.feature_axes, value.ndim)
+    feature = _feature_axes(type(self).__name__, self.feature_axes, value.ndim)
     wn = {"v": value}
     if self.use_scale:
       shape = tuple(value.shape[a] for a in feature)
@@ -168,7 +168,9 @@ class SpectralNorm(nn.SpectralNorm):
     n_steps: power-iteration steps per call.
     epsilon: added to squared norms in the power iteration.
     dtype: result dtype (default: promoted from the variable, ``u`` and sigma).
-    param_dtype: dtype of ``u`` and ``sigma``.
+    param_dtype: dtype of ``u`` and ``sigma`` at init; as in Flax, an update
+      (``update_stats=True``, ``init`` included) stores them in the dtype of
+      ``u`` promoted with the variable's (float32 for a float32 kernel).
     error_on_non_matrix: raise for variables with more than two dimensions.
     collection_name: the collection holding ``u`` and ``sigma``.
   """
@@ -208,7 +210,14 @@ class SpectralNorm(nn.SpectralNorm):
                           (1, out), self.param_dtype)
     sigma_var = self.variable(self.collection_name, sigma_name, jnp.ones, (),
                               self.param_dtype)
-    state = {"u": u_var.value.reshape(out), "sigma": sigma_var.value}
+    # Flax stores the power iteration's result, whose dtype is that of the
+    # stored `u` promoted with the variable's (float32 `u`/`sigma` for a
+    # float32 kernel under `param_dtype=bfloat16`); the core keeps the state's
+    # dtype, so it gets the state in that dtype (an exact cast: the iteration
+    # runs in it anyway).
+    stat_dtype = jnp.promote_types(u_var.value.dtype, value.dtype)
+    state = {"u": u_var.value.reshape(out).astype(stat_dtype),
+             "sigma": sigma_var.value.astype(stat_dtype)}
     w_sn, new_state = jaxnorm.spectral_norm(
         value, state, n_steps=self.n_steps, train=True, eps=self.epsilon,
         dtype=self.dtype)
@@ -247,5 +256,11 @@ class Dropout(nn.Dropout):
       return jnp.zeros_like(inputs)
     if rng is None:
       rng = self.make_rng(self.rng_collection)
-    return jaxnorm.dropout(rng, inputs, self.rate, train=True,
-                               broadcast_dims=self.broadcast_dims)
+    name = type(self).__name__
+    # Flax's reading of `broadcast_dims`: any iterable, an axis named twice
+    # counts once.
+    dims = common.canonical_axes(name, "broadcast_dims", self.broadcast_dims,
+                                 jnp.ndim(inputs))
+    with common.module_errors(name):
+      return jaxnorm.dropout(rng, inputs, self.rate, train=True,
+                             broadcast_dims=dims)

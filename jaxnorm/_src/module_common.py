@@ -18,12 +18,14 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from collections.abc import Iterable
 from collections.abc import Iterator
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxnorm._src import checks
 
@@ -72,46 +74,101 @@ def check_hyperparameters(module_name: str, *, epsilon: Any = None,
       checks.check_momentum(momentum, name="momentum")
 
 
+def canonical_axes(module_name: str, arg_name: str, axes: Any,
+                   ndim: int) -> tuple[int, ...]:
+  """Flax's reading of a module's axis argument: sorted non-negative axes.
+
+  Flax's modules take an int or any iterable of ints (a list, a tuple, a set,
+  a NumPy array) and merge an axis named twice (``(-1, 2)`` on rank 3 is axis
+  2). The modules do the same here and hand the core the resulting tuple; the
+  core itself keeps refusing duplicates. A non-int entry or an axis out of
+  range raises, prefixed with ``module_name`` and naming ``arg_name``.
+  """
+  given: Any = axes  # kept unnarrowed for the core's check
+  with module_errors(module_name):
+    if (not isinstance(axes, Iterable) or isinstance(axes, (str, bytes))
+        or (isinstance(axes, np.ndarray) and axes.ndim == 0)):
+      return checks.normalize_axes(arg_name, given, ndim)
+    items = tuple(axes)
+    if not all(checks.is_int(a) for a in items):
+      hint = ("; a bool is not an axis number"
+              if any(isinstance(a, (bool, np.bool_)) for a in items) else "")
+      raise TypeError(
+          f"`{arg_name}` must be an int or an iterable of ints, got "
+          f"{axes!r}{hint}.")
+    for a in items:
+      if not -ndim <= a < ndim:
+        raise ValueError(
+            f"`{arg_name}`={axes!r} is out of range for an input with {ndim} "
+            f"dimensions; expected values in [{-ndim}, {ndim - 1}].")
+    return tuple(sorted({int(a) % ndim for a in items}))
+
+
+def core_axes(given: Any, canonical: tuple[int, ...]) -> Any:
+  """What to hand the core: the caller's axes where the core takes them as
+  they are (so its messages show the caller's ``-1``), else ``canonical``."""
+  if checks.is_int(given):
+    return given
+  if (isinstance(given, (tuple, list)) and len(given) == len(canonical)
+      and all(checks.is_int(a) for a in given)):
+    return given
+  return canonical
+
+
 def feature_shape_of(module_name: str, x: Any, axes: Any,
                      arg_name: str) -> tuple[int, ...]:
-  """The shape of ``x`` along ``axes``, with the core's checks of both."""
+  """The shape of ``x`` along ``axes`` (read as Flax reads them), with the
+  core's checks of ``x``."""
   with module_errors(module_name):
     checks.check_array("x", x)
     if x.ndim == 0:
       raise ValueError("`x` must have at least 1 dimension, got a scalar.")
-    axes = checks.normalize_axes(arg_name, axes, x.ndim)
+  axes = canonical_axes(module_name, arg_name, axes, x.ndim)
   return tuple(x.shape[a] for a in axes)
 
 
-def check_axes(module_name: str, x: Any, **axes: Any) -> None:
-  """Checks axis arguments under the module's names (``reduction_axes``,
-  ``feature_axes``), where the core would name its own (``axis``)."""
+def check_axes(module_name: str, x: Any,
+               **axes: Any) -> tuple[tuple[int, ...], ...]:
+  """The axis arguments (``reduction_axes``, ``feature_axes``) read as Flax
+  reads them (:func:`canonical_axes`), in the order given, with errors under
+  the module's names where the core would name its own (``axis``)."""
   with module_errors(module_name):
     checks.check_array("x", x)
-    for arg, value in axes.items():
-      checks.normalize_axes(arg, value, x.ndim)
+  return tuple(canonical_axes(module_name, arg, value, x.ndim)
+               for arg, value in axes.items())
 
 
-def values_per_feature(x: Any, feature_axes: Any) -> int:
-  """How many entries of ``x`` each feature's batch statistics see."""
-  axes = checks.normalize_axes("axis", feature_axes, x.ndim)
-  return math.prod(x.shape[a] for a in range(x.ndim) if a not in axes)
+def values_per_feature(x: Any, feature_axes: tuple[int, ...]) -> int:
+  """How many entries of ``x`` each feature's batch statistics see
+  (``feature_axes``: canonical, from :func:`canonical_axes`)."""
+  return math.prod(x.shape[a] for a in range(x.ndim) if a not in feature_axes)
 
 
-def degenerate_batch_mask(module_name: str, x: Any, feature_axes: Any,
+def degenerate_batch_mask(module_name: str, x: Any,
+                          feature_axes: tuple[int, ...],
                           mask: Array | None, *, warn: bool) -> Array | None:
   """The mask a train-mode batch-norm call hands the core.
 
   With at most one value per feature and no ``mask``, Flax normalizes each
   value with itself (output: ``bias``; running mean: a step toward ``x``,
   running variance: toward 0). An all-true mask gives the core the same math
-  without its "batch too small" error. ``warn`` says whether to emit the
-  :class:`UserWarning` (Flax linen's ``init`` on one example is the usual way
-  to build variables, and its output is not used, so it stays silent).
+  without its "batch too small" error. An empty batch (no values per
+  feature) has no statistics: the core leaves the running averages unchanged
+  where Flax's become NaN, and the warning says so. ``warn`` says whether to
+  emit the :class:`UserWarning` (Flax linen's ``init`` on one example is the
+  usual way to build variables, and its output is not used, so it stays
+  silent).
   """
-  if mask is not None or values_per_feature(x, feature_axes) > 1:
+  count = values_per_feature(x, feature_axes)
+  if mask is not None or count > 1:
     return mask
-  if warn:
+  if warn and count == 0:
+    warnings.warn(
+        f"{module_name}: `x` of shape {tuple(x.shape)} is an empty batch (no "
+        "values per feature), so there are no batch statistics: the output is "
+        "empty and the running averages are left unchanged (Flax would set "
+        "them to NaN, 0/0).", UserWarning, stacklevel=4)
+  elif warn:
     warnings.warn(
         f"{module_name}: train-mode batch statistics need more than one value "
         f"per feature, but `x` of shape {tuple(x.shape)} has one per feature, "
@@ -122,7 +179,7 @@ def degenerate_batch_mask(module_name: str, x: Any, feature_axes: Any,
   return jnp.ones((), bool)
 
 
-def chunk_size(module_name: str, x: Any, feature_axes: Any,
+def chunk_size(module_name: str, x: Any, feature_axes: tuple[int, ...],
                virtual_batch_size: int | None, *, warn: bool) -> int | None:
   """The ghost-batch chunk size for ``x``: ``None`` (one chunk) when the batch
   has fewer examples than ``virtual_batch_size``.
@@ -133,8 +190,8 @@ def chunk_size(module_name: str, x: Any, feature_axes: Any,
   """
   if virtual_batch_size is None or isinstance(virtual_batch_size, bool):
     return virtual_batch_size
-  axes = checks.normalize_axes("axis", feature_axes, x.ndim)
-  batch_axis = min((a for a in range(x.ndim) if a not in axes), default=None)
+  batch_axis = min((a for a in range(x.ndim) if a not in feature_axes),
+                   default=None)
   if (batch_axis is None or not isinstance(virtual_batch_size, int)
       or x.shape[batch_axis] >= virtual_batch_size):
     return virtual_batch_size
@@ -153,7 +210,7 @@ def instance_norm_axes(module_name: str, x: Any,
   """The instance-norm feature axes of ``x``, with Flax's error for axis 0."""
   with module_errors(module_name):
     checks.check_array("x", x)
-    axes = checks.normalize_axes("feature_axes", feature_axes, x.ndim)
+  axes = canonical_axes(module_name, "feature_axes", feature_axes, x.ndim)
   if 0 in axes:
     raise ValueError(
         f"{module_name}: {FLAX_INSTANCE_NORM_BATCH_AXIS} `feature_axes`="
@@ -224,17 +281,18 @@ def resolve_groups(module_name: str, num_features: int, num_groups: int | None,
 
 
 def check_group_reduction_axes(module_name: str, x: Any,
-                               reduction_axes: Any) -> None:
-  """Group norm reduces over the channel axis; Flax's error when it is left out."""
+                               reduction_axes: Any) -> tuple[int, ...] | None:
+  """Group norm's ``reduction_axes`` read as Flax reads them (None stays
+  None); it must include the channel axis (Flax's error when left out)."""
   if reduction_axes is None:
-    return
-  with module_errors(module_name):
-    axes = checks.normalize_axes("reduction_axes", reduction_axes, x.ndim)
+    return None
+  axes = canonical_axes(module_name, "reduction_axes", reduction_axes, x.ndim)
   if x.ndim - 1 not in axes:
     raise ValueError(
         f"{module_name}: The reduction axes must include the final dimension as "
         f"this is assumed to be the feature axis. Got `reduction_axes`="
         f"{reduction_axes!r} for `x` of shape {tuple(x.shape)}.")
+  return axes
 
 
 def check_dropout_rate(module_name: str, rate: Any) -> None:

@@ -33,6 +33,7 @@ from jaxnorm._src import frn as frn_lib
 from jaxnorm._src import precise_bn as precise_lib
 from jaxnorm._src import qk_norm as qk_lib
 from jaxnorm._src import weight_standardization as ws_lib
+from jaxnorm._src.module_common import canonical_axes
 from jaxnorm._src.module_common import module_errors
 from jaxnorm._src.module_common import shape_tuple
 from jaxnorm._src.nnx_norm import BatchNorm as _JaxnormBatchNorm
@@ -770,7 +771,8 @@ def precise_batch_stats(
 
       def hook(module, x, mask):
         if module is mods[target]:
-          axes = checks.normalize_axes("axis", module.axis, x.ndim)
+          axes = canonical_axes(type(module).__name__, "axis",
+                                module.axis, x.ndim)
           captured.append(precise_lib.batch_moments(x, axis=axes, mask=mask))
 
       with _hooked_batch_norms(hook):

@@ -236,7 +236,7 @@ class _BatchNormShell(nnx.BatchNorm):
     _store(self, args, _BATCH_NORM_ATTRS)
 
   def _core(self, params: dict, state: dict, x: Array, *, train: bool,
-            mask: Array | None) -> tuple[Array, dict]:
+            axis: tuple[int, ...], mask: Array | None) -> tuple[Array, dict]:
     raise NotImplementedError
 
   def __call__(self, x: Array, use_running_average: bool | None = None, *,
@@ -270,6 +270,9 @@ class _BatchNormShell(nnx.BatchNorm):
         self, (x, self.mean[...], self.var[...], _value(self.scale),
                _value(self.bias)))
     shape = common.feature_shape_of(name, x, self.axis, "axis")
+    # Flax's reading of `axis` (any iterable; an axis named twice counts once).
+    axis = common.core_axes(
+        self.axis, common.canonical_axes(name, "axis", self.axis, x.ndim))
     if train and _is_flat(self.mean[...], shape):
       raise ValueError(
           f"{name}: `num_features`={self.num_features!r} stores the running "
@@ -285,7 +288,8 @@ class _BatchNormShell(nnx.BatchNorm):
     if train:
       state = {"mean": self.mean[...], "var": self.var[...]}
       if self.axis_name is None:
-        mask = common.degenerate_batch_mask(name, x, self.axis, mask, warn=True)
+        mask = common.degenerate_batch_mask(
+          name, x, common.canonical_axes(name, "axis", axis, x.ndim), mask, warn=True)
     else:
       # Promotion with a complex x or parameters makes the stored float32
       # variance complex with a zero imaginary part; Flax uses it as is
@@ -295,7 +299,7 @@ class _BatchNormShell(nnx.BatchNorm):
                "var": jnp.real(var) if jnp.iscomplexobj(var) else var}
     with common.module_errors(name):
       y, new_state = self._core(_params(scale, bias), state, x, train=train,
-                                mask=mask)
+                                axis=axis, mask=mask)
     if train:
       self.mean[...] = jax.lax.stop_gradient(new_state["mean"])
       self.var[...] = jax.lax.stop_gradient(new_state["var"])
@@ -372,11 +376,12 @@ class BatchNorm(_BatchNormShell):
     self._init_batch_norm(locals())
     self.virtual_batch_size = virtual_batch_size
 
-  def _core(self, params, state, x, *, train, mask):
-    k = common.chunk_size(type(self).__name__, x, self.axis,
+  def _core(self, params, state, x, *, train, axis, mask):
+    k = common.chunk_size(type(self).__name__, x, common.canonical_axes(
+        type(self).__name__, "axis", axis, x.ndim),
                           self.virtual_batch_size, warn=True) if train else None
     return jaxnorm.batch_norm(
-        params, state, x, train=train, axis=self.axis, momentum=self.momentum,
+        params, state, x, train=train, axis=axis, momentum=self.momentum,
         eps=self.epsilon, axis_name=self.axis_name,
         axis_index_groups=self.axis_index_groups, mask=mask,
         virtual_batch_size=k, dtype=self.dtype)
@@ -426,10 +431,10 @@ class BatchRenorm(_BatchNormShell):
     self.r_max = r_max
     self.d_max = d_max
 
-  def _core(self, params, state, x, *, train, mask):
+  def _core(self, params, state, x, *, train, axis, mask):
     return jaxnorm.batch_renorm(
         params, state, x, train=train, r_max=self.r_max, d_max=self.d_max,
-        axis=self.axis, momentum=self.momentum, eps=self.epsilon,
+        axis=axis, momentum=self.momentum, eps=self.epsilon,
         axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
         mask=mask, dtype=self.dtype)
 
@@ -509,14 +514,15 @@ class LayerNorm(nnx.LayerNorm):
     common.check_hyperparameters(name, epsilon=self.epsilon)
     scale, bias = _flax_affine(self, x, ("scale", "bias"))
     x, scale, bias = _promote(self, (x, scale, bias))
-    common.check_axes(name, x, reduction_axes=self.reduction_axes,
-                      feature_axes=self.feature_axes)
+    reduction_axes, feature_axes = common.check_axes(
+        name, x, reduction_axes=self.reduction_axes,
+        feature_axes=self.feature_axes)
     scale, bias = _to_features(name, x, "feature_axes", self.feature_axes,
                                (scale, bias), ("scale", "bias"))
     with common.module_errors(name):
       return jaxnorm.layer_norm(
-          _params(scale, bias), x, axis=self.reduction_axes,
-          feature_axes=self.feature_axes, eps=self.epsilon, mask=mask,
+          _params(scale, bias), x, axis=reduction_axes,
+          feature_axes=feature_axes, eps=self.epsilon, mask=mask,
           axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
           dtype=self.dtype, zero_centered_scale=self.zero_centered_scale)
 
@@ -589,14 +595,15 @@ class RMSNorm(nnx.RMSNorm):
     common.check_hyperparameters(name, epsilon=self.epsilon)
     scale, = _flax_affine(self, x, ("scale",))
     x, scale = _promote(self, (x, scale))
-    common.check_axes(name, x, reduction_axes=self.reduction_axes,
-                      feature_axes=self.feature_axes)
+    reduction_axes, feature_axes = common.check_axes(
+        name, x, reduction_axes=self.reduction_axes,
+        feature_axes=self.feature_axes)
     scale, = _to_features(name, x, "feature_axes", self.feature_axes, (scale,),
                           ("scale",))
     with common.module_errors(name):
       return jaxnorm.rms_norm(
-          _params(scale), x, axis=self.reduction_axes,
-          feature_axes=self.feature_axes, eps=self.epsilon, mask=mask,
+          _params(scale), x, axis=reduction_axes,
+          feature_axes=feature_axes, eps=self.epsilon, mask=mask,
           axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
           dtype=self.dtype, zero_centered_scale=self.zero_centered_scale)
 
@@ -688,14 +695,15 @@ class GroupNorm(nnx.GroupNorm):
           f"`num_features`={x.shape[-1]}.")
     scale, bias = _flax_affine(self, x, ("scale", "bias"))
     x, scale, bias = _promote(self, (x, scale, bias))
-    common.check_group_reduction_axes(name, x, self.reduction_axes)
+    reduction_axes = common.check_group_reduction_axes(name, x,
+                                                       self.reduction_axes)
     # Zero channels in groups of `group_size` make 0 groups (Flax's count);
     # the core needs a positive one, and any gives the same empty output.
     num_groups = self.num_groups or 1
     with common.module_errors(name):
       return jaxnorm.group_norm(
           _params(scale, bias), x, num_groups=num_groups, eps=self.epsilon,
-          mask=mask, reduction_axes=self.reduction_axes,
+          mask=mask, reduction_axes=reduction_axes,
           axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
           dtype=self.dtype)
 

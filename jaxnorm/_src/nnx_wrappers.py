@@ -43,10 +43,11 @@ from jaxnorm._src import module_common as common
 Array = jax.Array
 
 
-def _feature_axes(feature_axes, ndim):
-  if feature_axes is None or feature_axes == ():
+def _feature_axes(module_name, feature_axes, ndim):
+  """Flax's reading of ``feature_axes`` (None: no feature axes)."""
+  if feature_axes is None or (isinstance(feature_axes, tuple) and not feature_axes):
     return ()
-  return checks.normalize_axes("feature_axes", feature_axes, ndim)
+  return common.canonical_axes(module_name, "feature_axes", feature_axes, ndim)
 
 
 @contextlib.contextmanager
@@ -130,7 +131,7 @@ class WeightNorm(nnx.WeightNorm):
       params = nnx.state(self.layer_instance, nnx.Param)
       for path, param in nnx.to_flat_state(params):
         if self.variable_filter(path, param):
-          feature = _feature_axes(self.feature_axes, param.ndim)
+          feature = _feature_axes(type(self).__name__, self.feature_axes, param.ndim)
           shape = tuple(param.shape[a] for a in feature)
           scales[path] = nnx.Param(
               scale_init(rngs["params"](), shape, param_dtype))
@@ -143,7 +144,7 @@ class WeightNorm(nnx.WeightNorm):
       if not self.variable_filter(path, param):
         continue
       value = param.get_value()
-      feature = _feature_axes(self.feature_axes, value.ndim)
+      feature = _feature_axes(type(self).__name__, self.feature_axes, value.ndim)
       wn = {"v": value}
       if self.use_scale:
         if path not in scales:
@@ -415,5 +416,11 @@ class Dropout(nnx.Dropout):
       raise TypeError(
           f"Dropout: rngs must be a Rngs, RngStream or jax.Array, but got "
           f"{type(rngs)}. Pass e.g. `rngs=nnx.Rngs(dropout=0)` or a key.")
-    return jaxnorm.dropout(key, inputs, self.rate, train=True,
-                           broadcast_dims=self.broadcast_dims)
+    name = type(self).__name__
+    # Flax's reading of `broadcast_dims`: any iterable, an axis named twice
+    # counts once.
+    dims = common.canonical_axes(name, "broadcast_dims", self.broadcast_dims,
+                                 jnp.ndim(inputs))
+    with common.module_errors(name):
+      return jaxnorm.dropout(key, inputs, self.rate, train=True,
+                             broadcast_dims=dims)
