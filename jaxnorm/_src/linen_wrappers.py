@@ -256,11 +256,5 @@ class Dropout(nn.Dropout):
       return jnp.zeros_like(inputs)
     if rng is None:
       rng = self.make_rng(self.rng_collection)
-    name = type(self).__name__
-    # Flax's reading of `broadcast_dims`: any iterable, an axis named twice
-    # counts once.
-    dims = common.canonical_axes(name, "broadcast_dims", self.broadcast_dims,
-                                 jnp.ndim(inputs))
-    with common.module_errors(name):
-      return jaxnorm.dropout(rng, inputs, self.rate, train=True,
-                             broadcast_dims=dims)
+    return common.dropout(type(self).__name__, rng, inputs, self.rate,
+                          self.broadcast_dims)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnorm._src import checks
+from jaxnorm._src import dropout as dropout_lib
 
 Array = jax.Array
 
@@ -312,3 +313,13 @@ def shape_tuple(module_name: str, num_features: int | Sequence[int], *,
   with module_errors(module_name):
     return checks.feature_shape("num_features", num_features,
                                 allow_zero=allow_zero)
+
+
+def dropout(module_name: str, key: Any, inputs: Any, rate: float,
+            broadcast_dims: Any) -> Any:
+  """The Dropout modules' training call: ``broadcast_dims`` read as Flax reads
+  it (any iterable, an axis named twice counts once), errors prefixed with the
+  module's name."""
+  dims = canonical_axes(module_name, "broadcast_dims", broadcast_dims, jnp.ndim(inputs))
+  with module_errors(module_name):
+    return dropout_lib.dropout(key, inputs, rate, train=True, broadcast_dims=dims)

@@ -416,11 +416,5 @@ class Dropout(nnx.Dropout):
       raise TypeError(
           f"Dropout: rngs must be a Rngs, RngStream or jax.Array, but got "
           f"{type(rngs)}. Pass e.g. `rngs=nnx.Rngs(dropout=0)` or a key.")
-    name = type(self).__name__
-    # Flax's reading of `broadcast_dims`: any iterable, an axis named twice
-    # counts once.
-    dims = common.canonical_axes(name, "broadcast_dims", self.broadcast_dims,
-                                 jnp.ndim(inputs))
-    with common.module_errors(name):
-      return jaxnorm.dropout(key, inputs, self.rate, train=True,
-                             broadcast_dims=dims)
+    return common.dropout(type(self).__name__, key, inputs, self.rate,
+                          self.broadcast_dims)
