@@ -51,8 +51,9 @@ class _BatchNormShell(nn.BatchNorm):
   """Variable handling shared by BatchNorm and BatchRenorm (Flax's fields)."""
 
   def _core(self, params: dict, state: dict, x: Array, *, train: bool,
-            axis: tuple[int, ...], axis_name: str | None, mask: Array | None,
-            warn: bool) -> tuple[Array, dict]:
+            axis: int | tuple[int, ...], features: tuple[int, ...],
+            axis_name: str | None,
+            mask: Array | None, warn: bool) -> tuple[Array, dict]:
     raise NotImplementedError
 
   def _apply(self, x: Array, use_running_average: bool | None,
@@ -64,8 +65,7 @@ class _BatchNormShell(nn.BatchNorm):
                                  momentum=self.momentum)
     feature_shape = common.feature_shape_of(name, x, self.axis, "axis")
     # Flax's reading of `axis` (any iterable; an axis named twice counts once).
-    axis = common.core_axes(
-        self.axis, common.canonical_axes(name, "axis", self.axis, x.ndim))
+    features, axis = common.batch_axes(name, x, self.axis)
     # Same creation order as flax: running statistics, then scale, then bias
     # (the order fixes which random key each initializer receives).
     ra_mean = self.variable("batch_stats", "mean",
@@ -82,12 +82,11 @@ class _BatchNormShell(nn.BatchNorm):
     if train and axis_name is None:
       # `init` on one example is how linen models are usually built; its
       # output is not used, so only `apply` warns.
-      mask = common.degenerate_batch_mask(
-          name, x, common.canonical_axes(name, "axis", axis, x.ndim), mask,
+      mask = common.degenerate_batch_mask(name, x, features, mask,
                                           warn=not initializing)
     with common.module_errors(name):
       y, new_state = self._core(params, state, x, train=train, axis=axis,
-                                axis_name=axis_name, mask=mask,
+                                features=features, axis_name=axis_name, mask=mask,
                                 warn=not initializing)
     if train and not initializing:
       ra_mean.value = new_state["mean"]
@@ -149,9 +148,9 @@ class BatchNorm(_BatchNormShell):
 
   virtual_batch_size: int | None = None
 
-  def _core(self, params, state, x, *, train, axis, axis_name, mask, warn):
-    k = common.chunk_size(type(self).__name__, x, common.canonical_axes(
-        type(self).__name__, "axis", axis, x.ndim),
+  def _core(self, params, state, x, *, train, axis, features, axis_name, mask,
+            warn):
+    k = common.chunk_size(type(self).__name__, x, features,
                           self.virtual_batch_size, warn=warn) if train else None
     return jaxnorm.batch_norm(
         params, state, x, train=train, axis=axis, momentum=self.momentum,
@@ -184,8 +183,9 @@ class BatchRenorm(_BatchNormShell):
   r_max: float = 3.0
   d_max: float = 5.0
 
-  def _core(self, params, state, x, *, train, axis, axis_name, mask, warn):
-    del warn
+  def _core(self, params, state, x, *, train, axis, features, axis_name, mask,
+            warn):
+    del features, warn
     return jaxnorm.batch_renorm(
         params, state, x, train=train, r_max=self.r_max, d_max=self.d_max,
         axis=axis, momentum=self.momentum, eps=self.epsilon,

@@ -116,6 +116,14 @@ def core_axes(given: Any, canonical: tuple[int, ...]) -> Any:
   return canonical
 
 
+def batch_axes(module_name: str, x: Any, axis: Any) -> tuple[tuple[int, ...], Any]:
+  """A batch-norm module's ``axis``: ``(features, for_core)``, the canonical
+  feature axes (:func:`canonical_axes`) and what to hand the core
+  (:func:`core_axes`), read once per call."""
+  features = canonical_axes(module_name, "axis", axis, x.ndim)
+  return features, core_axes(axis, features)
+
+
 def feature_shape_of(module_name: str, x: Any, axes: Any,
                      arg_name: str) -> tuple[int, ...]:
   """The shape of ``x`` along ``axes`` (read as Flax reads them), with the

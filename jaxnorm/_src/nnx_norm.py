@@ -236,7 +236,8 @@ class _BatchNormShell(nnx.BatchNorm):
     _store(self, args, _BATCH_NORM_ATTRS)
 
   def _core(self, params: dict, state: dict, x: Array, *, train: bool,
-            axis: tuple[int, ...], mask: Array | None) -> tuple[Array, dict]:
+            axis: int | tuple[int, ...], features: tuple[int, ...],
+            mask: Array | None) -> tuple[Array, dict]:
     raise NotImplementedError
 
   def __call__(self, x: Array, use_running_average: bool | None = None, *,
@@ -271,8 +272,7 @@ class _BatchNormShell(nnx.BatchNorm):
                _value(self.bias)))
     shape = common.feature_shape_of(name, x, self.axis, "axis")
     # Flax's reading of `axis` (any iterable; an axis named twice counts once).
-    axis = common.core_axes(
-        self.axis, common.canonical_axes(name, "axis", self.axis, x.ndim))
+    features, axis = common.batch_axes(name, x, self.axis)
     if train and _is_flat(self.mean[...], shape):
       raise ValueError(
           f"{name}: `num_features`={self.num_features!r} stores the running "
@@ -288,8 +288,7 @@ class _BatchNormShell(nnx.BatchNorm):
     if train:
       state = {"mean": self.mean[...], "var": self.var[...]}
       if self.axis_name is None:
-        mask = common.degenerate_batch_mask(
-          name, x, common.canonical_axes(name, "axis", axis, x.ndim), mask, warn=True)
+        mask = common.degenerate_batch_mask(name, x, features, mask, warn=True)
     else:
       # Promotion with a complex x or parameters makes the stored float32
       # variance complex with a zero imaginary part; Flax uses it as is
@@ -299,7 +298,7 @@ class _BatchNormShell(nnx.BatchNorm):
                "var": jnp.real(var) if jnp.iscomplexobj(var) else var}
     with common.module_errors(name):
       y, new_state = self._core(_params(scale, bias), state, x, train=train,
-                                axis=axis, mask=mask)
+                                axis=axis, features=features, mask=mask)
     if train:
       self.mean[...] = jax.lax.stop_gradient(new_state["mean"])
       self.var[...] = jax.lax.stop_gradient(new_state["var"])
@@ -376,9 +375,8 @@ class BatchNorm(_BatchNormShell):
     self._init_batch_norm(locals())
     self.virtual_batch_size = virtual_batch_size
 
-  def _core(self, params, state, x, *, train, axis, mask):
-    k = common.chunk_size(type(self).__name__, x, common.canonical_axes(
-        type(self).__name__, "axis", axis, x.ndim),
+  def _core(self, params, state, x, *, train, axis, features, mask):
+    k = common.chunk_size(type(self).__name__, x, features,
                           self.virtual_batch_size, warn=True) if train else None
     return jaxnorm.batch_norm(
         params, state, x, train=train, axis=axis, momentum=self.momentum,
@@ -431,7 +429,8 @@ class BatchRenorm(_BatchNormShell):
     self.r_max = r_max
     self.d_max = d_max
 
-  def _core(self, params, state, x, *, train, axis, mask):
+  def _core(self, params, state, x, *, train, axis, features, mask):
+    del features
     return jaxnorm.batch_renorm(
         params, state, x, train=train, r_max=self.r_max, d_max=self.d_max,
         axis=axis, momentum=self.momentum, eps=self.epsilon,
