@@ -272,13 +272,20 @@ def _table() -> str:
   put = lambda t, s: jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, s)), t)
   state = lambda c: {"mean": jnp.zeros(c), "var": jnp.ones(c)}
 
-  def describe(fn, args):
+  def summary(found):
     kinds: dict[str, list[int]] = {}
-    for c in collectives(compiled_text(fn, *args)):
+    for c in found:
       k = kinds.setdefault(c.kind, [0, 0])
       k[0] += 1
       k[1] += c.nbytes
-    return ", ".join(f"{n} {kind} ({b:,} B)" for kind, (n, b) in kinds.items()) or "none"
+    return ", ".join(f"{n} {kind} ({b:,} B)" for kind, (n, b) in kinds.items())
+
+  def describe(fn, args):
+    # Every call's collectives, then those of a conditional's branch (the second look).
+    found = collectives(compiled_text(fn, *args))
+    always = summary(unconditional(found)) or "none"
+    branch = summary([c for c in found if c.conditional])
+    return always + (f"; if taken, {branch}" if branch else "")
 
   def row(name, ours, theirs, x, p_spec, x_spec, mapped=False):
     params = {"scale": jnp.ones(x.shape[-1]), "bias": jnp.zeros(x.shape[-1])}
