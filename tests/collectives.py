@@ -19,7 +19,10 @@ an async wrapper ``calls=`` is still seen, once):
   ``all-to-all`` of slices) count once with the bytes of all their elements.
 
 A collective inside a loop body (``while``, e.g. from ``lax.scan``) is counted
-once, as written, not once per iteration.
+once, as written, not once per iteration. A collective inside a branch of a
+``conditional`` (``lax.cond``; in that branch's computation or one it calls)
+is counted too, marked ``conditional``: it runs only when that branch is
+taken (:func:`unconditional` leaves those out).
 
 Example::
 
@@ -66,6 +69,13 @@ _MESH_GROUPS = re.compile(
     r"(?:,\s*device_ids=\(\[(?P<dims>[0-9,]+)\](?:T\((?P<perm>[0-9,]+)\))?\))?"
     r"\s*\{(?P<over>[^}]*)\}")
 _OPERAND_NAME = re.compile(r"%([\w.\-]+)")
+# A computation's first line: `[ENTRY] %name (params) -> result {`.
+_COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s*\(")
+# Computations an instruction runs: fusions, async wrappers, reductions, loops, branches.
+_CALLED = re.compile(
+    r"\b(?:calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)")
+_BRANCH_LIST = re.compile(r"\bbranch_computations=\{([^}]*)\}")
+_TRUE_FALSE = re.compile(r"\b(?:true_computation|false_computation)=%?([\w.\-]+)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +92,8 @@ class Collective:
     groups: the replica groups as tuples of device ids (``()`` when the HLO
       leaves them empty, meaning all devices; ``None`` for a form this parser
       does not know); for a collective-permute, the ``(source, target)`` pairs.
+    conditional: inside a branch of a ``conditional`` (directly or in a
+      computation the branch calls): it runs only when that branch is taken.
   """
 
   kind: str
@@ -89,6 +101,7 @@ class Collective:
   nbytes: int
   shapes: tuple[tuple[str, tuple[int, ...]], ...]
   groups: tuple[tuple[int, ...], ...] | None
+  conditional: bool = False
 
   @property
   def group_size(self) -> int | None:
@@ -169,7 +182,20 @@ def collectives(compiled_hlo_text: str) -> list[Collective]:
   """
   starts: dict[str, re.Match] = {}
   found = []
+  where: list[str] = []                    # the computation of each entry of `found`
+  calls: dict[str, set[str]] = {}          # computation -> computations it runs
+  branches: set[str] = set()               # branches of conditionals
+  current = ""
   for line in compiled_hlo_text.splitlines():
+    head = _COMPUTATION.match(line)
+    if head is not None and line.rstrip().endswith("{") and " = " not in line.split("(")[0]:
+      current = head.group("name")
+      continue
+    calls.setdefault(current, set()).update(_CALLED.findall(line))
+    if " conditional(" in line:
+      for group in _BRANCH_LIST.findall(line):
+        branches.update(name.strip().lstrip("%") for name in group.split(",") if name.strip())
+      branches.update(_TRUE_FALSE.findall(line))
     m = _INSTRUCTION.match(line)
     if m is None:
       continue
@@ -188,7 +214,22 @@ def collectives(compiled_hlo_text: str) -> list[Collective]:
     shapes = _shapes(m.group("shape"))
     found.append(Collective(kind=op, name=m.group("name"), nbytes=_nbytes(shapes),
                             shapes=shapes, groups=_groups(attrs)))
-  return found
+    where.append(current)
+  # Computations that run only inside a branch: the branches and all they call.
+  in_branch, todo = set(), list(branches)
+  while todo:
+    name = todo.pop()
+    if name not in in_branch:
+      in_branch.add(name)
+      todo.extend(calls.get(name, ()))
+  return [dataclasses.replace(c, conditional=True) if w in in_branch else c
+          for c, w in zip(found, where, strict=True)]
+
+
+def unconditional(found: list[Collective]) -> list[Collective]:
+  """The collectives every run executes: ``found`` without those inside a
+  branch of a conditional (``lax.cond``)."""
+  return [c for c in found if not c.conditional]
 
 
 def compiled_text(fn: Callable[..., Any], *args: Any) -> str:
@@ -231,13 +272,20 @@ def _table() -> str:
   put = lambda t, s: jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, s)), t)
   state = lambda c: {"mean": jnp.zeros(c), "var": jnp.ones(c)}
 
-  def describe(fn, args):
+  def summary(found):
     kinds: dict[str, list[int]] = {}
-    for c in collectives(compiled_text(fn, *args)):
+    for c in found:
       k = kinds.setdefault(c.kind, [0, 0])
       k[0] += 1
       k[1] += c.nbytes
-    return ", ".join(f"{n} {kind} ({b:,} B)" for kind, (n, b) in kinds.items()) or "none"
+    return ", ".join(f"{n} {kind} ({b:,} B)" for kind, (n, b) in kinds.items())
+
+  def describe(fn, args):
+    # Every call's collectives, then those of a conditional's branch (the second look).
+    found = collectives(compiled_text(fn, *args))
+    always = summary(unconditional(found)) or "none"
+    branch = summary([c for c in found if c.conditional])
+    return always + (f"; if taken, {branch}" if branch else "")
 
   def row(name, ours, theirs, x, p_spec, x_spec, mapped=False):
     params = {"scale": jnp.ones(x.shape[-1]), "bias": jnp.zeros(x.shape[-1])}

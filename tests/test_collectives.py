@@ -18,6 +18,7 @@ from collectives import collectives
 from collectives import compiled_text
 from collectives import count
 from collectives import total_bytes
+from collectives import unconditional
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -116,6 +117,18 @@ def test_unsharded_program_has_no_collectives():
   assert count(lambda x: jnp.sum(x * 2.0), jnp.ones((16, 3)), kind=None) == 0
 
 
+def test_collectives_in_a_branch_of_a_cond_are_marked(mesh):
+  # The sum in the taken-only-sometimes branch is an all-reduce of its own; the one
+  # the predicate needs runs every time.
+  x = _put(mesh, jnp.ones((16, 3)), P("b"))
+  f = lambda x: jax.lax.cond(jnp.sum(x) > 0, lambda: jnp.sum(x * x, axis=0),
+                             lambda: jnp.zeros(3))
+  found = collectives(compiled_text(f, x))
+  assert sorted((c.conditional, c.kind) for c in found) == [
+      (False, "all-reduce"), (True, "all-reduce")]
+  assert [c.conditional for c in unconditional(found)] == [False]
+
+
 # Hand-written text in the form GPU backends print (async pairs, tuple all-reduce,
 # an async wrapper calling a reduce-scatter, iota replica groups). A backslash at
 # the end of a line continues that HLO line on the next.
@@ -167,6 +180,46 @@ def test_async_pairs_tuples_and_wrapped_collectives_from_text():
   # One combined all-reduce of f32[8] and bf16[6]; empty groups mean every device.
   assert (ar2.nbytes, ar2.groups, ar2.group_size) == (32 + 12, (), None)
   assert (cp.nbytes, cp.groups) == (8, ((0, 1), (1, 0)))
+
+
+_BRANCH_HLO = """\
+HloModule m, num_partitions=2
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(f32[] %a, f32[] %b)
+}
+
+%wrapped (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %inner = f32[4]{0} all-reduce(f32[4]{0} %p), channel_id=2, replica_groups={}, to_apply=%add
+}
+
+%taken (t: f32[4]) -> f32[4] {
+  %t = f32[4]{0} parameter(0)
+  %start = ((f32[4]{0}), f32[4]{0}) async-start(f32[4]{0} %t), calls=%wrapped
+  ROOT %done = f32[4]{0} async-done(((f32[4]{0}), f32[4]{0}) %start)
+}
+
+%kept (k: f32[4]) -> f32[4] {
+  ROOT %k = f32[4]{0} parameter(0)
+}
+
+ENTRY %main (x: f32[4], c: pred[]) -> f32[4] {
+  %x = f32[4]{0} parameter(0)
+  %c = pred[] parameter(1)
+  %outer = f32[4]{0} all-reduce(f32[4]{0} %x), channel_id=1, replica_groups={}, to_apply=%add
+  ROOT %cond = f32[4]{0} conditional(pred[] %c, f32[4]{0} %outer, f32[4]{0} %outer), \
+true_computation=%taken, false_computation=%kept
+}
+"""
+
+
+def test_branch_collectives_from_text_through_called_computations():
+  found = collectives(_BRANCH_HLO)
+  assert [(c.name, c.conditional) for c in found] == [("inner", True), ("outer", False)]
+  assert [c.name for c in unconditional(found)] == ["outer"]
 
 
 def test_unknown_kind_is_rejected():

@@ -366,20 +366,25 @@ def test_second_look_is_decided_once_for_a_vmapped_batch(looks_in_jax):
   assert hlo.count("stablehlo.case") == 1 and "jaxnorm_refine_moments" not in hlo
 
 
-def test_second_look_taken_on_many_devices_unless_x_is_partitioned():
+def test_second_look_taken_on_many_devices_unless_per_example_and_partitioned():
   """Eight devices. Data whose type names no mesh (not sharded) take the
   second look, a ``lax.cond`` (the compiled loops are for one device), and
   get exact statistics: it was once left out there. Data sharded along the
-  batch under ``jit`` decide nothing on the data (a per-example statistic's
-  decision would be an all-reduce per call); inside ``shard_map`` each device
-  decides for its own block (four columns)."""
+  batch under ``jit`` take it after the blocks' gather (the decision travels
+  with the statistics; tests/test_sharding.py counts the collectives), but
+  per-example statistics there decide nothing on the data (their decision
+  would be an all-reduce per call); inside ``shard_map`` each device decides
+  for its own block (four columns)."""
   x = probes_taken("edges", 64)
   f = jax.jit(lambda x: jaxnorm.moments(x, 0))
   assert "stablehlo.case" in f.lower(x).as_text()
   assert_exact_stats(*f(x), x)
   mesh = jax.make_mesh((8,), ("b",))
   sharded = jax.device_put(x, jax.NamedSharding(mesh, jax.P("b")))
-  assert "stablehlo.case" not in f.lower(sharded).as_text()
+  assert "stablehlo.case" in f.lower(sharded).as_text()
+  assert_exact_stats(*f(sharded), x)
+  rows = jax.device_put(np.tile(x, (1, 32)), jax.NamedSharding(mesh, jax.P("b")))
+  assert "stablehlo.case" not in jax.jit(lambda x: jaxnorm.moments(x, 1)).lower(rows).as_text()
   g = jax.shard_map(lambda x: jnp.stack(jaxnorm.moments(x, 0))[None], mesh=mesh,
                     in_specs=jax.P(None), out_specs=jax.P("b"))
   assert "stablehlo.case" in jax.jit(g).lower(x).as_text()

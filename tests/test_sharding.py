@@ -11,9 +11,13 @@ Part 2 reads the compiled programs (tests/collectives.py) and pins what each
 layer call costs: no all-gather of an activation-sized array, all-reduce bytes of
 the order of the per-feature (or per-example) statistics, and no more
 collectives (all-reduces or others) than flax.linen's module for the same layer and sharding.
+Collectives inside a branch of a `lax.cond` (the second look at batch statistics, taken
+only when outliers sit at a block's probed places) are counted apart: they run only then.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import chex
 import flax.linen as nn
@@ -23,6 +27,7 @@ import numpy as np
 import pytest
 from collectives import collectives
 from collectives import compiled_text
+from collectives import unconditional
 from flax import nnx
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
@@ -252,14 +257,73 @@ def test_moments_gradient_on_explicit_mesh_axes():
   np.testing.assert_allclose(np.asarray(g, np.float64), want, rtol=0, atol=1e-6)
 
 
+def _bn_values_and_input_grad(params, state):
+  """x, w -> (batch mean, batch var, y, dL/dx) of a training batch norm, L = sum(tanh(y) w)."""
+  def bn(x):
+    y, new = jaxnorm.batch_norm(params, state, x, train=True, momentum=0.0)
+    return y, new
+
+  def f(x, w):
+    (y, new), vjp = jax.vjp(bn, x)
+    dy = (1 - jnp.tanh(y) ** 2) * w
+    (dx,) = vjp((dy, jax.tree.map(jnp.zeros_like, new)))
+    return new["mean"], new["var"], y, dx
+  return f
+
+
+@pytest.mark.parametrize("kind", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
+@pytest.mark.parametrize("rows", [(0, 256), (0, 511), (1536, 1792)],
+                         ids=["block0-first-middle", "block0-first-last", "block3-first-middle"])
+def test_batch_statistics_take_the_second_look_under_sharded_jit(kind, rows):
+  # 4096 rows over 8 devices: 8 blocks of 512 rows, each in the frame of the median of its
+  # first, middle and last rows (moments.probe_frame). Outliers at two of those places put
+  # one block's frame 1e4 from its mean, which costs its one-pass sums precision; the
+  # second look sums that block again at its mean. Under sharded jit it was not taken
+  # (deciding needs every block's test): the variance was off by 7e-5, the input gradient
+  # by 4e-5 of its size. Now the tests travel with the statistics in their one gather.
+  mesh = _mesh((N_DEV,), ("d",), kind)
+  n, c = 4096, 4
+  rng = np.random.default_rng(11)
+  x = 1e3 + rng.standard_normal((n, c))
+  x[list(rows)] = 1e3 + 1e4
+  x = x.astype(np.float32)
+  w = rng.standard_normal((n, c)).astype(np.float32)
+  params, state = jaxnorm.batch_norm_init(c)
+  bn = jax.jit(_bn_values_and_input_grad(params, state))
+  stats = jax.jit(lambda x: jaxnorm.moments(x, 0))
+  with jax.set_mesh(mesh) if kind == AxisType.Explicit else contextlib.nullcontext():
+    xs, ws = _put(mesh, x, P("d")), _put(mesh, w, P("d"))
+    mean, var, y, dx = bn(xs, ws)
+    got_stats = stats(xs)
+  x64 = np.asarray(x, np.float64)
+  m64, v64 = x64.mean(0), x64.var(0)
+  y64 = (x64 - m64) / np.sqrt(v64 + 1e-5)
+  dx64 = ref.batch_norm_input_grad(x, (1 - np.tanh(y64) ** 2) * w)
+  for mu, v in ((mean, var), got_stats):
+    np.testing.assert_array_less(np.abs(np.asarray(v, np.float64) - v64), 1e-6 * v64)
+    np.testing.assert_array_less(np.abs(np.asarray(mu, np.float64) - m64),
+                                 1e-6 * np.sqrt(v64) + np.spacing(np.float32(m64)))
+  # The output keeps the probed frame (x - frame is rounded at 1e4, as on one device with
+  # outliers at its probes): measured 4e-6 and 2e-6 of the gradient's size (before: 1.6e-3
+  # and 4e-5).
+  err = np.abs(np.asarray(y, np.float64) - y64)
+  np.testing.assert_array_less(err, 1e-5 * np.maximum(1.0, np.abs(y64)))
+  np.testing.assert_allclose(np.asarray(dx, np.float64) / np.max(np.abs(dx64), 0),
+                             dx64 / np.max(np.abs(dx64), 0), rtol=0, atol=5e-6)
+
+
 # Part 2: communication, read from the compiled programs.
 
 
 def _costs(fn, *args):
+  """All-reduces (count, bytes) and the other collectives every call runs, and the
+  collectives inside a branch of a conditional (run only when it is taken)."""
   found = collectives(compiled_text(fn, *args))
-  reduces = [c for c in found if c.kind == "all-reduce"]
-  others = [c for c in found if c.kind != "all-reduce"]
-  return len(reduces), sum(c.nbytes for c in reduces), others
+  always = unconditional(found)
+  reduces = [c for c in always if c.kind == "all-reduce"]
+  others = [c for c in always if c.kind != "all-reduce"]
+  branch = [c for c in found if c.conditional]
+  return len(reduces), sum(c.nbytes for c in reduces), others, branch
 
 
 def _forward(layer):
@@ -278,15 +342,47 @@ def test_batch_statistics_cost_statistics_sized_collectives(mesh1, name, grad):
   x, w, params = _data((BATCH, FEATURES))
   fn = (_value_and_grads if grad else _forward)(LAYERS[name])
   args = (_put(mesh1, params, P()), _put(mesh1, x, P("d")), _put(mesh1, w, P("d")))
-  count, nbytes, others = _costs(fn, *args)
+  count, nbytes, others, branch = _costs(fn, *args)
   # A gather may bring every device's few statistics per feature (N_DEV x 4 floats),
-  # never the activations (a shard is 256 x 64 floats, 8 times more).
-  too_big = [c for c in others if c.nbytes > N_DEV * 4 * STAT_BYTES]
+  # never the activations (a shard is 256 x 64 floats, 8 times more), in the second
+  # look's branch neither.
+  too_big = [c for c in others + branch if c.nbytes > N_DEV * 4 * STAT_BYTES]
   assert not too_big, too_big
   # All-reduces: a few floats per feature each way (mean, variance, a count; the
   # backward's two sums and the parameter gradients).
   per_feature = 4 * (2 if grad else 1)
   assert nbytes <= per_feature * STAT_BYTES + 64, (count, nbytes)
+
+
+@pytest.mark.parametrize("kind", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "forward+backward"])
+def test_second_look_costs_no_collective_unless_taken(kind, grad):
+  # Batch split: every call gathers the per-block statistics once (frame, mean offset, sum
+  # of squared deviations and the second look's test, per block and feature), and the
+  # backward pass all-reduces its sums once. The second look's branch gathers the blocks'
+  # statistics again, and runs only where some block's probed frame is far from its mean;
+  # it sums each block on its own device (no gather of x: the size check above).
+  mesh = _mesh((N_DEV,), ("d",), kind)
+  x, w, params = _data((BATCH, FEATURES))
+  fn = (_value_and_grads if grad else _forward)(LAYERS["batch_norm"])
+  with jax.set_mesh(mesh) if kind == AxisType.Explicit else contextlib.nullcontext():
+    args = (_put(mesh, params, P()), _put(mesh, x, P("d")), _put(mesh, w, P("d")))
+    count, _, others, branch = _costs(fn, *args)
+  gathered = lambda k: [("all-gather", (("f32", (N_DEV, 1, FEATURES, k)),))]
+  assert [(c.kind, c.shapes) for c in others] == gathered(4)
+  assert count == (1 if grad else 0)
+  assert [(c.kind, c.shapes) for c in branch] == gathered(3)
+
+
+def test_second_look_with_features_split_costs_one_boolean_all_reduce(mesh1):
+  # Under Auto mesh axes tracing cannot tell whether the partitioner splits the batch or the
+  # features (tensor parallel); where it splits the features, the one decision for the call
+  # takes an all-reduce of one boolean (moments._merged_look_allowed). Its branch needs nothing
+  # more: each device holds every block of its features.
+  x, w, params = _data((BATCH, FEATURES))
+  args = (_put(mesh1, params, P("d")), _put(mesh1, x, P(None, "d")), _put(mesh1, w, P(None, "d")))
+  count, nbytes, others, branch = _costs(_forward(LAYERS["batch_norm"]), *args)
+  assert (count, nbytes, others, branch) == (1, 1, [], [])
 
 
 @pytest.mark.parametrize("name", PER_EXAMPLE + ("batch_norm_infer",))
@@ -304,7 +400,8 @@ def test_per_example_statistics_need_no_communication_when_the_batch_is_split(me
 def test_feature_sharded_norm_reduces_per_example_statistics_only(mesh1, name):
   x, w, params = _data((BATCH // 8, FEATURES * 8))
   args = (_put(mesh1, params, P("d")), _put(mesh1, x, P(None, "d")), _put(mesh1, w, P(None, "d")))
-  count, nbytes, others = _costs(_forward(LAYERS[name]), *args)
+  count, nbytes, others, branch = _costs(_forward(LAYERS[name]), *args)
+  assert not branch, branch
   rows = x.shape[0]
   # Per example a few statistics: all-reduced, or gathered from the 8 devices.
   too_big = [c for c in others if c.nbytes > N_DEV * 4 * rows * 4]
@@ -367,8 +464,10 @@ def test_batch_norm_collectives_at_most_flax(mesh1, impl, route, grad):
   if route == "shard_map":
     ours, theirs = _smap(mesh1, ours, grad), _smap(mesh1, theirs, grad)
   args = (_put(mesh1, params, P()), _put(mesh1, x, P("d")), _put(mesh1, w, P("d")))
-  ar_ours, _, others_ours = _costs(ours, *args)
-  ar_flax, _, others_flax = _costs(theirs, *args)
+  # Every call's collectives; the second look's branch (sharded jit) runs only when a
+  # block's probed frame is far from its mean (test_second_look_costs_no_collective...).
+  ar_ours, _, others_ours, _ = _costs(ours, *args)
+  ar_flax, _, others_flax, _ = _costs(theirs, *args)
   assert 1 <= ar_flax
   assert ar_ours <= ar_flax, f"{impl}: {ar_ours} all-reduces, flax.linen.BatchNorm {ar_flax}"
   n_ours, n_flax = ar_ours + len(others_ours), ar_flax + len(others_flax)
@@ -395,8 +494,9 @@ def test_feature_sharded_norm_all_reduces_at_most_flax(mesh1, name, grad):
   if grad:
     ours, theirs = _loss_grad(ours), _loss_grad(theirs)
   args = (_put(mesh1, params, P("d")), _put(mesh1, x, P(None, "d")), _put(mesh1, w, P(None, "d")))
-  ar_ours, _, others_ours = _costs(ours, *args)
-  ar_flax, _, others_flax = _costs(theirs, *args)
+  ar_ours, _, others_ours, branch = _costs(ours, *args)
+  ar_flax, _, others_flax, _ = _costs(theirs, *args)
+  assert not branch, branch
   assert 1 <= ar_flax
   assert ar_ours <= ar_flax, f"jaxnorm.{name}: {ar_ours} all-reduces, flax.linen {ar_flax}"
   n_ours, n_flax = ar_ours + len(others_ours), ar_flax + len(others_flax)

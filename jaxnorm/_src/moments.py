@@ -30,6 +30,9 @@ communicating once, as Flax does.
   do move it. Where ``(mean_b - s_b)^2 > 15 var_b`` for some feature, the sums
   are taken again in a frame at the mean (:func:`_second_look`; on CPU one
   compiled call that reads ``x`` only then). The full-size uses keep ``s_b``.
+  Under a partitioned ``jit`` that decision would need every block's test:
+  blocks merged along the batch send it with their statistics, in the
+  merge's one gather, and decide after it (:func:`_merged_second_look`).
 * **Plain sums where they are as exact.** Frame 0 is a frame too: it loses
   the factor ``1 + mean^2 / var``. For statistics across features (layer and
   group norm) on one device, in forward passes (the derivative's program keeps
@@ -62,9 +65,11 @@ communicating once, as Flax does.
   with the shards of the batch axis (``B`` is a power of two), so the partitioner
   keeps each block's pass local and gathers only the per-block statistics: no
   all-reduce at all, one small all-gather of the per-block numbers, packed in
-  one array (``_merge_blocks``). Layer norm there takes one block per device
-  along the features, in case they are split. RMS statistics (mean squares)
-  have no cancellation and use plain sums and one psum.
+  one array (``_merge_blocks``; with the second look's test for batch
+  statistics). On Explicit mesh axes the same gather is a reshard. Layer norm
+  there takes one block per device along the features, in case they are
+  split. RMS statistics (mean squares) have no cancellation and use plain
+  sums and one psum.
 * **Summation.** Per-block sums are XLA's reductions in float32 (float64 for
   float64 input), which are tree-shaped on CPU: the sum of ``2**24`` squares
   was measured within 2e-9 of float64.
@@ -243,45 +248,93 @@ def device_blocks(x) -> int:
   return min(1 << (devices.bit_length() - 1), _MAX_BLOCKS)
 
 
-def _gather_blocks(stats, axis: int, mesh, n_block):
+def _explicit_mesh(x):
+  """The mesh of ``x``'s type when it has several devices and only Explicit
+  axes (shardings in the types); ``None`` otherwise."""
+  try:
+    mesh = jax.typeof(x).sharding.mesh
+    if math.prod(mesh.axis_sizes) <= 1:
+      return None
+    if any(t != jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+      return None
+    return mesh
+  except (AttributeError, TypeError):
+    return None
+
+
+def _whole_along(v, axis: int, mesh):
+  """``v`` made whole along ``axis`` (one all-gather where it is split), its
+  other axes split as they were: on ``mesh``'s Auto axes a sharding
+  constraint that leaves them to the partitioner, on its Explicit axes a
+  reshard to the spec of ``v``'s type without ``axis``."""
+  if all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types):
+    spec = tuple(None if i == axis else jax.sharding.PartitionSpec.UNCONSTRAINED
+                 for i in range(v.ndim))
+    return lax.with_sharding_constraint(
+        v, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+  have = tuple(jax.typeof(v).sharding.spec)
+  have = have + (None,) * (v.ndim - len(have))
+  if have[axis] is None:
+    return v
+  spec = tuple(None if i == axis else e for i, e in enumerate(have))
+  # With the mesh of the type (a bare PartitionSpec needs `jax.set_mesh`).
+  return jax.sharding.reshard(
+      v, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+
+
+def _gather_blocks(stats, axis: int, mesh, n_block, far=None):
   """``(n, s, m, q)`` made whole along the block ``axis`` in one collective
   on ``mesh``; the other axes stay as the partitioner has them. With
   ``n_block`` (the count of every block, a Python number: no mask) ``n`` is
-  not sent but made again from it."""
+  not sent but made again from it. ``far`` (booleans, broadcastable against
+  the statistics: the second look's test, :func:`_merge_blocks`) travels in
+  the same array and is returned whole after them."""
   n, s, m, q = stats
   sent = (s, m, q) if n_block is not None else (n, s, m, q)
+  if far is not None:
+    sent = sent + (far,)
   parts = jnp.broadcast_arrays(*sent)
   dt = jnp.result_type(*parts)
-  spec = tuple(None if i == axis else jax.sharding.PartitionSpec.UNCONSTRAINED
-               for i in range(parts[0].ndim + 1))
-  packed = lax.with_sharding_constraint(
-      jnp.stack([v.astype(dt) for v in parts], axis=-1),
-      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+  packed = _whole_along(jnp.stack([v.astype(dt) for v in parts], axis=-1), axis, mesh)
   back = lambda v, w: (lax.real(v) if jnp.iscomplexobj(v) and not jnp.iscomplexobj(w)
                        else v).astype(w.dtype)
   got = tuple(back(packed[..., i], w) for i, w in enumerate(sent))
-  if n_block is None:
-    return got
-  return (jnp.full(got[0].shape, n_block, n.dtype),) + got
+  if n_block is not None:
+    got = (jnp.full(got[0].shape, n_block, n.dtype),) + got
+  return got
 
 
-def _merge_blocks(stats, axis: int, like, n_block):
+def _merge_blocks(stats, axis: int, like, n_block, far=None):
   """:func:`merge` along the block ``axis``; on an Auto-axes mesh first each
   group of blocks one device would hold (local wherever the partitioner splits
-  the block axis evenly), then the groups, gathered in one collective.
-  ``n_block``: every block's count when it is a constant, else ``None``."""
+  the block axis evenly), then the groups, gathered in one collective; on an
+  Explicit-axes mesh the blocks, gathered in one collective where the type
+  of ``like`` says they are split.
+  ``n_block``: every block's count when it is a constant, else ``None``.
+
+  ``far`` (booleans per block and feature, or ``None``): the second look's
+  test of each block's frame (:func:`_merged_second_look`). It travels with
+  the statistics in their one gather, so that whether any block is far is
+  then known on every device, without a collective of its own. Returns
+  the merged statistics and, with ``far``, that decision (a boolean scalar;
+  else ``None``)."""
   mesh = _auto_mesh(like)
-  if mesh is None:
-    return merge(stats, axis)
-  blocks = stats[1].shape[axis]
-  devices = math.prod(mesh.axis_sizes)
-  if blocks > devices and blocks % devices == 0:
-    group = blocks // devices
-    split = lambda v: v.reshape(v.shape[:axis] + (devices, group) + v.shape[axis + 1:])
-    stats = merge(tuple(split(v) for v in jnp.broadcast_arrays(*stats)), axis + 1)
-    stats = tuple(jnp.squeeze(v, axis + 1) for v in stats)
-    n_block = None if n_block is None else n_block * group
-  return merge(_gather_blocks(stats, axis, mesh, n_block), axis)
+  explicit = _explicit_mesh(like) if mesh is None else None
+  if mesh is None and explicit is None:
+    return merge(stats, axis), None if far is None else _any_over_batch(far)
+  if mesh is not None:
+    blocks = stats[1].shape[axis]
+    devices = math.prod(mesh.axis_sizes)
+    if blocks > devices and blocks % devices == 0:
+      group = blocks // devices
+      split = lambda v: v.reshape(v.shape[:axis] + (devices, group) + v.shape[axis + 1:])
+      stats = merge(tuple(split(v) for v in jnp.broadcast_arrays(*stats)), axis + 1)
+      stats = tuple(jnp.squeeze(v, axis + 1) for v in stats)
+      n_block = None if n_block is None else n_block * group
+      far = None if far is None else jnp.any(split(far), axis=axis + 1)
+  got = _gather_blocks(stats, axis, mesh if mesh is not None else explicit, n_block, far)
+  merged = merge(got[:4], axis)
+  return merged, None if far is None else _any_over_batch(got[4])
 
 
 def block_view(shape: tuple[int, ...], axes: tuple[int, ...], blocks: int) -> View:
@@ -387,11 +440,13 @@ def _second_look_allowed(xv) -> bool:
   or data whose type has no partitioned mesh axis, whatever the number of
   devices. (It was once limited to where the compiled loops run: on a host of
   8 devices, plain unsharded data with outliers at two probes had batch
-  norm's variance off by 7.6e-4.) Under a partitioned ``jit`` a per-example
-  statistic's decision would be an all-reduce across the batch in every
-  call, which Flax's layer norm does not pay; there the probed frame stands
-  (README, "Numerics"). The ``lax.cond`` costs compile time where the
-  compiled loops do not run (its branch's two sums)."""
+  norm's variance off by 7.6e-4.) Under a partitioned ``jit``, blocks merged
+  along the batch take it after their gather instead
+  (:func:`_merged_second_look`); a per-example statistic's decision would be
+  an all-reduce across the batch in every call, which Flax's layer norm does
+  not pay, and there the probed frame stands (:func:`_merged_look_allowed`).
+  The ``lax.cond`` costs compile time where the compiled loops do not run
+  (its branch's two sums)."""
   return not jnp.iscomplexobj(xv) and _decided_locally(xv)
 
 
@@ -416,16 +471,71 @@ def _second_look_in_jax(xv, frame, s1, s2, axes=(1,)):
   n = math.prod(xv.shape[a] for a in axes)
   m, q = _deviations(s1, s2, n)
   far = _any_over_batch(_abs2(m) > _REFRAME * (q / n))
+  return lax.cond(far, lambda: _sums_near(xv, frame + m, axes), lambda: (frame, m, q))
+
+
+def _sums_near(xv, near, axes):
+  """``(near, m, q)``: the sums of :func:`block_moments` taken again in the
+  frame ``near`` (a frame at the mean), the second look's branch."""
+  n = math.prod(xv.shape[a] for a in axes)
+  near = lax.stop_gradient(near)
+  sdt = stat_dtype(xv.dtype)
+  xa, xb = _converted_twice(xv, sdt) if xv.dtype != sdt else (xv, xv)
+  near_sum, near_sq, near = lax.optimization_barrier((near, near, near))
+  s1 = _fusion_boundary(_sum(xa - near_sum, axes, 1))
+  s2 = _fusion_boundary(_sum(_abs2(xb - near_sq), axes, 1))
+  return (near, *_deviations(s1, s2, n))
+
+
+def _merged_look_allowed(xv, view: View) -> bool:
+  """Whether blocks merged under a partitioned ``jit`` take the second look
+  after their gather (:func:`_merged_second_look`): where the one decision
+  for the call needs no collective beyond that gather, i.e. where the
+  statistics' other axes are not split across devices.
+
+  On an Explicit-axes mesh the type of ``xv`` says so. On an Auto-axes mesh
+  tracing cannot tell which axes the partitioner splits: the look is taken
+  where the blocks run along the leading axis of ``x`` (batch norm, and
+  :func:`moments` over it), whose statistics are per feature. Were the
+  features split too (tensor-parallel batch norm), the decision would cost
+  one all-reduce of a boolean across those devices. Layer and instance
+  norm's statistics are per example, and examples are what data
+  parallelism splits: their probed frames stand there (their decision
+  would be an all-reduce across the batch in every call, which Flax's
+  layer norm does not pay)."""
+  if jnp.iscomplexobj(xv) or view.block_axis is None:
+    return False
+  if _auto_mesh(xv) is not None:
+    return view.block_axis == 0
+  if _explicit_mesh(xv) is not None:
+    kept = (a for a in range(xv.ndim) if a != view.block_axis and a not in view.axes)
+    return all(_shards_along(xv, a) == 1 for a in kept)
+  return False
+
+
+def _merged_second_look(xv, axes, frame, stats, axis: int, n_block):
+  """:func:`_merge_blocks` of the blocks' ``stats`` in their probed frames
+  ``frame``, with the second look taken after the merge's gather: a
+  partitioned ``jit``'s form of :func:`_second_look`, which decides per
+  device and would need a collective here.
+
+  Each block's test (``m^2 > _REFRAME * q / n``, per feature) travels with
+  its statistics in the gather the merge does anyway, so that every device
+  then holds the same decision, with no collective of its own. Where some
+  block's frame is far from its mean, every block (each on its own device)
+  sums again in its frame ``frame + m`` and the blocks are merged again:
+  that branch's gather runs only then. The common case pays for the test,
+  a fourth number per block and feature in the gather, and a ``lax.cond``
+  (compile time)."""
+  count, _, m, q = stats
+  far = _abs2(m) > _REFRAME * (q / n_block)
+  merged, far_any = _merge_blocks(stats, axis, xv, n_block, far)
 
   def again():
-    near = lax.stop_gradient(frame + m)
-    xa, xb = _converted_twice(xv, m.dtype) if xv.dtype != m.dtype else (xv, xv)
-    near_sum, near_sq, near = lax.optimization_barrier((near, near, near))
-    s1_near = _fusion_boundary(_sum(xa - near_sum, axes, 1))
-    s2_near = _fusion_boundary(_sum(_abs2(xb - near_sq), axes, 1))
-    return (near, *_deviations(s1_near, s2_near, n))
+    near, m_near, q_near = _sums_near(xv, frame + m, axes)
+    return _merge_blocks((count, near, m_near, q_near), axis, xv, n_block)[0]
 
-  return lax.cond(far, again, lambda: (frame, m, q))
+  return lax.cond(far_any, again, lambda: merged)
 
 
 # The compiled call's fallback for other backends, traced once per signature:
@@ -737,6 +847,10 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
 
   # The second look at statistics in a probed frame (`_second_look`).
   looks = mask is None and pool == 1 and _second_look_allowed(xv)
+  # Blocks merged under a partitioned `jit`: the second look after the
+  # merge's gather, decided from it (`_merged_second_look`).
+  merged_look = (not looks and mask is None and pool == 1 and merge_over is not None
+                 and _merged_look_allowed(xv, view))
 
   def shifted(frame=None):
     """``(frame, ref, m, q)``: a frame from the data for the full-size uses,
@@ -819,7 +933,10 @@ def block_moments(xv, view: View, *, mask=None, pool: int = 1, rms: bool = False
     frame, ref, m, q = shifted()
   stats = (count, ref, m, q)
   if merge_over is not None and xv.shape[merge_over] > 1:
-    stats = _merge_blocks(stats, merge_over, xv, n_sum if mask is None else None)
+    if merged_look:
+      stats = _merged_second_look(xv, axes, frame, stats, merge_over, n_sum)
+    else:
+      stats, _ = _merge_blocks(stats, merge_over, xv, n_sum if mask is None else None)
   if axis_name is not None:
     stats = _gather_merge(stats, axis_name, axis_index_groups)
   n, r, m, q = stats
