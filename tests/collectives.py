@@ -333,6 +333,7 @@ def _table() -> str:
           bn(virtual_batch_size=32, axis_name="d"), None, x, P(), rows, mapped=True),
       row("`batch_renorm`, batch split, sharded `jit`",
           lambda p, x: jaxnorm.batch_renorm(p, state(c), x, train=True), None, x, P(), rows),
+      row("`batch_norm`, features split, sharded `jit`", bn(), flax_bn(None), wide, rows, cols),
       row("`batch_norm` inference, batch split",
           lambda p, x: jaxnorm.batch_norm(p, state(c), x, train=False), None, x, P(), rows),
       row("`layer_norm`, batch split", lambda p, x: (jaxnorm.layer_norm(p, x), {}),

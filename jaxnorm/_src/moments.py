@@ -288,11 +288,13 @@ def _gather_blocks(stats, axis: int, mesh, n_block, far=None):
   ``n_block`` (the count of every block, a Python number: no mask) ``n`` is
   not sent but made again from it. ``far`` (booleans, broadcastable against
   the statistics: the second look's test, :func:`_merge_blocks`) travels in
-  the same array and is returned whole after them."""
+  the sign bit of ``q`` (a sum of squares, never negative; ``-0.0`` keeps
+  it), so the gather sends no more bytes for it, and is returned whole
+  after the statistics."""
   n, s, m, q = stats
-  sent = (s, m, q) if n_block is not None else (n, s, m, q)
   if far is not None:
-    sent = sent + (far,)
+    q = jnp.where(far, -q, q)
+  sent = (s, m, q) if n_block is not None else (n, s, m, q)
   parts = jnp.broadcast_arrays(*sent)
   dt = jnp.result_type(*parts)
   packed = _whole_along(jnp.stack([v.astype(dt) for v in parts], axis=-1), axis, mesh)
@@ -301,6 +303,8 @@ def _gather_blocks(stats, axis: int, mesh, n_block, far=None):
   got = tuple(back(packed[..., i], w) for i, w in enumerate(sent))
   if n_block is not None:
     got = (jnp.full(got[0].shape, n_block, n.dtype),) + got
+  if far is not None:
+    got = got[:3] + (jnp.abs(got[3]), jnp.signbit(got[3]))
   return got
 
 
@@ -524,8 +528,8 @@ def _merged_second_look(xv, axes, frame, stats, axis: int, n_block):
   then holds the same decision, with no collective of its own. Where some
   block's frame is far from its mean, every block (each on its own device)
   sums again in its frame ``frame + m`` and the blocks are merged again:
-  that branch's gather runs only then. The common case pays for the test,
-  a fourth number per block and feature in the gather, and a ``lax.cond``
+  that branch's gather runs only then. The common case pays for the test
+  (in the sign bit of ``q`` in the gather: no more bytes) and a ``lax.cond``
   (compile time)."""
   count, _, m, q = stats
   far = _abs2(m) > _REFRAME * (q / n_block)
