@@ -14,6 +14,7 @@ Both reparametrize a layer's weight rather than its activations:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from collections.abc import Sequence
 
@@ -47,7 +48,7 @@ def _check_wn(wn) -> None:
     )
 
 
-def _unit_scale(v, reduction_axes, *, dtype=None):
+def _unit_scale(v, reduction_axes, *, eps=0.0, dtype=None):
   """A power of two ``c`` per unit (keepdims) with ``max|v| * c`` in [1/2, 1).
 
   ``sum(v**2)`` in float32 overflows for entries from about 1e19 and loses
@@ -58,18 +59,24 @@ def _unit_scale(v, reduction_axes, *, dtype=None):
   constant for differentiation (``v / ||v||`` is the same for every ``c``).
   One more reduction over ``v`` (a weight, not an activation).
 
-  ``c`` is in ``dtype`` (default: float32 for half-precision ``v``, else
-  ``v``'s dtype) and within its range.
+  With a (concrete) ``eps`` > 0 the maximum is taken as at least
+  ``sqrt(eps)``, so ``eps c**2 <= 1``: where ``eps`` outweighs ``||v||**2``
+  it is ``eps c**2``, not ``sum((c v)**2)``, that lies near 1 (without this
+  ``eps c**2`` overflowed for ``v`` below about 5e-26 and ``v / sqrt(eps)``
+  came out as 0). ``c`` is in ``dtype`` (default: float32 for half-precision
+  ``v``, else ``v``'s dtype) and within its range.
   """
   dtype = moments_lib.stat_dtype(v.dtype) if dtype is None else jnp.dtype(dtype)
   m = lax.stop_gradient(jnp.max(jnp.abs(v), axis=reduction_axes, keepdims=True))
   # frexp in float32 at least: JAX's frexp of bfloat16 subnormals gives
   # exponent 0.
   m = m.astype(jnp.promote_types(moments_lib.stat_dtype(m.dtype), dtype))
+  if eps:
+    m = jnp.maximum(m, math.sqrt(eps))
   _, e = jnp.frexp(m)
   # Subnormal maxima are scaled by at most 2**125 (float32 and bfloat16;
   # 2**1021 float64, 2**13 float16), which keeps `c` and the squares finite;
-  # `c * c` may still overflow, see `_inverse_norm`.
+  # `c * c` may still overflow for eps = 0, see `_inverse_norm`.
   top = jnp.finfo(dtype).maxexp - 3
   e = jnp.clip(e, -top, top)
   return jnp.ldexp(jnp.ones_like(m), -e).astype(dtype)
@@ -84,13 +91,12 @@ def _inverse_norm(v, reduction_axes, eps):
   """
   # In float32 for half-precision `v` (whose squares' sum overflows float16
   # from 65504 and whose exponents cannot hold `c`), else in `v`'s dtype.
-  c = _unit_scale(v, reduction_axes)
+  c = _unit_scale(v, reduction_axes, eps=eps)
   cv = v.astype(c.dtype) * c
   sq = jnp.sum(cv * cv, axis=reduction_axes, keepdims=True)
   if eps:
-    # `eps c**2`: inf where c**2 overflows (v below 1e-19 or so, against an
-    # eps of 1e-12), and then w = c v * 0 = 0, within eps**-1/2 |v| of the
-    # true one. Kept out for eps = 0, where 0 * inf would be NaN.
+    # `eps c**2` <= 1 (`c` is scaled for it). Kept out for eps = 0, where
+    # `c * c` may overflow (subnormal `v`) and 0 * inf would be NaN.
     sq = sq + eps * c * c
   positive = sq > 0
   # Double `where`: the unused branch sees 1, so gradients stay finite at v = 0.
@@ -141,8 +147,9 @@ def weight_norm(wn: Mapping[str, jax.Array], *, axis: int | Sequence[int] | None
       unit whose direction ``v`` is all zeros gets a zero weight and a zero
       (finite) gradient instead of NaN. Flax's ``WeightNorm`` uses 1e-12.
       The norm is taken of ``v`` scaled by a power of two to a maximum of
-      about 1, so entries of any finite magnitude (1e-30 to 1e30 in float32)
-      neither overflow nor underflow.
+      about 1 (of about ``sqrt(eps)`` where ``v`` is smaller), so entries of
+      any finite magnitude (1e-30 to 1e30 in float32) neither overflow nor
+      underflow, and below ``sqrt(eps)`` ``w`` is ``g v / sqrt(eps)``.
     dtype: the output dtype; by default the promoted dtype of ``v`` and ``g``.
 
   Returns:
