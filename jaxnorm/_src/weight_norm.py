@@ -321,7 +321,8 @@ def spectral_norm(
   # scales exactly, so ordinary weights give the unscaled computation's
   # numbers bit for bit, gradients included (the products and the division
   # are left as they were, `c` applied to their results: scaling `W` itself
-  # changed XLA's fusion and the gradients' rounding by up to an ulp).
+  # changed XLA's fusion and the gradients' rounding by up to an ulp; in half
+  # precision it is `W c / (c sigma)`, see below).
   dtype_it = jnp.result_type(u, matrix)  # that of `W u`
   # The maximum of the matrix in that dtype: a reduction of the bfloat16 one
   # changed how XLA compiled the products (float32 `u`: up to 35 ulp).
@@ -342,8 +343,17 @@ def spectral_norm(
   v = lax.stop_gradient(v)
   c = c[0, 0]
   sigma_scaled = jnp.matmul(jnp.matmul(v, matrix), u.T)[0, 0] * c
-  # sigma = 0: W / c * c = W.
-  w_sn = (matrix / jnp.where(sigma_scaled != 0, sigma_scaled, c) * c).reshape(w.shape)
+  divisor = jnp.where(sigma_scaled != 0, sigma_scaled, c)  # sigma = 0: W
+  if jnp.finfo(dtype_it).bits > 16:
+    # (`W / (c sigma)` is subnormal, which XLA's CPU backend flushes to 0,
+    # for entries within a factor `c sigma` of the smallest normal number:
+    # in float32 kernels of about 1e-34 and below.)
+    w_sn = matrix / divisor * c
+  else:
+    # In half precision XLA keeps a division's float32 result for its
+    # consumer (the layer's matmul); `* c` after it would round it first.
+    w_sn = matrix * c / divisor
+  w_sn = w_sn.reshape(w.shape)
   sigma = sigma_scaled / c
   out_dtype = jnp.result_type(w, u, sigma) if dtype is None else dtype
   w_sn = w_sn.astype(out_dtype)
