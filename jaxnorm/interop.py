@@ -78,6 +78,52 @@ def _to_numpy(name: str, value) -> np.ndarray:
   )
 
 
+def _check_shapes(hosts: Mapping[str, np.ndarray], prefix: str) -> None:
+  """Refuses tensors whose shapes no PyTorch normalization layer stores.
+
+  A norm layer's ``weight`` and ``bias`` are per feature and share a shape:
+  ``(C,)`` for batch, instance and group norm, ``normalized_shape`` (of any
+  rank) for ``LayerNorm`` and ``RMSNorm``; batch and instance norm's running
+  averages are ``(C,)`` too. A ``Linear`` or ``Conv`` layer has the same keys
+  ``weight`` and ``bias``, but a weight of more dimensions than its bias,
+  which only a later shape check (far from the cause) would catch. What
+  cannot be told apart is accepted: a weight alone of rank 2 or more (a
+  ``LayerNorm((3, 4), bias=False)`` stores what ``Linear(4, 3, bias=False)``
+  does).
+  """
+  def name(key):
+    return f"`state_dict['{prefix + key}']`"
+
+  weight, bias = hosts.get("weight"), hosts.get("bias")
+  if weight is not None and bias is not None and weight.shape != bias.shape:
+    raise ValueError(
+        f"{name('weight')} has shape {weight.shape} but {name('bias')} has shape "
+        f"{bias.shape}; a normalization layer's weight and bias have the same "
+        "shape, one value per feature ((C,) for batch, instance and group norm, "
+        "`normalized_shape` for LayerNorm), so this is another layer's (a Linear "
+        "or Conv layer's weight has more dimensions than its bias; pass `prefix=` "
+        "to select one layer of a model's state dict)."
+    )
+  running = {k: hosts[k] for k in ("running_mean", "running_var") if k in hosts}
+  shapes = {a.shape for a in running.values()}
+  if any(a.ndim != 1 for a in running.values()) or len(shapes) > 1:
+    given = " and ".join(f"{name(k)} has shape {a.shape}" for k, a in running.items())
+    raise ValueError(
+        "The running averages of a normalization layer are 1-D, one value per "
+        f"channel, of one shape (C,) (batch and instance norm), but {given}."
+    )
+  if running:
+    (channels,) = shapes
+    for key, value in (("weight", weight), ("bias", bias)):
+      if value is not None and value.shape != channels:
+        raise ValueError(
+            f"{name(key)} has shape {value.shape} but the running averages have "
+            f"shape {channels}; batch and instance norm store their {key} per "
+            "channel, in the running averages' shape (C,), so this is another "
+            "layer's (pass `prefix=` to select one layer of a model's state dict)."
+        )
+
+
 def from_torch(
     state_dict: Mapping[str, Any], *, prefix: str = ""
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
@@ -102,6 +148,14 @@ def from_torch(
   both :func:`jaxnorm.batch_norm` and :func:`torch_batch_norm` use it as is
   at inference.
 
+  The shapes are checked against what normalization layers store: ``weight``
+  and ``bias`` of one shape (``(C,)``, or ``LayerNorm``'s and ``RMSNorm``'s
+  ``normalized_shape``, of any rank), running averages 1-D and, where present,
+  of that same shape ``(C,)``. So a ``Linear`` or ``Conv`` layer's state dict,
+  whose keys are the same ``weight`` and ``bias``, is refused here; one
+  without a bias cannot be told from a ``LayerNorm`` without one and is
+  accepted.
+
   Args:
     state_dict: the module's ``state_dict()``, or a whole model's with
       ``prefix``.
@@ -112,8 +166,11 @@ def from_torch(
     ``(params, state)``.
 
   Raises:
-    ValueError: a key that is not one of the above, or an integer value
-      beyond int32 without ``jax_enable_x64``.
+    ValueError: a key that is not one of the above; shapes that are not a
+      normalization layer's (a ``weight`` and ``bias`` of different shapes,
+      running averages that are not 1-D of one shape, or a ``weight`` or
+      ``bias`` of another shape than them); or an integer value beyond int32
+      without ``jax_enable_x64``.
   """
   if not isinstance(state_dict, Mapping):
     raise TypeError(
@@ -134,9 +191,10 @@ def from_torch(
         f"{sorted(set(_PARAM_KEYS) | set(_STATE_KEYS))} (pass `prefix=` to "
         "select one layer of a model's state dict)."
     )
+  hosts = {k: _to_numpy(prefix + k, v) for k, v in items.items()}
+  _check_shapes(hosts, prefix)
   params, state = {}, {}
-  for torch_key, value in items.items():
-    host = _to_numpy(prefix + torch_key, value)
+  for torch_key, host in hosts.items():
     # Without x64, JAX stores int64 as int32 and wraps larger counts around.
     stored = jax.dtypes.canonicalize_dtype(host.dtype)
     if host.dtype.kind in "iu" and stored != host.dtype and host.size:

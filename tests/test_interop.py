@@ -387,3 +387,87 @@ def test_from_torch_count_beyond_int32_is_kept_with_x64():
     assert int(state["num_batches_tracked"]) == _BIG_COUNT
     # And back to PyTorch unchanged.
     assert int(interop.to_torch(params, state)["num_batches_tracked"]) == _BIG_COUNT
+
+
+# What PyTorch's normalization layers store: weight and bias of one shape, (C,) or LayerNorm's
+# and RMSNorm's normalized_shape of any rank; running averages (C,). A Linear or Conv layer has
+# the same keys with a weight of more dimensions than its bias, and is refused at conversion.
+@pytest.mark.parametrize("make", [
+    lambda: torch.nn.BatchNorm1d(4),
+    lambda: torch.nn.InstanceNorm2d(4, affine=True, track_running_stats=True),
+    lambda: torch.nn.GroupNorm(2, 4),
+    lambda: torch.nn.LayerNorm((3, 4)),
+    lambda: torch.nn.LayerNorm((2, 3, 4), bias=False),
+    lambda: torch.nn.RMSNorm((3, 4)),
+    lambda: torch.nn.LayerNorm(()),
+], ids=["bn", "in", "gn", "ln-2d", "ln-3d-no-bias", "rms-2d", "ln-0d"])
+def test_from_torch_accepts_every_norm_layers_shapes(make):
+  sd = _randomize(make(), seed=5).state_dict()
+  params, state = interop.from_torch(sd)
+  for ours, theirs in (("scale", "weight"), ("bias", "bias")):
+    if theirs in sd:
+      np.testing.assert_array_equal(params[ours], sd[theirs].numpy())
+  if "running_mean" in sd:
+    np.testing.assert_array_equal(state["mean"], sd["running_mean"].numpy())
+
+
+@pytest.mark.parametrize("make,weight", [
+    (lambda: torch.nn.Linear(3, 4), (4, 3)),
+    (lambda: torch.nn.Linear(4, 4), (4, 4)),
+    (lambda: torch.nn.Conv2d(3, 4, 3), (4, 3, 3, 3)),
+    (lambda: torch.nn.Conv1d(1, 4, 1), (4, 1, 1)),
+], ids=["linear", "linear-square", "conv2d", "conv1d-1x1"])
+def test_from_torch_refuses_a_linear_or_conv_layer(make, weight):
+  model = torch.nn.Sequential(make(), torch.nn.BatchNorm1d(4))
+  with pytest.raises(ValueError) as err:
+    interop.from_torch(model.state_dict(), prefix="0.")
+  assert str(err.value) == (
+      f"`state_dict['0.weight']` has shape {weight} but `state_dict['0.bias']` has shape "
+      "(4,); a normalization layer's weight and bias have the same shape, one value per "
+      "feature ((C,) for batch, instance and group norm, `normalized_shape` for LayerNorm), "
+      "so this is another layer's (a Linear or Conv layer's weight has more dimensions than "
+      "its bias; pass `prefix=` to select one layer of a model's state dict)."
+  )
+  # The norm layer next to it converts.
+  params, _ = interop.from_torch(model.state_dict(), prefix="1.")
+  assert params["scale"].shape == (4,)
+
+
+def test_from_torch_refuses_running_averages_of_other_shapes():
+  sd = {k: v.numpy() for k, v in torch.nn.BatchNorm1d(4).state_dict().items()}
+  with pytest.raises(ValueError) as err:
+    interop.from_torch({**sd, "running_var": np.ones(3, np.float32)})
+  assert str(err.value) == (
+      "The running averages of a normalization layer are 1-D, one value per channel, of one "
+      "shape (C,) (batch and instance norm), but `state_dict['running_mean']` has shape (4,) "
+      "and `state_dict['running_var']` has shape (3,)."
+  )
+  with pytest.raises(ValueError) as err:
+    interop.from_torch({"running_mean": np.zeros((2, 2), np.float32)})
+  assert str(err.value) == (
+      "The running averages of a normalization layer are 1-D, one value per channel, of one "
+      "shape (C,) (batch and instance norm), but `state_dict['running_mean']` has shape "
+      "(2, 2)."
+  )
+  # A weight and bias of one shape, but not the running averages' (C,).
+  with pytest.raises(ValueError) as err:
+    interop.from_torch({**sd, "weight": np.ones((4, 4), np.float32),
+                        "bias": np.ones((4, 4), np.float32)})
+  assert str(err.value) == (
+      "`state_dict['weight']` has shape (4, 4) but the running averages have shape (4,); "
+      "batch and instance norm store their weight per channel, in the running averages' "
+      "shape (C,), so this is another layer's (pass `prefix=` to select one layer of a "
+      "model's state dict)."
+  )
+  with pytest.raises(ValueError) as err:
+    interop.from_torch({"bias": np.ones(3, np.float32), "running_mean": sd["running_mean"],
+                        "running_var": sd["running_var"]})
+  assert str(err.value).startswith(
+      "`state_dict['bias']` has shape (3,) but the running averages have shape (4,);")
+
+
+def test_from_torch_accepts_a_weight_alone_of_any_rank():
+  # LayerNorm((4, 3), bias=False) stores what Linear(3, 4, bias=False) does: accepted.
+  sd = torch.nn.Linear(3, 4, bias=False).state_dict()
+  params, state = interop.from_torch(sd)
+  assert params["scale"].shape == (4, 3) and state == {}

@@ -125,3 +125,61 @@ def test_bad_arguments():
          "`spectral_norm_init`, got dict with keys ['v'].")
   with pytest.raises(TypeError, match="^" + re.escape(msg) + "$"):
     jaxnorm.spectral_norm(w, {"v": 1})
+
+
+# Kernels of extreme magnitude in float32. Unscaled, ||W u||**2 overflowed for
+# entries ~1e20 (u = v = 0, sigma = 0: W came back unnormalized) and
+# underflowed for ~1e-20 (0 * rsqrt(0): NaN), and the derivative of W / sigma
+# has sigma**-2. The references are float64 NumPy on the same float32 values.
+def _spiked(shape, seed):
+  """A kernel whose largest singular value is twice the next (fast
+  convergence, so 50 steps reach the SVD's sigma)."""
+  rng = np.random.default_rng(seed)
+  m, n = int(np.prod(shape[:-1])), shape[-1]
+  q1 = np.linalg.qr(rng.normal(size=(m, n)))[0]
+  q2 = np.linalg.qr(rng.normal(size=(n, n)))[0]
+  s = np.concatenate([[2.0], rng.uniform(0.1, 1.0, n - 1)])
+  return ((q1 * s) @ q2.T).reshape(shape)
+
+
+def _power_iteration64(w, u, n_steps, eps):
+  """Flax's power iteration and the gradient of sum(t * W / sigma) for `t`
+  with u and v fixed, t / sigma - sum(t * W) / sigma**2 v u^T, in float64."""
+  m = np.asarray(w, np.float64).reshape(-1, w.shape[-1])
+  u = np.asarray(u, np.float64)
+  l2n = lambda x: x / np.sqrt(x @ x + eps)
+  for _ in range(n_steps):
+    v = l2n(m @ u)
+    u = l2n(m.T @ v)
+  sigma = v @ m @ u
+  grad = lambda t: t / sigma - np.sum(t * m) / sigma**2 * np.outer(v, u)
+  return sigma, grad
+
+
+@pytest.mark.parametrize("magnitude", [1e-30, 1e-20, 1e-10, 1.0, 1e10, 1e20, 1e30])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_extreme_magnitudes_match_float64(shape, magnitude):
+  w = jnp.asarray(_spiked(shape, 6) * magnitude, jnp.float32)
+  t = np.random.default_rng(7).normal(size=shape)
+  # Flax's eps outweighs ||W u||**2 for weights far below sqrt(eps) (u and v
+  # then shrink, in float64 too), so it is scaled as the weight's square: the
+  # same problem as magnitude 1 with eps 1e-12.
+  eps = 1e-12 * min(magnitude, 1.0) ** 2
+  state = jaxnorm.spectral_norm_init(w, jax.random.key(6))
+  f = jax.jit(lambda w: jaxnorm.spectral_norm(w, state, n_steps=50, eps=eps))
+  w_sn, new_state = f(w)
+  grad = jax.jit(jax.grad(lambda w: jnp.sum(t * f(w)[0])))(w)
+  for a in (w_sn, new_state["u"], new_state["sigma"], grad):
+    assert np.isfinite(np.asarray(a)).all()
+  svd_sigma = _sigma_max(w)
+  sigma, grad_ref = _power_iteration64(w, state["u"], 50, eps)
+  np.testing.assert_allclose(sigma, svd_sigma, rtol=1e-12)  # converged
+  np.testing.assert_allclose(np.asarray(new_state["sigma"], np.float64), svd_sigma,
+                             rtol=1e-5)
+  np.testing.assert_allclose(_sigma_max(w_sn), 1.0, rtol=1e-5)
+  w_ref = np.asarray(w, np.float64) / svd_sigma
+  np.testing.assert_allclose(np.asarray(w_sn, np.float64), w_ref, rtol=0,
+                             atol=1e-5 * np.abs(w_ref).max())
+  g_ref = grad_ref(t.reshape(-1, shape[-1])).reshape(shape)
+  np.testing.assert_allclose(np.asarray(grad, np.float64), g_ref, rtol=0,
+                             atol=1e-5 * np.abs(g_ref).max())

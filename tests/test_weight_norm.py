@@ -228,3 +228,26 @@ def test_extreme_magnitudes_with_eps(magnitude):
   w = jaxnorm.weight_norm({"v": jnp.asarray(v)}, eps=1e-12)
   np.testing.assert_allclose(np.asarray(w, np.float64), w_ref, rtol=2e-6,
                              atol=2e-6 * np.abs(w_ref).max())
+
+
+@pytest.mark.parametrize("magnitude", [1e-20, 1e-26, 1e-30, 1e-33])
+def test_tiny_kernels_with_eps_match_float64(magnitude):
+  # Where eps outweighs ||v||**2, w ~ g v / sqrt(eps). With v scaled to a
+  # maximum of 1, eps c**2 overflowed float32 for v below ~5e-26 (w = 0 and a
+  # zero gradient); the scale now keeps eps c**2 <= 1.
+  rng = np.random.default_rng(2)
+  v = (rng.standard_normal((32, 4)) * magnitude).astype(np.float32)
+  g = rng.standard_normal(4).astype(np.float32)
+  t = rng.standard_normal((32, 4))
+  v64, g64 = v.astype(np.float64), g.astype(np.float64)
+  s = np.sqrt(np.sum(v64 * v64, axis=0) + 1e-12)
+  w_ref = g64 * v64 / s
+  dv_ref = g64 * (t / s - v64 * np.sum(v64 * t, axis=0) / s**3)
+  wn = {"v": jnp.asarray(v), "g": jnp.asarray(g)}
+  f = jax.jit(lambda wn: jaxnorm.weight_norm(wn, eps=1e-12))
+  w = f(wn)
+  dv = jax.jit(jax.grad(lambda wn: jnp.sum(f(wn) * t)))(wn)["v"]
+  np.testing.assert_allclose(np.asarray(w, np.float64), w_ref, rtol=0,
+                             atol=2e-6 * np.abs(w_ref).max())
+  np.testing.assert_allclose(np.asarray(dv, np.float64), dv_ref, rtol=0,
+                             atol=2e-6 * np.abs(dv_ref).max())

@@ -14,6 +14,7 @@ Both reparametrize a layer's weight rather than its activations:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from collections.abc import Sequence
 
@@ -47,7 +48,7 @@ def _check_wn(wn) -> None:
     )
 
 
-def _unit_scale(v, reduction_axes):
+def _unit_scale(v, reduction_axes, *, eps=0.0, dtype=None):
   """A power of two ``c`` per unit (keepdims) with ``max|v| * c`` in [1/2, 1).
 
   ``sum(v**2)`` in float32 overflows for entries from about 1e19 and loses
@@ -57,16 +58,28 @@ def _unit_scale(v, reduction_axes):
   the unscaled one. ``c`` is 1 where ``v`` is all zeros (or not finite), and a
   constant for differentiation (``v / ||v||`` is the same for every ``c``).
   One more reduction over ``v`` (a weight, not an activation).
+
+  With a (concrete) ``eps`` > 0 the maximum is taken as at least
+  ``sqrt(eps)``, so ``eps c**2 <= 1``: where ``eps`` outweighs ``||v||**2``
+  it is ``eps c**2``, not ``sum((c v)**2)``, that lies near 1 (without this
+  ``eps c**2`` overflowed for ``v`` below about 5e-26 and ``v / sqrt(eps)``
+  came out as 0). ``c`` is in ``dtype`` (default: float32 for half-precision
+  ``v``, else ``v``'s dtype) and within its range.
   """
+  dtype = moments_lib.stat_dtype(v.dtype) if dtype is None else jnp.dtype(dtype)
   m = lax.stop_gradient(jnp.max(jnp.abs(v), axis=reduction_axes, keepdims=True))
-  m = m.astype(moments_lib.stat_dtype(m.dtype))  # float32 for half precision
+  # frexp in float32 at least: JAX's frexp of bfloat16 subnormals gives
+  # exponent 0.
+  m = m.astype(jnp.promote_types(moments_lib.stat_dtype(m.dtype), dtype))
+  if eps:
+    m = jnp.maximum(m, math.sqrt(eps))
   _, e = jnp.frexp(m)
-  # Subnormal maxima are scaled by at most 2**125 (float32; 2**1021 float64),
-  # which keeps `c` and the squares finite; `c * c` may still overflow, see
-  # `_inverse_norm`.
-  top = jnp.finfo(m.dtype).maxexp - 3
+  # Subnormal maxima are scaled by at most 2**125 (float32 and bfloat16;
+  # 2**1021 float64, 2**13 float16), which keeps `c` and the squares finite;
+  # `c * c` may still overflow for eps = 0, see `_inverse_norm`.
+  top = jnp.finfo(dtype).maxexp - 3
   e = jnp.clip(e, -top, top)
-  return jnp.ldexp(jnp.ones_like(m), -e)
+  return jnp.ldexp(jnp.ones_like(m), -e).astype(dtype)
 
 
 def _inverse_norm(v, reduction_axes, eps):
@@ -78,13 +91,12 @@ def _inverse_norm(v, reduction_axes, eps):
   """
   # In float32 for half-precision `v` (whose squares' sum overflows float16
   # from 65504 and whose exponents cannot hold `c`), else in `v`'s dtype.
-  c = _unit_scale(v, reduction_axes)
+  c = _unit_scale(v, reduction_axes, eps=eps)
   cv = v.astype(c.dtype) * c
   sq = jnp.sum(cv * cv, axis=reduction_axes, keepdims=True)
   if eps:
-    # `eps c**2`: inf where c**2 overflows (v below 1e-19 or so, against an
-    # eps of 1e-12), and then w = c v * 0 = 0, within eps**-1/2 |v| of the
-    # true one. Kept out for eps = 0, where 0 * inf would be NaN.
+    # `eps c**2` <= 1 (`c` is scaled for it). Kept out for eps = 0, where
+    # `c * c` may overflow (subnormal `v`) and 0 * inf would be NaN.
     sq = sq + eps * c * c
   positive = sq > 0
   # Double `where`: the unused branch sees 1, so gradients stay finite at v = 0.
@@ -135,8 +147,9 @@ def weight_norm(wn: Mapping[str, jax.Array], *, axis: int | Sequence[int] | None
       unit whose direction ``v`` is all zeros gets a zero weight and a zero
       (finite) gradient instead of NaN. Flax's ``WeightNorm`` uses 1e-12.
       The norm is taken of ``v`` scaled by a power of two to a maximum of
-      about 1, so entries of any finite magnitude (1e-30 to 1e30 in float32)
-      neither overflow nor underflow.
+      about 1 (of about ``sqrt(eps)`` where ``v`` is smaller), so entries of
+      any finite magnitude (1e-30 to 1e30 in float32) neither overflow nor
+      underflow, and below ``sqrt(eps)`` ``w`` is ``g v / sqrt(eps)``.
     dtype: the output dtype; by default the promoted dtype of ``v`` and ``g``.
 
   Returns:
@@ -213,6 +226,11 @@ def weight_norm_data_init(wn: Mapping[str, jax.Array], t: jax.Array, *, eps: flo
 
 
 def _l2_normalize(x, eps):
+  """Flax's ``x * rsqrt(sum(x**2) + eps)`` over the last axis.
+
+  ``spectral_norm`` passes ``c W u`` and ``eps c**2`` (the same result as
+  ``W u`` and ``eps``), which keeps the sum of squares in range.
+  """
   return x * lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
@@ -260,8 +278,16 @@ def spectral_norm(
     train: if True, ``new_state`` holds the new ``u`` and ``sigma``. If False
       (Flax's ``update_stats=False``), the same steps start from the stored
       ``u`` (so the result is deterministic) and ``state`` is returned as is.
-    eps: added to the squared norms in ``l2n``.
+    eps: added to the squared norms in ``l2n``. For weights well below
+      ``sqrt(eps)`` (1e-6 for the default) it outweighs ``||W u||**2``, and,
+      as in Flax, ``u`` and ``v`` shrink each step and ``w / sigma`` is not
+      normalized; pass a smaller ``eps`` for such weights.
     dtype: the output dtype; by default the promoted dtype of ``w`` and ``u``.
+
+  The products with ``W`` are taken scaled by a power of two (``eps`` by its
+  square), which changes neither ``u``, ``v`` nor the result, so weights
+  from 1e-30 to 1e30 (float32) neither overflow nor underflow, gradients
+  included.
 
   Returns:
     ``(w_sn, new_state)``; ``w_sn`` has the shape of ``w``.
@@ -284,18 +310,51 @@ def spectral_norm(
         f"got {tuple(u.shape)}."
     )
   matrix = w.reshape(-1, w.shape[-1])
+  # Scaled by `c`, a power of two bringing max|W| into [1/2, 1)
+  # (`_unit_scale`): unscaled, the sums of squares of `W u` overflowed for W
+  # ~ 1e20 in float32 (u = v = 0, sigma = 0, W returned unnormalized) and
+  # underflowed for W ~ 1e-20 (NaN), and the derivative of `W / sigma`, which
+  # has `sigma**-2`, overflows or underflows long before `sigma` does. Each
+  # product with W is multiplied by `c` and `eps` by `c**2`, which gives the
+  # same `u` and `v` (x / sqrt(|x|**2 + eps) = c x / sqrt(|c x|**2 + eps c**2),
+  # Flax's semantics), and `W / sigma` is `W / (c sigma) * c`. A power of two
+  # scales exactly, so ordinary weights give the unscaled computation's
+  # numbers bit for bit, gradients included (the products and the division
+  # are left as they were, `c` applied to their results: scaling `W` itself
+  # changed XLA's fusion and the gradients' rounding by up to an ulp; in half
+  # precision it is `W c / (c sigma)`, see below).
+  dtype_it = jnp.result_type(u, matrix)  # that of `W u`
+  # The maximum of the matrix in that dtype: a reduction of the bfloat16 one
+  # changed how XLA compiled the products (float32 `u`: up to 35 ulp).
+  c = _unit_scale(matrix.astype(dtype_it), (0, 1), dtype=dtype_it)
+  # (eps c) c: `c * c` overflows for W below about 1e-19, `eps c**2` only below
+  # about 5e-26 (eps = 1e-12), where eps so outweighs ||W u||**2 that
+  # u = v = 0 and W is returned as it is (sigma = 0, below).
+  eps_scaled = eps * c * c
 
   def step(_, uv):
-    v = _l2_normalize(jnp.matmul(uv[0], matrix.T), eps)
-    return _l2_normalize(jnp.matmul(v, matrix), eps), v
+    v = _l2_normalize(jnp.matmul(uv[0], matrix.T) * c, eps_scaled)
+    return _l2_normalize(jnp.matmul(v, matrix) * c, eps_scaled), v
 
   u, v = step(0, (u[None, :], None))
   if n_steps > 1:  # a loop, not unrolled: many steps compile in constant time
     u, v = lax.fori_loop(1, n_steps, step, (u, v))
   u = lax.stop_gradient(u)
   v = lax.stop_gradient(v)
-  sigma = jnp.matmul(jnp.matmul(v, matrix), u.T)[0, 0]
-  w_sn = (matrix / jnp.where(sigma != 0, sigma, 1)).reshape(w.shape)
+  c = c[0, 0]
+  sigma_scaled = jnp.matmul(jnp.matmul(v, matrix), u.T)[0, 0] * c
+  divisor = jnp.where(sigma_scaled != 0, sigma_scaled, c)  # sigma = 0: W
+  if jnp.finfo(dtype_it).bits > 16:
+    # (`W / (c sigma)` is subnormal, which XLA's CPU backend flushes to 0,
+    # for entries within a factor `c sigma` of the smallest normal number:
+    # in float32 kernels of about 1e-34 and below.)
+    w_sn = matrix / divisor * c
+  else:
+    # In half precision XLA keeps a division's float32 result for its
+    # consumer (the layer's matmul); `* c` after it would round it first.
+    w_sn = matrix * c / divisor
+  w_sn = w_sn.reshape(w.shape)
+  sigma = sigma_scaled / c
   out_dtype = jnp.result_type(w, u, sigma) if dtype is None else dtype
   w_sn = w_sn.astype(out_dtype)
   if not train:
