@@ -205,19 +205,26 @@ def blocks_for(x, axes: tuple[int, ...], max_blocks: int | None = None) -> int:
 # reduce on its own).
 
 
-def _auto_mesh(x):
-  """The mesh of ``x``'s type when it has several devices and only Auto axes
-  (the partitioner's choice); ``None`` otherwise (one device, Explicit or
-  manual axes, inside ``shard_map``, an older JAX)."""
+def _mesh_of(x, kind):
+  """The mesh of ``x``'s type when it has several devices and every axis of
+  the type ``kind``; ``None`` otherwise (one device, axes of another kind,
+  an older JAX)."""
   try:
     mesh = jax.typeof(x).sharding.mesh
     if math.prod(mesh.axis_sizes) <= 1:
       return None
-    if any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
+    if any(t != kind for t in mesh.axis_types):
       return None
     return mesh
   except (AttributeError, TypeError):
     return None
+
+
+def _auto_mesh(x):
+  """The mesh of ``x``'s type when it has several devices and only Auto axes
+  (the partitioner's choice); ``None`` otherwise (one device, Explicit or
+  manual axes, inside ``shard_map``, an older JAX)."""
+  return _mesh_of(x, jax.sharding.AxisType.Auto)
 
 
 def auto_mesh_devices(x) -> int:
@@ -251,15 +258,7 @@ def device_blocks(x) -> int:
 def _explicit_mesh(x):
   """The mesh of ``x``'s type when it has several devices and only Explicit
   axes (shardings in the types); ``None`` otherwise."""
-  try:
-    mesh = jax.typeof(x).sharding.mesh
-    if math.prod(mesh.axis_sizes) <= 1:
-      return None
-    if any(t != jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-      return None
-    return mesh
-  except (AttributeError, TypeError):
-    return None
+  return _mesh_of(x, jax.sharding.AxisType.Explicit)
 
 
 def _whole_along(v, axis: int, mesh):
