@@ -993,6 +993,66 @@ def test_fused_columns_concurrent_calls(fused_columns):
     np.testing.assert_allclose(r, want, atol=2e-5, rtol=0)
 
 
+def test_split_calls_from_concurrent_threads(one_device):
+  # Calls large enough to split their jobs over the helper threads, from
+  # several Python threads at once and next to a thread that keeps a core
+  # busy: one call holds the helpers and the others run alone, and a helper
+  # may wake after the calling thread has taken its job (every thread claims
+  # the jobs left). Each result against float64, every time.
+  import threading
+  xc = hard_data((4096, 256))                  # 2^20 values: column sums on two threads
+  xr = hard_data((64, 4096), seed=1, offset=3.0)  # 2^18 values: rows on two threads
+  g = np.random.default_rng(2).standard_normal(xr.shape).astype(np.float32)
+  state = {"mean": jnp.zeros(256), "var": jnp.ones(256)}
+  stats = jax.jit(lambda x: jaxnorm.batch_norm(None, state, x, train=True, momentum=0.0)[1])
+  rows = jax.jit(lambda x: jaxnorm.layer_norm(None, x))
+  rows_grad = jax.jit(jax.grad(lambda x: jnp.sum(jaxnorm.layer_norm(None, x) * g)))
+  assert uses_kernel(lambda x: stats(x), xc, SUMS) and uses_kernel(rows, xr, ROWS)
+  assert ROW_GRAD in rows_grad.lower(xr).as_text()
+  _, mu, var = ref.batch_norm_train(xc)
+  want_rows = ref.layer_norm(xr)
+  want_grad = row_vjp64(xr, g, None, (1,), False)[0]
+  grad_terms = np.max(np.abs(g)) / np.sqrt(xr.astype(np.float64).var(1).min())
+  calls = [(stats, xc), (rows, xr), (rows_grad, xr)]
+  results, errors = [], []
+  stop = threading.Event()
+
+  def busy():
+    y = jnp.ones((1024, 1024))
+    while not stop.is_set():
+      jax.block_until_ready(y @ y)
+
+  def work(k):
+    try:
+      for i in range(12):
+        fn, x = calls[(k + i) % 3]
+        results.append(((k + i) % 3, jax.tree.map(np.asarray, fn(x))))
+    except Exception as e:  # reported below
+      errors.append(e)
+
+  spinner = threading.Thread(target=busy)
+  spinner.start()
+  threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+  try:
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join(timeout=120)
+  finally:
+    stop.set()
+    spinner.join(timeout=60)
+  assert not any(t.is_alive() for t in threads), "a call did not finish"
+  assert not errors and len(results) == 36
+  for kind, r in results:
+    if kind == 0:
+      np.testing.assert_allclose(r["mean"], mu.ravel(), rtol=1e-6, atol=1e-6 * np.sqrt(var.max()))
+      np.testing.assert_allclose(r["var"], var.ravel(), rtol=1e-5)
+    elif kind == 1:
+      np.testing.assert_allclose(r, want_rows, atol=2e-5, rtol=0)
+    else:
+      assert_close_rel(r, want_grad, 2e-6, grad_terms)
+
+
 @pytest.mark.parametrize("layer", ["layer_norm", "batch_norm"])
 def test_fused_calls_outliers_at_the_probes(fused_columns, layer):
   # The frame is the median of the first, middle and last values; outliers at

@@ -244,6 +244,31 @@ static void run_job(void* arg) {
   }
 }
 
+/* Pauses before a waiting thread sleeps (wait_while): some tens of
+   microseconds. */
+#define SPINS 2000
+
+/* Waits while *word == seen: a short spin (the other threads are usually
+   running and close), then asleep in the kernel (futex), so that the thread
+   waited for can take this core. A spin alone (with sched_yield every 64
+   pauses) held the core: inside ResNet-18's training step with the opt-in
+   column backward pass, where XLA runs another thunk on the other core, the
+   calls took 46 ms per step with it and 34 ms with this wait (jax.profiler
+   trace, batch 8); the helper had queued behind that thunk. */
+static void wait_while(int* word, int seen) {
+  for (int i = 0; i < SPINS; i++) {
+    if (__atomic_load_n(word, __ATOMIC_ACQUIRE) != seen) return;
+    __builtin_ia32_pause();
+  }
+  while (__atomic_load_n(word, __ATOMIC_ACQUIRE) == seen) {
+    syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
+  }
+}
+
+static void wake_all(int* word) {
+  syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, MAX_THREADS, NULL, NULL, 0);
+}
+
 /* Helper threads for large inputs, started on first use and kept (starting
    threads on every call cost more than the split saved at a few MB). One
    call at a time uses them (pool_lock, taken with trylock): a call that finds
@@ -253,18 +278,34 @@ static void run_job(void* arg) {
    use both cores, so below VALUES_PER_THREAD per thread one thread is used. */
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
-static sem_t pool_go[MAX_THREADS], pool_done;
-static void (*pool_fn[MAX_THREADS])(void*);
-static void* pool_arg[MAX_THREADS];
+static sem_t pool_go[MAX_THREADS];
 static int pool_helpers = 0;
+/* The jobs of the call that holds pool_lock, and its counts (atomic). */
+static void (*pool_fn)(void*);
+static char* pool_jobs;
+static size_t pool_size;
+static int pool_n;
+static int pool_next;     /* the next job to claim */
+static int pool_awake;    /* helpers that have woken for this call */
+static int pool_finished; /* helpers done with this call */
+
+/* Runs the call's jobs, one claim at a time, until none is left. */
+static void pool_work(void) {
+  int i;
+  while ((i = __atomic_fetch_add(&pool_next, 1, __ATOMIC_ACQ_REL)) < pool_n) {
+    pool_fn(pool_jobs + (size_t)i * pool_size);
+  }
+}
 
 static void* helper_main(void* arg) {
   int h = (int)(intptr_t)arg;
   for (;;) {
     while (sem_wait(&pool_go[h]) != 0) {
     }
-    pool_fn[h](pool_arg[h]);
-    sem_post(&pool_done);
+    __atomic_add_fetch(&pool_awake, 1, __ATOMIC_ACQ_REL);
+    pool_work();
+    __atomic_add_fetch(&pool_finished, 1, __ATOMIC_ACQ_REL);
+    wake_all(&pool_finished);
   }
   return NULL;
 }
@@ -272,13 +313,9 @@ static void* helper_main(void* arg) {
 static void pool_after_fork(void) {
   pool_helpers = 0;
   pthread_mutex_init(&pool_lock, NULL);
-  sem_init(&pool_done, 0, 0);
 }
 
-static void pool_init(void) {
-  sem_init(&pool_done, 0, 0);
-  pthread_atfork(NULL, NULL, pool_after_fork);
-}
+static void pool_init(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
 
 /* Under pool_lock: up to `want` helpers, as many as could be started. */
 static int pool_grow(int want) {
@@ -294,7 +331,7 @@ static int pool_grow(int want) {
 }
 
 /* Takes up to `want` helpers for one call: how many it got (0 when another
-   call holds them; then pool_release must not be called). */
+   call holds them; then pool_lock is not held). */
 static int pool_take(int want) {
   if (want < 1) return 0;
   pthread_once(&pool_once, pool_init);
@@ -305,25 +342,50 @@ static int pool_take(int want) {
 }
 
 /* Runs fn on the n jobs at `jobs` (each `size` bytes) with `helpers` taken
-   helpers: the first job on the calling thread, jobs 1..helpers on the
-   helpers, the rest after the first on the calling thread. Waits for all,
-   and gives the helpers back. */
+   helpers, waits for all of them and gives the helpers back. The calling
+   thread runs job 0 (the merging job of a call whose jobs wait for each
+   other, which then has as many jobs as threads), and every thread then
+   claims the jobs left, so a job whose helper has not woken yet (its core
+   busy with another thunk XLA runs at the same time) does not wait for it.
+
+   The calling thread then waits for every helper to have woken and
+   finished (the jobs' memory is its own): with wait_while (a short spin,
+   then the futex) while all of them are running, which is when they are
+   about to finish, and asleep at once otherwise, giving up the core to a
+   helper that has still to wake. Not asleep at once always: a thread that
+   sleeps leaves its core idle, which on a VM is slow to wake, for this call
+   and for XLA's next thunk. Against Flax's time (benchmarks/run.py
+   --sweep's cases, one build with switches, 300 rounds in random order),
+   semaphore wait -> this: BN train fwd 32x16x16x128 0.90 -> 0.81, with a
+   ReLU after it 0.97 -> 0.90, LN and RMS fwd 256x768 0.48 / 0.50 -> 0.40 /
+   0.41; the spin makes the difference (taking the jobs left alone: 0.88,
+   0.98, 0.46, 0.48). At 8192x1024, where XLA runs another thunk next to the
+   call, every variant read the same (0.45-0.46 for LN fwd+bwd). */
 static void pool_run(void (*fn)(void*), void* jobs, size_t size, int n, int helpers) {
   char* at = jobs;
-  for (int h = 0; h < helpers; h++) {
-    pool_fn[h] = fn;
-    pool_arg[h] = at + (size_t)(h + 1) * size;
-    sem_post(&pool_go[h]);
+  if (helpers == 0) {
+    for (int t = 0; t < n; t++) fn(at + (size_t)t * size);
+    return;
   }
+  pool_fn = fn;
+  pool_jobs = at;
+  pool_size = size;
+  pool_n = n;
+  __atomic_store_n(&pool_next, 1, __ATOMIC_RELAXED);
+  __atomic_store_n(&pool_awake, 0, __ATOMIC_RELAXED);
+  __atomic_store_n(&pool_finished, 0, __ATOMIC_RELAXED);
+  for (int h = 0; h < helpers; h++) sem_post(&pool_go[h]);
   fn(at);
-  for (int t = helpers + 1; t < n; t++) fn(at + (size_t)t * size);
-  if (helpers > 0) {
-    for (int h = 0; h < helpers; h++) {
-      while (sem_wait(&pool_done) != 0) {
-      }
+  pool_work();
+  int done;
+  while ((done = __atomic_load_n(&pool_finished, __ATOMIC_ACQUIRE)) < helpers) {
+    if (__atomic_load_n(&pool_awake, __ATOMIC_ACQUIRE) == helpers) {
+      wait_while(&pool_finished, done);
+    } else {
+      syscall(SYS_futex, &pool_finished, FUTEX_WAIT_PRIVATE, done, NULL, NULL, 0);
     }
-    pthread_mutex_unlock(&pool_lock);
   }
+  pthread_mutex_unlock(&pool_lock);
 }
 
 /* Runs fn on the n jobs at `jobs`, on the helpers it can take. */
@@ -922,36 +984,11 @@ void jaxnorm_row_norm_grad(void* out, const void** in, const char* opaque, size_
    0.83. */
 #define COL_VALUES_PER_THREAD (1 << 16)
 
-/* Pauses before a waiting thread sleeps (wait_while): some tens of
-   microseconds. */
-#define SPINS 2000
-
 typedef struct {
   int threads;
   int arrived; /* threads done with their sums (atomic) */
   int go;      /* the merged statistics are ready (atomic) */
 } col_barrier;
-
-/* Waits while *word == seen: a short spin (the other threads are usually
-   running and close), then asleep in the kernel (futex), so that the thread
-   waited for can take this core. A spin alone (with sched_yield every 64
-   pauses) held the core: inside ResNet-18's training step with the opt-in
-   column backward pass, where XLA runs another thunk on the other core, the
-   calls took 46 ms per step with it and 34 ms with this wait (jax.profiler
-   trace, batch 8); the helper had queued behind that thunk. */
-static void wait_while(int* word, int seen) {
-  for (int i = 0; i < SPINS; i++) {
-    if (__atomic_load_n(word, __ATOMIC_ACQUIRE) != seen) return;
-    __builtin_ia32_pause();
-  }
-  while (__atomic_load_n(word, __ATOMIC_ACQUIRE) == seen) {
-    syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
-  }
-}
-
-static void wake_all(int* word) {
-  syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, MAX_THREADS, NULL, NULL, 0);
-}
 
 /* Thread t's sums are in. The calling thread (t == 0) then waits for every
    thread's (helpers are running by now, or this call runs all jobs itself in
